@@ -1,0 +1,3 @@
+from refproxy.cli import main
+
+raise SystemExit(main())

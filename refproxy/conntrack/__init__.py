@@ -1,0 +1,23 @@
+"""Conntrack access: entry types, the table interface and its implementations."""
+
+from refproxy.conntrack.types import (
+    IPPROTO_SCTP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    ConntrackEntry,
+    ConntrackTable,
+    DeleteResult,
+    DumpFilter,
+    TupleFilter,
+)
+
+__all__ = [
+    "IPPROTO_SCTP",
+    "IPPROTO_TCP",
+    "IPPROTO_UDP",
+    "ConntrackEntry",
+    "ConntrackTable",
+    "DeleteResult",
+    "DumpFilter",
+    "TupleFilter",
+]

@@ -1,0 +1,193 @@
+"""Conntrack entries, dump filters and the table interface plugins use.
+
+Contract: pure data and the :class:`ConntrackTable` protocol. The only way a
+cleanup plugin touches the kernel is through a ``ConntrackTable``; the netlink
+implementation (``netlink.py``) and the in-memory one (``memory.py``) have
+identical semantics and are checked by the same contract tests.
+
+``ConntrackEntry`` is a ``NamedTuple`` rather than a frozen dataclass on
+purpose: a full dump decodes up to millions of them, and a NamedTuple is built
+several times faster than a frozen slotted dataclass (whose ``__init__`` goes
+through ``object.__setattr__``). Addresses are text (``"10.96.0.10"``), ports
+ints, ``proto`` the IP protocol number (17 = UDP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, NamedTuple, Protocol as TypingProtocol, runtime_checkable
+
+from refproxy.model import IPFamily
+
+__all__ = [
+    "IPPROTO_TCP",
+    "IPPROTO_UDP",
+    "IPPROTO_SCTP",
+    "ConntrackEntry",
+    "TupleFilter",
+    "DumpFilter",
+    "DeleteResult",
+    "ConntrackTable",
+]
+
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_SCTP = 132
+
+
+class ConntrackEntry(NamedTuple):
+    """One conntrack entry: its original and reply tuples, mark and zone.
+
+    For a DNATed service flow ``orig_dst:orig_dport`` is the frontend
+    (ClusterIP:port) and ``reply_src:reply_sport`` the endpoint it was
+    translated to. For an entry created while no DNAT applied, the reply source
+    equals the original destination.
+    """
+
+    family: IPFamily
+    proto: int
+    orig_src: str
+    orig_dst: str
+    orig_sport: int
+    orig_dport: int
+    reply_src: str
+    reply_dst: str
+    reply_sport: int
+    reply_dport: int
+    mark: int = 0
+    zone: int = 0
+
+    @property
+    def orig_key(self) -> tuple:
+        """The original tuple, which identifies the entry for a delete."""
+        return (self.proto, self.orig_src, self.orig_dst, self.orig_sport, self.orig_dport, self.zone)
+
+    def __str__(self) -> str:
+        return (
+            f"proto={self.proto} src={self.orig_src} dst={self.orig_dst} sport={self.orig_sport} "
+            f"dport={self.orig_dport} | src={self.reply_src} dst={self.reply_dst} "
+            f"sport={self.reply_sport} dport={self.reply_dport} mark={self.mark} zone={self.zone}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TupleFilter:
+    """A partial tuple: ``None`` fields match anything.
+
+    A port needs a protocol (the kernel rejects a port filter without one), so
+    :class:`DumpFilter` requires ``proto`` whenever a port is set.
+    """
+
+    src: str | None = None
+    dst: str | None = None
+    sport: int | None = None
+    dport: int | None = None
+
+    def matches(self, src: str, dst: str, sport: int, dport: int) -> bool:
+        return (
+            (self.src is None or self.src == src)
+            and (self.dst is None or self.dst == dst)
+            and (self.sport is None or self.sport == sport)
+            and (self.dport is None or self.dport == dport)
+        )
+
+    @property
+    def has_ports(self) -> bool:
+        return self.sport is not None or self.dport is not None
+
+
+@dataclass(frozen=True, slots=True)
+class DumpFilter:
+    """What to dump or flush. Every set field must match (logical AND).
+
+    ``mark`` is ``(value, mask)``: an entry matches when
+    ``entry.mark & mask == value & mask``. ``mark=(0, 0xffffffff)`` selects
+    unmarked entries (pyroute2 silently ignores ``mark=0``; we do not).
+    """
+
+    proto: int | None = None
+    orig: TupleFilter | None = None
+    reply: TupleFilter | None = None
+    mark: tuple[int, int] | None = None
+    zone: int | None = None
+
+    def __post_init__(self) -> None:
+        for t in (self.orig, self.reply):
+            if t is not None and t.has_ports and self.proto is None:
+                raise ValueError("a port filter needs a protocol (the kernel rejects it otherwise)")
+
+    def matches(self, e: ConntrackEntry) -> bool:
+        """The reference semantics: what the kernel-side filter returns."""
+        if self.proto is not None and e.proto != self.proto:
+            return False
+        if self.orig is not None and not self.orig.matches(e.orig_src, e.orig_dst, e.orig_sport, e.orig_dport):
+            return False
+        if self.reply is not None and not self.reply.matches(
+            e.reply_src, e.reply_dst, e.reply_sport, e.reply_dport
+        ):
+            return False
+        if self.mark is not None and (e.mark & self.mark[1]) != (self.mark[0] & self.mark[1]):
+            return False
+        if self.zone is not None and e.zone != self.zone:
+            return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteResult:
+    """The outcome of a batched delete.
+
+    ``not_found`` entries were already gone (ENOENT): that is success for a
+    cleanup. ``failed`` holds entries whose delete failed for another reason,
+    with the errno, so a plugin can retry them.
+    """
+
+    deleted: int = 0
+    not_found: int = 0
+    failed: tuple[tuple[ConntrackEntry, int], ...] = ()
+    requests: int = 0
+
+
+@runtime_checkable
+class ConntrackTable(TypingProtocol):
+    """The only way a cleanup plugin touches conntrack.
+
+    Guarantees every implementation gives:
+
+    1. ``dump`` streams: memory does not grow with the table size.
+    2. ``dump`` with a filter returns exactly the entries for which
+       ``DumpFilter.matches`` is true; the netlink table filters in the kernel
+       when it can, so only matches cross into userspace.
+    3. ``delete`` may be fed a generator that is itself reading a ``dump`` of
+       the same table; it batches requests and never raises for ENOENT.
+    4. ``requests`` counts netlink requests (messages sent) since creation; the
+       in-memory table counts what the netlink one would send.
+    """
+
+    family: IPFamily
+
+    @property
+    def requests(self) -> int:
+        """Netlink requests issued so far (monotonic)."""
+        ...
+
+    def count(self) -> int:
+        """Number of entries in the table (of every family and protocol)."""
+        ...
+
+    def dump(self, flt: DumpFilter | None = None) -> Iterator[ConntrackEntry]:
+        """Stream the entries of this table's family that match ``flt``."""
+        ...
+
+    def delete(self, entries: Iterable[ConntrackEntry]) -> DeleteResult:
+        """Delete entries by their original tuple, batched."""
+        ...
+
+    def flush(self, flt: DumpFilter) -> int:
+        """Delete every entry matching ``flt`` in the kernel, in one request.
+
+        Returns the number of entries deleted when the implementation can
+        tell, else -1. Raises ``ConntrackUnsupported`` when the kernel cannot
+        filter a flush that way (callers fall back to dump + delete).
+        """
+        ...
