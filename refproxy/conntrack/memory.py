@@ -1,0 +1,120 @@
+"""An in-memory conntrack table with the netlink table's semantics.
+
+Contract: for unit and property tests, simulations, and third-party plugin
+authors (like kube-proxy's ``conntrack/fake.go``). It counts netlink requests
+as the netlink table would send them (one per dump, one per delete batch, one
+per flush) and can inject failures so retry paths are testable. No I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+from refproxy.conntrack.types import ConntrackEntry, DeleteResult, DumpFilter
+from refproxy.errors import ConntrackError
+from refproxy.model import IPFamily
+
+__all__ = ["MemoryConntrackTable"]
+
+FailureHook = Callable[[ConntrackEntry], int | None]
+
+
+class MemoryConntrackTable:
+    """A conntrack table held in a dict keyed by the original tuple.
+
+    ``delete_failure`` (optional) is called for every entry about to be
+    deleted; returning an errno makes that delete fail with it (the entry
+    stays). ``dump_failure`` (optional) is called once per dump; returning an
+    errno makes the dump raise ``ConntrackError`` before yielding anything.
+    """
+
+    def __init__(
+        self,
+        entries: Iterable[ConntrackEntry] = (),
+        *,
+        family: IPFamily = IPFamily.IPv4,
+        batch_size: int = 4096,
+        delete_failure: FailureHook | None = None,
+        dump_failure: Callable[[DumpFilter | None], int | None] | None = None,
+        supports_filtered_flush: bool = True,
+    ) -> None:
+        self.family = family
+        self.batch_size = batch_size
+        self.delete_failure = delete_failure
+        self.dump_failure = dump_failure
+        self.supports_filtered_flush = supports_filtered_flush
+        self._entries: dict[tuple, ConntrackEntry] = {}
+        self._requests = 0
+        self.dumps = 0
+        self.dumped_entries = 0
+        for e in entries:
+            self.add(e)
+
+    # -- test helpers (not part of the ConntrackTable protocol) -------------
+    def add(self, entry: ConntrackEntry) -> None:
+        """Insert or replace an entry (what a packet creating a flow does)."""
+        self._entries[entry.orig_key] = entry
+
+    def entries(self) -> list[ConntrackEntry]:
+        """Every entry, of every family, in insertion order."""
+        return list(self._entries.values())
+
+    def __contains__(self, entry: ConntrackEntry) -> bool:
+        return entry.orig_key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # -- ConntrackTable ----------------------------------------------------
+    @property
+    def requests(self) -> int:
+        return self._requests
+
+    def count(self) -> int:
+        return len(self._entries)
+
+    def dump(self, flt: DumpFilter | None = None) -> Iterator[ConntrackEntry]:
+        self._requests += 1
+        self.dumps += 1
+        if self.dump_failure is not None:
+            err = self.dump_failure(flt)
+            if err:
+                raise ConntrackError(f"dump failed (injected): errno {err}", errno=err)
+        # Iterate over a copy: deletes during a dump are allowed, as with the
+        # netlink table's separate delete socket.
+        for e in list(self._entries.values()):
+            if e.family is not self.family:
+                continue
+            if flt is None or flt.matches(e):
+                self.dumped_entries += 1
+                yield e
+
+    def delete(self, entries: Iterable[ConntrackEntry]) -> DeleteResult:
+        deleted = not_found = pending = batches = 0
+        failed: list[tuple[ConntrackEntry, int]] = []
+        for e in entries:
+            if pending == 0:
+                batches += 1  # one sendmsg per batch
+                self._requests += 1
+            pending = (pending + 1) % self.batch_size
+            err = self.delete_failure(e) if self.delete_failure is not None else None
+            if err:
+                failed.append((e, err))
+                continue
+            if self._entries.pop(e.orig_key, None) is None:
+                not_found += 1
+            else:
+                deleted += 1
+        return DeleteResult(deleted=deleted, not_found=not_found, failed=tuple(failed), requests=batches)
+
+    def flush(self, flt: DumpFilter) -> int:
+        from refproxy.errors import ConntrackUnsupported
+
+        if not self.supports_filtered_flush and (flt.orig is not None or flt.reply is not None):
+            raise ConntrackUnsupported("filtered flush by tuple is not supported (simulated old kernel)")
+        self._requests += 1
+        victims = [k for k, e in self._entries.items() if e.family is self.family and flt.matches(e)]
+        for k in victims:
+            del self._entries[k]
+        return len(victims)
+
