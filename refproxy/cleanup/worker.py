@@ -1,0 +1,146 @@
+"""Runs the active cleanup plugin off the rule-sync path.
+
+Contract: the rule sync hands over "these rules are now in the kernel"
+(:meth:`CleanupWorker.submit`, which never blocks) and goes on; one worker
+thread runs the plugin. kube-proxy runs its conntrack reconciler inside
+``syncProxyRules`` (kubernetes/kubernetes#135323), so a slow cleanup delays the
+next rule update; here it cannot.
+
+Guarantees:
+
+1. ``submit`` never blocks on a running cleanup.
+2. Requests coalesce: while a cleanup runs, only the newest submitted snapshot
+   is kept; the superseded ones are counted.
+3. The plugin is never called concurrently with itself.
+4. ``previous`` (the snapshot of the last successful run) advances only when
+   the plugin returned; an exception is logged, counted and the next
+   submission retries from the same ``previous``.
+5. ``stop()`` lets a running cleanup finish, then returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from refproxy.cleanup.api import CleanupPlugin, CleanupReport, CleanupRequest
+from refproxy.conntrack.types import ConntrackTable
+from refproxy.log import kv
+from refproxy.metrics import Metrics
+from refproxy.model import Snapshot
+
+__all__ = ["CleanupWorker"]
+
+log = logging.getLogger("refproxy.cleanup")
+
+
+class CleanupWorker:
+    """One thread running one cleanup plugin on the newest applied snapshot."""
+
+    def __init__(
+        self,
+        plugin: CleanupPlugin,
+        table_factory: Callable[[], ConntrackTable],
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.plugin = plugin
+        self._table_factory = table_factory
+        self._table: ConntrackTable | None = None
+        self._metrics = metrics
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._pending: tuple[Snapshot, frozenset[str]] | None = None
+        self._busy = False
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self.previous: Snapshot | None = None
+        self.last_report: CleanupReport | None = None
+        self.runs = 0
+
+    def submit(self, current: Snapshot, node_addresses: frozenset[str]) -> None:
+        """Hand over the snapshot whose rules were just applied (never blocks)."""
+        with self._cond:
+            if self._pending is not None:
+                self._metrics.cleanup_superseded.inc()
+            self._pending = (current, node_addresses)
+            self._cond.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="cleanup", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def idle(self) -> bool:
+        """True when nothing is pending or running (for tests and the lab)."""
+        with self._cond:
+            return self._pending is None and not self._busy
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+            self.run_once()
+
+    def run_once(self) -> CleanupReport | None:
+        """Run the plugin on the pending request, if any (the loop's body)."""
+        with self._cond:
+            if self._pending is None:
+                return None
+            current, addrs = self._pending
+            self._pending = None
+            self._busy = True
+        try:
+            return self._run(current, addrs)
+        finally:
+            with self._cond:
+                self._busy = False
+
+    def _run(self, current: Snapshot, addrs: frozenset[str]) -> CleanupReport | None:
+        name = self.plugin.name
+        request = CleanupRequest(
+            family=current.family, previous=self.previous, current=current, node_addresses=addrs, now=self._clock()
+        )
+        m = self._metrics
+        t0, c0 = time.monotonic(), time.thread_time()
+        try:
+            if self._table is None:
+                self._table = self._table_factory()
+            report = self.plugin.cleanup(request, self._table)
+        except Exception as err:  # a plugin bug must not kill the proxy
+            m.cleanup_runs.labels(name, "exception").inc()
+            m.cleanup_errors.labels(name).inc()
+            log.error("cleanup plugin failed plugin=%s error=%r", name, err, exc_info=log.isEnabledFor(logging.DEBUG))
+            return None
+        finally:
+            m.conntrack_sync_duration.observe(time.monotonic() - t0)
+            m.cleanup_cpu.labels(name).inc(max(0.0, time.thread_time() - c0))
+        self.runs += 1
+        self.previous = current
+        self.last_report = report
+        m.cleanup_runs.labels(name, "ok" if report.ok else "error").inc()
+        m.conntrack_deleted.inc(report.deleted)
+        m.cleanup_deleted.labels(name).inc(report.deleted)
+        m.cleanup_examined.labels(name).inc(report.examined)
+        m.cleanup_requests.labels(name).inc(report.requests)
+        m.cleanup_pending.labels(name).set(report.pending)
+        if report.errors:
+            m.cleanup_errors.labels(name).inc(len(report.errors))
+        kv(log, logging.INFO if (report.deleted or report.errors) else logging.DEBUG, "Cleaned conntrack",
+           plugin=name, examined=report.examined, deleted=report.deleted, pending=report.pending,
+           requests=report.requests, seconds=f"{report.wall_seconds:.4f}", errors=len(report.errors))
+        for e in report.errors[:5]:
+            kv(log, logging.WARNING, "Cleanup error (will retry)", plugin=name, error=e)
+        return report
