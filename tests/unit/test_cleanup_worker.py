@@ -1,0 +1,83 @@
+"""The cleanup worker: off the sync path, coalescing, previous advances on success only."""
+
+from __future__ import annotations
+
+import threading
+
+from refproxy.cleanup.api import CleanupReport
+from refproxy.cleanup.worker import CleanupWorker
+from refproxy.conntrack.memory import MemoryConntrackTable
+from refproxy.metrics import Metrics
+from refproxy.model import IPFamily, Snapshot
+
+
+class RecordingPlugin:
+    name = "recording"
+    api_version = 1
+    description = "records requests"
+    options = ()
+
+    def __init__(self, block: threading.Event | None = None, fail_first: bool = False):
+        self.block = block
+        self.entered = threading.Event()
+        self.requests = []
+        self.fail_first = fail_first
+
+    def cleanup(self, request, table):
+        self.requests.append(request)
+        self.entered.set()
+        if self.block is not None:
+            assert self.block.wait(5)
+        if self.fail_first and len(self.requests) == 1:
+            raise RuntimeError("boom")
+        return CleanupReport(plugin=self.name, deleted=2, examined=3, requests=1)
+
+
+def snap(gen):
+    return Snapshot(IPFamily.IPv4, generation=gen)
+
+
+def test_submit_never_blocks_and_requests_coalesce():
+    release = threading.Event()
+    plugin = RecordingPlugin(block=release)
+    m = Metrics(process=False)
+    w = CleanupWorker(plugin, MemoryConntrackTable, m)
+    w.start()
+    try:
+        w.submit(snap(1), frozenset())
+        assert plugin.entered.wait(5)
+        # The plugin is blocked; submissions must return at once and coalesce.
+        for g in (2, 3, 4):
+            w.submit(snap(g), frozenset({"198.18.0.1"}))
+        release.set()
+        for _ in range(500):
+            if w.idle() and len(plugin.requests) == 2:
+                break
+            threading.Event().wait(0.01)
+    finally:
+        w.stop()
+    assert [r.current.generation for r in plugin.requests] == [1, 4]
+    assert plugin.requests[1].previous.generation == 1
+    assert plugin.requests[1].node_addresses == {"198.18.0.1"}
+    assert m.cleanup_superseded._value.get() == 2
+    assert m.conntrack_deleted._value.get() == 4
+
+
+def test_exception_does_not_advance_previous():
+    plugin = RecordingPlugin(fail_first=True)
+    m = Metrics(process=False)
+    w = CleanupWorker(plugin, MemoryConntrackTable, m)
+    w.submit(snap(1), frozenset())
+    assert w.run_once() is None
+    assert w.previous is None
+    w.submit(snap(2), frozenset())
+    report = w.run_once()
+    assert report is not None and report.deleted == 2
+    assert plugin.requests[1].previous is None  # retried from the same previous
+    assert w.previous.generation == 2
+    assert m.cleanup_errors.labels("recording")._value.get() == 1
+
+
+def test_run_once_without_pending_is_a_no_op():
+    w = CleanupWorker(RecordingPlugin(), MemoryConntrackTable, Metrics(process=False))
+    assert w.run_once() is None
