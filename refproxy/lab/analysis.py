@@ -1,0 +1,86 @@
+"""Judging client samples: recovery, black-holed time and loss per flow and step.
+
+Contract: pure functions over :class:`~refproxy.lab.engine.Sample` and
+:class:`~refproxy.lab.engine.StepRecord` values (no I/O, no clock), shared by
+every platform. Definitions, per client flow and per step of the flow's
+service (the step's *window* runs from its start to the next step's start of
+the same service, or the end of the run):
+
+* ``affected``: the flow's last answer before the step came from a backend
+  the step removed.
+* black-holed time (``recovery_seconds``): the longest stretch, from the
+  step's ``t_ref`` on, between two answered requests (measured on send
+  times, so a stretch starting before ``t_ref`` counts from ``t_ref``), or up
+  to the last request of the window when the flow never got an answer again.
+* ``recovered``: some request sent after the step's last endpoint removal
+  (or ``t_ref`` if later) was answered, and the window does not end in an
+  unanswered stretch longer than ``TAIL_GRACE``. ``None`` when the step left
+  the service without endpoints.
+* ``lost``: requests sent in the window that were never answered.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from refproxy.lab.engine import FlowResult, FlowStep, Sample, StepRecord
+from refproxy.lab.scenario import ClientSpec, Scenario
+
+__all__ = ["analyse_flows", "analyse_flow", "target_of", "TAIL_GRACE"]
+
+TAIL_GRACE = 0.3  # seconds of unanswered requests tolerated at a window's end (in flight)
+
+
+def target_of(c: ClientSpec) -> str:
+    """A short label of where a client sends: ``statsd/cluster_ip``, ``node:4789``."""
+    return f"node:{c.node_port_raw}" if c.node_port_raw is not None else f"{c.service}/{c.via.value}"
+
+
+def _window(samples: Sequence[Sample], lo: float, hi: float) -> list[Sample]:
+    return [s for s in samples if lo <= s.sent < hi]
+
+
+def analyse_flow(client: ClientSpec, samples: Sequence[Sample], steps: Sequence[StepRecord], end: float) -> FlowResult:
+    """Judge one client flow across the steps of its service."""
+    samples = sorted(samples, key=lambda s: s.sent)
+    own = [st for st in steps if client.service is not None and st.service == client.service]
+    out: list[FlowStep] = []
+    for k, st in enumerate(own):
+        hi = own[k + 1].t_start if k + 1 < len(own) else end
+        before = [s for s in samples if s.sent < st.t_start and s.replied is not None]
+        affected = bool(before) and before[-1].responder in st.removed
+        window = _window(samples, st.t_start, hi)
+        lost = sum(1 for s in window if s.replied is None)
+        if st.t_ref is None:
+            out.append(FlowStep(st.index, affected, None, None, lost))
+            continue
+        answered = [s.sent for s in samples if s.replied is not None and s.sent < hi]
+        prior = [t for t in answered if t < st.t_ref]
+        mark = max(prior[-1], st.t_ref) if prior else st.t_ref
+        longest = 0.0
+        for t in (t for t in answered if t >= st.t_ref):
+            longest = max(longest, t - mark)
+            mark = t
+        in_window = [s for s in samples if st.t_ref <= s.sent < hi]
+        last_sent = in_window[-1].sent if in_window else st.t_ref
+        tail = last_sent - mark
+        longest = max(longest, tail)
+        cut = max([st.t_ref, *st.removed.values()])
+        got_after_cut = any(t >= cut for t in answered)
+        recovered = got_after_cut and tail <= max(TAIL_GRACE, 5 * client.interval)
+        out.append(FlowStep(st.index, affected, recovered, round(longest, 4), lost))
+    return FlowResult(
+        client=client.name,
+        fixed=client.fixed,
+        target=target_of(client),
+        sent=len(samples),
+        answered=sum(1 for s in samples if s.replied is not None),
+        steps=tuple(out),
+    )
+
+
+def analyse_flows(
+    scenario: Scenario, samples: Mapping[str, Sequence[Sample]], steps: Sequence[StepRecord], end: float
+) -> tuple[FlowResult, ...]:
+    """Judge every client flow of ``scenario`` (clients without samples count as sending nothing)."""
+    return tuple(analyse_flow(c, samples.get(c.name, ()), steps, end) for c in scenario.clients)
