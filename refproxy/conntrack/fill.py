@@ -1,0 +1,243 @@
+"""Fast, batched conntrack inserts: pad a namespace's table with synthetic flows.
+
+Contract: builds synthetic :class:`ConntrackEntry` values (pure generators)
+and inserts them with IPCTNL_MSG_CT_NEW, thousands per ``sendmsg`` (~150k
+entries/s on this machine, where ``conntrack -I`` manages a few hundred).
+Used by the cleanup benchmark, the contract tests and the lab's background
+padding. Only ever inserts into the namespace it is given; raising the
+host-wide ``nf_conntrack_max`` for a run is the one global change, undone by
+:func:`conntrack_max` on exit.
+
+Addresses come from the benchmark range 198.18.0.0/15 (2001:2::/48 for IPv6):
+clients 198.18.128.0/17, service frontends 198.18.0.0/18, endpoints
+198.18.64.0/18, unrelated peers 198.19.0.0/16. Each client ``ip:port`` is used
+once, so both tuples of every entry are unique (the kernel refuses a second
+entry with either tuple already present).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+from refproxy.conntrack import nlmsg as nl
+from refproxy.conntrack.types import IPPROTO_TCP, IPPROTO_UDP, ConntrackEntry
+from refproxy.errors import ConntrackError
+from refproxy.model import IPFamily
+
+__all__ = [
+    "FillResult",
+    "ClientPool",
+    "flows_to",
+    "padding",
+    "insert",
+    "conntrack_max",
+    "pad_table",
+    "DEFAULT_TIMEOUT",
+]
+
+DEFAULT_TIMEOUT = 3600
+DEFAULT_BATCH = 2048
+CONNTRACK_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
+_V4_CLIENTS = int(ipaddress.IPv4Address("198.18.128.0"))
+_V4_PEERS = int(ipaddress.IPv4Address("198.19.0.0"))
+_V6_CLIENTS = int(ipaddress.IPv6Address("2001:2::8000:0"))
+_V6_PEERS = int(ipaddress.IPv6Address("2001:2::1:0:0"))
+_PORTS = 50000  # client ports 10000..59999
+
+
+@dataclass(frozen=True, slots=True)
+class FillResult:
+    """What an insert run did: created, already present (EEXIST), failed."""
+
+    inserted: int = 0
+    existed: int = 0
+    failed: int = 0
+    requests: int = 0
+    first_error: str = ""
+
+
+class ClientPool:
+    """Hands out unique client ``(ip, port)`` pairs, in a fixed order.
+
+    Two pools with different ``start`` never collide if their ranges (one
+    index per client) do not overlap; the default start is 0.
+    """
+
+    def __init__(self, family: IPFamily = IPFamily.IPv4, start: int = 0) -> None:
+        self.family = family
+        self.index = start
+        self._base = _V4_CLIENTS if family is IPFamily.IPv4 else _V6_CLIENTS
+        self._cls = ipaddress.IPv4Address if family is IPFamily.IPv4 else ipaddress.IPv6Address
+        self._ip_cache: tuple[int, str] = (-1, "")
+
+    def take(self) -> tuple[str, int]:
+        """The next unused client address and port."""
+        i = self.index
+        self.index += 1
+        n, port = divmod(i, _PORTS)
+        if self._ip_cache[0] != n:
+            if self.family is IPFamily.IPv4 and n >= 1 << 15:
+                raise ValueError("client pool exhausted (1.6e9 clients)")
+            self._ip_cache = (n, str(self._cls(self._base + n)))
+        return self._ip_cache[1], 10000 + port
+
+
+def flows_to(
+    frontend: tuple[str, int],
+    backends: Sequence[tuple[str, int]],
+    count: int,
+    clients: ClientPool,
+    *,
+    proto: int = IPPROTO_UDP,
+    mark: int = 0,
+    zone: int = 0,
+) -> Iterator[ConntrackEntry]:
+    """``count`` flows from distinct clients to ``frontend``, DNATed round-robin.
+
+    A backend equal to the frontend gives an un-NATed entry (what a flow
+    sent while a service had no endpoints leaves behind).
+    """
+    fip, fport = frontend
+    for i in range(count):
+        cip, cport = clients.take()
+        bip, bport = backends[i % len(backends)]
+        yield ConntrackEntry(clients.family, proto, cip, fip, cport, fport, bip, cip, bport, cport, mark, zone)
+
+
+def padding(count: int, clients: ClientPool, *, tcp_every: int = 10, peers: int = 4096) -> Iterator[ConntrackEntry]:
+    """``count`` unrelated flows to peers in 198.19.0.0/16 (every ``tcp_every``-th TCP).
+
+    None of them is a service frontend, so no cleanup may ever touch them.
+    """
+    fam = clients.family
+    base = _V4_PEERS if fam is IPFamily.IPv4 else _V6_PEERS
+    cls = ipaddress.IPv4Address if fam is IPFamily.IPv4 else ipaddress.IPv6Address
+    names = [str(cls(base + i)) for i in range(peers)]
+    for i in range(count):
+        cip, cport = clients.take()
+        dst = names[i % peers]
+        proto = IPPROTO_TCP if tcp_every and i % tcp_every == 0 else IPPROTO_UDP
+        dport = 443 if proto == IPPROTO_TCP else 8000 + i % 1000
+        yield ConntrackEntry(fam, proto, cip, dst, cport, dport, dst, cip, dport, cport, 0, 0)
+
+
+def insert(
+    netns: str | None,
+    entries: Iterable[ConntrackEntry],
+    *,
+    family: IPFamily = IPFamily.IPv4,
+    timeout: int = DEFAULT_TIMEOUT,
+    batch_size: int = DEFAULT_BATCH,
+    table=None,
+) -> FillResult:
+    """Create ``entries`` in netns ``netns``'s table, ``batch_size`` per sendmsg.
+
+    ``table`` (a :class:`NetlinkConntrackTable`) reuses that table's socket
+    and namespace instead of opening one. Entries already present count as
+    ``existed``; other failures (e.g. ENOMEM when the table is full) count
+    as ``failed`` and the first is described in ``first_error``.
+    """
+    from refproxy.conntrack.netlink import NetlinkConntrackTable, _collect, _send
+
+    own = table is None
+    t = NetlinkConntrackTable(family, netns) if own else table
+    try:
+        if t._del_sock is None:
+            t._del_sock = t._open()
+        sock = t._del_sock
+        pack = nl.EntryPacker(family).create
+        flags = nl.NLM_F_CREATE | nl.NLM_F_EXCL
+        inserted = existed = failed = requests = 0
+        first_error = ""
+        parts: list[bytes] = []
+        seq0 = 0
+
+        def flush() -> None:
+            nonlocal inserted, existed, failed, requests, first_error
+            last = len(parts) - 1
+            parts[last] = parts[last][:6] + (flags | nl.NLM_F_REQUEST | nl.NLM_F_ACK).to_bytes(2, "little") + parts[last][8:]
+            requests += 1
+            t._requests += 1
+            _send(sock, b"".join(parts), "insert", None)
+            errs = _collect(sock, seq0, seq0 + last)
+            for code in errs.values():
+                if code == 17:  # EEXIST
+                    existed += 1
+                else:
+                    failed += 1
+                    if not first_error:
+                        first_error = os.strerror(code)
+            inserted += len(parts) - len(errs)
+            parts.clear()
+
+        for e in entries:
+            if not parts:
+                seq0 = t._take_seq(batch_size)
+            parts.append(pack(e, seq0 + len(parts), flags, timeout))
+            if len(parts) >= batch_size:
+                flush()
+        if parts:
+            flush()
+        return FillResult(inserted, existed, failed, requests, first_error)
+    finally:
+        if own:
+            t.close()
+
+
+_max_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def conntrack_max(needed: int) -> Iterator[int]:
+    """Raise the host-wide ``nf_conntrack_max`` to at least ``needed`` for the block.
+
+    The limit is global (the init namespace's sysctl caps every namespace's
+    table). On exit the old value is put back, unless someone else changed it
+    in the meantime (then theirs stays). Yields the limit in force.
+    """
+    with _max_lock:
+        try:
+            with open(CONNTRACK_MAX) as f:
+                old = int(f.read())
+        except OSError as err:
+            raise ConntrackError(f"reading {CONNTRACK_MAX}: {err}", errno=err.errno) from err
+        new = old
+        if old and needed > old:
+            new = needed
+            try:
+                with open(CONNTRACK_MAX, "w") as f:
+                    f.write(str(new))
+            except OSError as err:
+                raise ConntrackError(f"raising {CONNTRACK_MAX} to {new}: {err}", errno=err.errno) from err
+    try:
+        yield new
+    finally:
+        if new != old:
+            with _max_lock, contextlib.suppress(OSError):
+                with open(CONNTRACK_MAX) as f:
+                    current = int(f.read())
+                if current == new:
+                    with open(CONNTRACK_MAX, "w") as f:
+                        f.write(str(old))
+
+
+def pad_table(netns: str, total: int, *, family: IPFamily = IPFamily.IPv4, start: int = 1 << 30,
+              timeout: int = DEFAULT_TIMEOUT) -> FillResult:
+    """Top netns ``netns``'s table up to ``total`` entries with unrelated flows.
+
+    For the lab's background load. Clients are drawn from index ``start`` on
+    (far from the indexes a scenario uses). The caller raises the limit with
+    :func:`conntrack_max` when ``total`` exceeds it.
+    """
+    from refproxy.conntrack.netlink import NetlinkConntrackTable
+
+    with NetlinkConntrackTable(family, netns) as t:
+        missing = total - t.count()
+        if missing <= 0:
+            return FillResult()
+        return insert(None, padding(missing, ClientPool(family, start)), family=family, timeout=timeout, table=t)

@@ -1,0 +1,427 @@
+"""The netlink conntrack table: raw NETLINK_NETFILTER sockets, streaming.
+
+Contract: implements :class:`refproxy.conntrack.types.ConntrackTable` with the
+same semantics as ``memory.py`` (the contract tests run both). All kernel I/O
+of the cleanup path lives here; encoding and decoding live in ``nlmsg.py``.
+Foreign errors (``OSError``, netlink error replies) are translated once into
+:class:`~refproxy.errors.ConntrackError` naming what was attempted.
+
+Why a lean raw-socket path and not pyroute2 (measured on this kernel, 2
+cores): pyroute2 0.9.7 decodes ~190 us/entry (1M entries: 187 s, 236 MB RSS)
+and deletes one entry per round trip (~0.5 ms); a reused receive buffer with
+``struct`` decoding is ~1.4 us/entry at constant memory, and deletes batched
+thousands per ``sendmsg`` cost ~3 us/entry. kube-proxy's own netlink path
+(``pkg/proxy/conntrack/conntrack.go`` over vishvananda/netlink) materialises
+the whole table; kubernetes/kubernetes#129982 is what that costs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno as E
+import os
+import socket
+import threading
+from typing import Iterable, Iterator
+
+from refproxy.conntrack import nlmsg as nl
+from refproxy.conntrack.types import ConntrackEntry, DeleteResult, DumpFilter, TupleFilter, IPPROTO_UDP
+from refproxy.errors import ConntrackError, ConntrackUnsupported
+from refproxy.model import IPFamily
+from refproxy.netns import entered
+
+__all__ = ["NetlinkConntrackTable", "filtered_flush_support"]
+
+DEFAULT_BATCH = 2048
+RCVBUF = 32 << 20
+SNDBUF = 8 << 20
+RECV_SIZE = 256 << 10
+DUMP_RETRIES = 3
+
+
+class NetlinkConntrackTable:
+    """The kernel's conntrack table of one network namespace, over ctnetlink.
+
+    ``netns`` names the namespace (``ip netns`` name); ``None`` means the
+    namespace this process runs in -- the production case; tests always pass
+    a namespace they created. Sockets are opened inside it once and reused:
+    a pool of dump sockets (a dump abandoned half-way closes its socket rather
+    than draining it) and one separate delete socket, so ``delete(...)`` may
+    consume a ``dump()`` of the same table while it streams.
+
+    Guarantees, on top of ``ConntrackTable``'s:
+
+    1. ``dump`` filters in the kernel (CTA_FILTER, mark, zone) and re-checks
+       every entry that crosses with ``DumpFilter.matches``, so results are
+       exact even on kernels that ignore part of the filter.
+    2. ``delete`` sends ``batch_size`` deletes per ``sendmsg``; the kernel
+       answers only failures plus one ACK closing each batch (NETLINK_CAP_ACK
+       keeps those short). ENOENT counts as ``not_found``; other errnos land
+       in ``failed``.
+    3. ``flush`` with only a mark is one request on every kernel; a flush by
+       tuple, protocol or zone is sent only if a probe in a throwaway
+       namespace proved this kernel honours the filter (Linux >= 6.11),
+       otherwise ``ConntrackUnsupported`` -- never a blind flush.
+    4. Interrupted dumps (NLM_F_DUMP_INTR) restart, at most ``DUMP_RETRIES``
+       times, but only before any entry was yielded; EINTR is retried by
+       Python itself (PEP 475).
+    """
+
+    def __init__(self, family: IPFamily = IPFamily.IPv4, netns: str | None = None, *, batch_size: int = DEFAULT_BATCH) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be positive")
+        self.family = family
+        self.netns = netns
+        self.batch_size = batch_size
+        self._requests = 0
+        self._next_seq = 1
+        self._idle: list[socket.socket] = []
+        self._del_sock: socket.socket | None = None
+        self._packer = nl.EntryPacker(family)
+        self._count_fd: int | None = None
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------
+    def close(self) -> None:
+        """Close every socket and file this table opened."""
+        self._closed = True
+        for s in self._idle:
+            s.close()
+        self._idle.clear()
+        if self._del_sock is not None:
+            self._del_sock.close()
+            self._del_sock = None
+        if self._count_fd is not None:
+            os.close(self._count_fd)
+            self._count_fd = None
+
+    def __enter__(self) -> "NetlinkConntrackTable":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"NetlinkConntrackTable({self.family.name}, netns={self.netns!r})"
+
+    @contextlib.contextmanager
+    def _inside(self) -> Iterator[None]:
+        if self.netns is None:
+            yield
+        else:
+            with entered(self.netns):
+                yield
+
+    def _open(self) -> socket.socket:
+        try:
+            with self._inside():
+                s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, nl.NETLINK_NETFILTER)
+        except OSError as err:
+            raise ConntrackError(f"opening a ctnetlink socket in netns {self.netns or '(own)'}: {err}", errno=err.errno) from err
+        except Exception as err:  # pyroute2's setns wrapper raises its own types
+            raise ConntrackError(f"entering netns {self.netns!r} to open a ctnetlink socket: {err}") from err
+        _tune(s)
+        s.bind((0, 0))
+        return s
+
+    # -- ConntrackTable ----------------------------------------------------
+    @property
+    def requests(self) -> int:
+        """Netlink requests sent so far (one per dump, delete batch, flush)."""
+        return self._requests
+
+    def count(self) -> int:
+        """Entries in the namespace's table, of every family and protocol.
+
+        Reads ``nf_conntrack_count`` through a file opened once inside the
+        namespace (sysctl files are bound to the opener's namespace); this is
+        not a netlink request, as in the in-memory table.
+        """
+        if self._count_fd is None:
+            try:
+                with self._inside():
+                    self._count_fd = os.open("/proc/sys/net/netfilter/nf_conntrack_count", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as err:
+                raise ConntrackError(f"reading the conntrack count of netns {self.netns or '(own)'}: {err}",
+                                     errno=err.errno) from err
+        return int(os.pread(self._count_fd, 32, 0))
+
+    def dump(self, flt: DumpFilter | None = None) -> Iterator[ConntrackEntry]:
+        """Stream the entries of this family matching ``flt`` (see class doc)."""
+        payload = nl.filter_attrs(self.family, flt)
+        check = flt.matches if flt is not None else None
+        return self._dump(payload, check, flt)
+
+    def _dump(self, payload: bytes, check, flt) -> Iterator[ConntrackEntry]:
+        decoder = nl.Decoder(self.family)
+        yielded = 0
+        for attempt in range(DUMP_RETRIES + 1):
+            sock = self._idle.pop() if self._idle else self._open()
+            clean = False
+            try:
+                seq = self._take_seq(1)
+                self._requests += 1
+                _send(sock, nl.message(nl.IPCTNL_MSG_CT_GET, nl.NLM_F_DUMP, seq, self.family.af, payload), "dump", flt)
+                buf = bytearray(RECV_SIZE)
+                view = memoryview(buf)
+                hdr = nl.read_header
+                entry = decoder.entry
+                interrupted = False
+                done = False
+                while not done:
+                    try:
+                        n = sock.recv_into(view)
+                    except OSError as err:
+                        raise ConntrackError(f"dumping conntrack ({_what(flt)}): {err}", errno=err.errno) from err
+                    m = 0
+                    while m + 16 <= n:
+                        mlen, mtype, mflags, mseq, _ = hdr(buf, m)
+                        if mlen < 16:
+                            break
+                        if mseq == seq:
+                            if mtype == nl.NLMSG_DONE:
+                                done = True
+                                if mflags & nl.NLM_F_DUMP_INTR:
+                                    interrupted = True
+                                break
+                            if mtype == nl.NLMSG_ERROR:
+                                code = nl.ack_errno(buf, m)
+                                if code:
+                                    raise ConntrackError(f"dumping conntrack ({_what(flt)}): {os.strerror(code)}",
+                                                         errno=code)
+                            elif mflags & nl.NLM_F_DUMP_INTR:
+                                interrupted = True
+                            else:
+                                e = entry(buf, m, mlen)
+                                if e is not None and (check is None or check(e)):
+                                    yielded += 1
+                                    yield e
+                        m += (mlen + 3) & ~3
+                clean = True
+            finally:
+                if clean and not self._closed:
+                    self._idle.append(sock)
+                else:
+                    sock.close()  # abandoned mid-dump: unread messages would confuse the next dump
+            if not interrupted:
+                return
+            if yielded:
+                raise ConntrackError(f"dumping conntrack ({_what(flt)}): interrupted after {yielded} entries",
+                                     errno=E.EINTR)
+        raise ConntrackError(f"dumping conntrack ({_what(flt)}): interrupted {DUMP_RETRIES + 1} times", errno=E.EINTR)
+
+    def delete(self, entries: Iterable[ConntrackEntry]) -> DeleteResult:
+        """Delete ``entries`` by original tuple and zone, ``batch_size`` per sendmsg."""
+        if self._del_sock is None:
+            self._del_sock = self._open()
+        sock = self._del_sock
+        deleted = not_found = batches = 0
+        failed: list[tuple[ConntrackEntry, int]] = []
+        pack = self._packer.delete
+        batch: list[ConntrackEntry] = []
+        parts: list[bytes] = []
+        seq0 = 0
+
+        def flush_batch() -> None:
+            nonlocal deleted, not_found, batches
+            batches += 1
+            self._requests += 1
+            # Only the last message asks for an ACK: the kernel still reports
+            # every failure, and one reply per batch bounds the receive queue.
+            last = len(batch) - 1
+            parts[last] = pack(batch[last], seq0 + last, nl.NLM_F_ACK)
+            _send(sock, b"".join(parts), "delete", None)
+            errs = _collect(sock, seq0, seq0 + last)
+            for off, code in errs.items():
+                if code == E.ENOENT:
+                    not_found += 1
+                else:
+                    failed.append((batch[off], code))
+            deleted += len(batch) - len(errs)
+            batch.clear()
+            parts.clear()
+
+        for e in entries:
+            if not batch:
+                # Reserve the batch's sequence numbers so replies map to entries.
+                seq0 = self._take_seq(self.batch_size)
+            parts.append(pack(e, seq0 + len(batch), 0))
+            batch.append(e)
+            if len(batch) >= self.batch_size:
+                flush_batch()
+        if batch:
+            flush_batch()
+        return DeleteResult(deleted=deleted, not_found=not_found, failed=tuple(failed), requests=batches)
+
+    def flush(self, flt: DumpFilter) -> int:
+        """Delete every entry of this family matching ``flt`` in one request.
+
+        Returns -1: the kernel does not say how many entries a flush removed.
+        """
+        needs_filter = flt.orig is not None or flt.reply is not None or flt.proto is not None or flt.zone is not None
+        if needs_filter:
+            for t in (flt.orig, flt.reply):
+                if t is not None and t.has_ports and flt.proto not in nl.KERNEL_PORT_FILTER_PROTOS:
+                    raise ConntrackUnsupported(f"the kernel filters ports of TCP and UDP only, not proto {flt.proto}")
+            support = filtered_flush_support(self.family)
+            if not support.tuple:
+                raise ConntrackUnsupported(f"this kernel cannot flush by tuple/proto/zone ({support.reason})")
+            if flt.zone is not None and not support.zone:
+                raise ConntrackUnsupported(f"this kernel cannot flush by zone {flt.zone} ({support.reason})")
+        # version=1: without it the kernel flushes every family (ctnetlink_del_conntrack).
+        payload = nl.filter_attrs(self.family, flt)
+        self._request(nl.IPCTNL_MSG_CT_DELETE, payload, f"flush ({_what(flt)})", version=1)
+        return -1
+
+    # -- helpers -----------------------------------------------------------
+    def _take_seq(self, n: int) -> int:
+        seq = self._next_seq
+        if seq + n >= 0x7FFFFFFF:
+            seq = 1
+        self._next_seq = seq + n
+        return seq
+
+    def _request(self, ct_msg: int, payload: bytes, what: str, *, version: int = 0) -> None:
+        if self._del_sock is None:
+            self._del_sock = self._open()
+        seq = self._take_seq(1)
+        self._requests += 1
+        _send(self._del_sock, nl.message(ct_msg, nl.NLM_F_ACK, seq, self.family.af, payload, version=version), what, None)
+        errs = _collect(self._del_sock, seq, seq)
+        if errs:
+            code = errs[0]
+            exc = ConntrackUnsupported if code in (E.EOPNOTSUPP, E.EINVAL) and "flush" in what else ConntrackError
+            raise exc(f"{what}: {os.strerror(code)}", errno=code)
+
+
+def _tune(s: socket.socket) -> None:
+    for opt, force, size in ((socket.SO_RCVBUF, nl.SO_RCVBUFFORCE, RCVBUF), (socket.SO_SNDBUF, nl.SO_SNDBUFFORCE, SNDBUF)):
+        try:
+            s.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:  # no CAP_NET_ADMIN: the sysctl-capped size is still better than nothing
+            with contextlib.suppress(OSError):
+                s.setsockopt(socket.SOL_SOCKET, opt, size)
+    with contextlib.suppress(OSError):
+        s.setsockopt(nl.SOL_NETLINK, nl.NETLINK_CAP_ACK, 1)
+
+
+def _send(sock: socket.socket, data: bytes, what: str, flt) -> None:
+    try:
+        sock.sendall(data)
+    except OSError as err:
+        raise ConntrackError(f"sending conntrack {what} ({_what(flt)}): {err}", errno=err.errno) from err
+
+
+def _collect(sock: socket.socket, first: int, last: int) -> dict[int, int]:
+    """Read replies until the ACK of ``last``; return {seq - first: errno} of failures."""
+    errs: dict[int, int] = {}
+    buf = bytearray(65536)
+    while True:
+        try:
+            n = sock.recv_into(buf)
+        except OSError as err:
+            raise ConntrackError(f"reading conntrack replies: {err}", errno=err.errno) from err
+        m = 0
+        while m + 16 <= n:
+            mlen, mtype, _flags, mseq, _ = nl.read_header(buf, m)
+            if mlen < 16:
+                break
+            if mtype == nl.NLMSG_ERROR and first <= mseq <= last:
+                code = nl.ack_errno(buf, m)
+                if code:
+                    errs[mseq - first] = code
+                if mseq == last:
+                    return errs
+            m += (mlen + 3) & ~3
+
+
+def _what(flt: DumpFilter | None) -> str:
+    return "no filter" if flt is None else f"filter {flt}"
+
+
+# -- filtered-flush probe ----------------------------------------------------
+
+class FlushSupport:
+    """What this kernel honours in a filtered flush (probed once per family)."""
+
+    __slots__ = ("tuple", "zone", "reason")
+
+    def __init__(self, tuple_: bool, zone: bool, reason: str) -> None:
+        self.tuple = tuple_
+        self.zone = zone
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"FlushSupport(tuple={self.tuple}, zone={self.zone}, reason={self.reason!r})"
+
+
+_probe_lock = threading.Lock()
+_probed: dict[IPFamily, FlushSupport] = {}
+CLONE_NEWNET = 0x40000000
+
+
+def filtered_flush_support(family: IPFamily) -> FlushSupport:
+    """Probe, once per process and family, whether a CTA_FILTER flush is honoured.
+
+    The probe runs in an anonymous network namespace made by ``unshare`` in a
+    short-lived thread (it dies with the thread's last socket), so a kernel
+    that ignored the filter could only ever flush the probe's own entries.
+    It inserts three entries, flushes one by tuple, checks by count and dump
+    that exactly that one went, then repeats with a zone-0 filter (kernels
+    before 6.7 silently ignore a zone-0 filter).
+    """
+    with _probe_lock:
+        if family not in _probed:
+            box: list[FlushSupport] = []
+            t = threading.Thread(target=lambda: box.append(_probe(family)), name="ct-flush-probe", daemon=True)
+            t.start()
+            t.join(30)
+            _probed[family] = box[0] if box else FlushSupport(False, False, "probe timed out")
+        return _probed[family]
+
+
+def _probe(family: IPFamily) -> FlushSupport:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWNET) != 0:
+            return FlushSupport(False, False, f"cannot make a probe namespace: {os.strerror(ctypes.get_errno())}")
+    except OSError as err:
+        return FlushSupport(False, False, f"cannot make a probe namespace: {err}")
+    # This thread now lives in a fresh, unnamed namespace; the table below
+    # (netns=None) opens its sockets here.
+    from refproxy.conntrack.fill import insert
+
+    a, b = ("198.18.0.1", "198.18.0.2") if family is IPFamily.IPv4 else ("2001:2::1", "2001:2::2")
+    c = "198.18.0.3" if family is IPFamily.IPv4 else "2001:2::3"
+
+    def mk(dst: str, zone: int) -> ConntrackEntry:
+        return ConntrackEntry(family, IPPROTO_UDP, c, dst, 1000 + zone, 53, dst, c, 53, 1000 + zone, 0, zone)
+
+    victim, bystander, other_zone = mk(a, 0), mk(b, 0), mk(a, 7)
+    try:
+        with NetlinkConntrackTable(family) as t:
+            insert(None, [victim, bystander, other_zone], family=family, timeout=60, table=t)
+            if t.count() != 3:
+                return FlushSupport(False, False, "probe entries were not created")
+            try:
+                t._request(nl.IPCTNL_MSG_CT_DELETE,
+                           nl.filter_attrs(family, DumpFilter(proto=IPPROTO_UDP, orig=TupleFilter(dst=a))),
+                           "probe flush", version=1)
+            except ConntrackError as err:
+                return FlushSupport(False, False, f"kernel rejected a CTA_FILTER flush: {err}")
+            left = set(t.dump())
+            if left != {bystander}:
+                return FlushSupport(False, False, f"kernel flushed {3 - len(left)} of 3 probe entries, not 2")
+            insert(None, [victim, other_zone], family=family, timeout=60, table=t)
+            try:
+                t._request(nl.IPCTNL_MSG_CT_DELETE,
+                           nl.filter_attrs(family, DumpFilter(proto=IPPROTO_UDP, orig=TupleFilter(dst=a), zone=0)),
+                           "probe flush", version=1)
+            except ConntrackError as err:
+                return FlushSupport(True, False, f"kernel rejected a zone flush: {err}")
+            left = set(t.dump())
+            zone_ok = left == {bystander, other_zone}
+            return FlushSupport(True, zone_ok, "probed" if zone_ok else "kernel ignores a zone-0 filter")
+    except ConntrackError as err:
+        return FlushSupport(False, False, f"probe failed: {err}")

@@ -1,0 +1,470 @@
+"""ctnetlink wire format: constants, message encoders and a streaming decoder.
+
+Contract: pure bytes in, bytes or values out -- no sockets, no namespaces, so
+all of it is unit-testable without root. ``netlink.py`` (the table) and
+``fill.py`` (bulk inserts) do the I/O on top of it.
+
+Why hand-rolled instead of pyroute2: pyroute2 0.9.7 decodes a dump at
+~190 us/entry (1M entries: 187 s, 236 MB RSS); a ``struct`` decoder over a
+reused buffer does ~1.4 us/entry at constant memory. The layouts mirror
+``include/uapi/linux/netfilter/nfnetlink_conntrack.h`` and the attribute order
+``net/netfilter/nf_conntrack_netlink.c`` (``ctnetlink_fill_info``) emits.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Callable
+
+from refproxy.conntrack.types import IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, ConntrackEntry
+from refproxy.model import IPFamily
+
+__all__ = [
+    "NETLINK_NETFILTER",
+    "NLM_F_REQUEST",
+    "NLM_F_ACK",
+    "NLM_F_DUMP",
+    "NLM_F_CREATE",
+    "NLM_F_EXCL",
+    "NLM_F_DUMP_INTR",
+    "NLMSG_ERROR",
+    "NLMSG_DONE",
+    "IPCTNL_MSG_CT_NEW",
+    "IPCTNL_MSG_CT_GET",
+    "IPCTNL_MSG_CT_DELETE",
+    "IPCTNL_MSG_CT_GET_STATS",
+    "msg_type",
+    "attr",
+    "nest",
+    "tuple_attr",
+    "filter_attrs",
+    "message",
+    "EntryPacker",
+    "Decoder",
+    "ack_errno",
+    "PORT_PROTOS",
+]
+
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+
+NLM_F_REQUEST = 0x1
+NLM_F_MULTI = 0x2
+NLM_F_ACK = 0x4
+NLM_F_DUMP_INTR = 0x10
+NLM_F_EXCL = 0x200
+NLM_F_DUMP = 0x300
+NLM_F_CREATE = 0x400
+
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+
+NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_NEW = 0
+IPCTNL_MSG_CT_GET = 1
+IPCTNL_MSG_CT_DELETE = 2
+IPCTNL_MSG_CT_GET_STATS = 5
+
+NLA_F_NESTED = 0x8000
+
+# enum ctattr_type
+CTA_TUPLE_ORIG = 1
+CTA_TUPLE_REPLY = 2
+CTA_STATUS = 3
+CTA_PROTOINFO = 4
+CTA_TIMEOUT = 7
+CTA_MARK = 8
+CTA_ZONE = 18
+CTA_MARK_MASK = 21
+CTA_FILTER = 25
+# enum ctattr_tuple / ctattr_ip / ctattr_l4proto
+CTA_TUPLE_IP = 1
+CTA_TUPLE_PROTO = 2
+CTA_TUPLE_ZONE = 3
+CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+# enum ctattr_protoinfo / ctattr_protoinfo_tcp
+CTA_PROTOINFO_TCP = 1
+CTA_PROTOINFO_TCP_STATE = 1
+TCP_CONNTRACK_ESTABLISHED = 3
+# enum ctattr_filter and the CTA_FILTER_FLAG(x) bits (1 << x of the nested
+# attribute numbers above; see ctnetlink_parse_filter()).
+CTA_FILTER_ORIG_FLAGS = 1
+CTA_FILTER_REPLY_FLAGS = 2
+FLAG_IP_SRC = 1 << 0
+FLAG_IP_DST = 1 << 1
+FLAG_PROTO_NUM = 1 << 3
+FLAG_PROTO_SRC_PORT = 1 << 4
+FLAG_PROTO_DST_PORT = 1 << 5
+# enum ctattr_stats_global
+CTA_STATS_GLOBAL_ENTRIES = 1
+
+# Protocols whose tuples carry ports. The kernel's CTA_FILTER port match
+# (ctnetlink_filter_match_tuple) only looks at TCP and UDP ports, so a port
+# filter on any other protocol cannot be trusted to the kernel.
+PORT_PROTOS = frozenset({IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP, 33, 136})  # + DCCP, UDPLITE
+KERNEL_PORT_FILTER_PROTOS = frozenset({IPPROTO_TCP, IPPROTO_UDP})
+
+_NLMSGHDR = struct.Struct("<IHHII")
+_NFGEN = struct.Struct("<BBH")
+_NLA = struct.Struct("<HH")
+_ERR = struct.Struct("<i")
+_BE16 = struct.Struct(">H")
+_BE32 = struct.Struct(">I")
+_U32 = struct.Struct("<I")
+
+# Big-endian two-byte encodings of every port, so packing a port is a list
+# index instead of a call.
+BE16 = [i.to_bytes(2, "big") for i in range(65536)]
+
+
+def msg_type(ct_msg: int) -> int:
+    """The nlmsg_type of a ctnetlink message (subsystem in the high byte)."""
+    return (NFNL_SUBSYS_CTNETLINK << 8) | ct_msg
+
+
+def attr(atype: int, payload: bytes) -> bytes:
+    """One netlink attribute, padded to 4 bytes."""
+    n = 4 + len(payload)
+    return _NLA.pack(n, atype) + payload + b"\0" * (-n & 3)
+
+
+def nest(atype: int, *children: bytes) -> bytes:
+    """A nested attribute holding ``children``."""
+    return attr(atype | NLA_F_NESTED, b"".join(children))
+
+
+def _ip_attr_types(family: IPFamily) -> tuple[int, int]:
+    return (CTA_IP_V4_SRC, CTA_IP_V4_DST) if family is IPFamily.IPv4 else (CTA_IP_V6_SRC, CTA_IP_V6_DST)
+
+
+def tuple_attr(
+    atype: int,
+    family: IPFamily,
+    *,
+    src: str | None = None,
+    dst: str | None = None,
+    proto: int | None = None,
+    sport: int | None = None,
+    dport: int | None = None,
+) -> bytes:
+    """A CTA_TUPLE_ORIG / CTA_TUPLE_REPLY nest with the fields given."""
+    s_type, d_type = _ip_attr_types(family)
+    ip_children = []
+    if src is not None:
+        ip_children.append(attr(s_type, socket.inet_pton(family.af, src)))
+    if dst is not None:
+        ip_children.append(attr(d_type, socket.inet_pton(family.af, dst)))
+    children = []
+    if ip_children:
+        children.append(nest(CTA_TUPLE_IP, *ip_children))
+    proto_children = []
+    if proto is not None:
+        proto_children.append(attr(CTA_PROTO_NUM, bytes([proto])))
+    if sport is not None:
+        proto_children.append(attr(CTA_PROTO_SRC_PORT, BE16[sport]))
+    if dport is not None:
+        proto_children.append(attr(CTA_PROTO_DST_PORT, BE16[dport]))
+    if proto_children:
+        children.append(nest(CTA_TUPLE_PROTO, *proto_children))
+    return nest(atype, *children)
+
+
+def _tuple_flags(t, with_proto: bool) -> int:
+    flags = FLAG_PROTO_NUM if with_proto else 0
+    if t is not None:
+        if t.src is not None:
+            flags |= FLAG_IP_SRC
+        if t.dst is not None:
+            flags |= FLAG_IP_DST
+        if t.sport is not None:
+            flags |= FLAG_PROTO_SRC_PORT
+        if t.dport is not None:
+            flags |= FLAG_PROTO_DST_PORT
+    return flags
+
+
+def filter_attrs(family: IPFamily, flt, *, with_zone: bool = True) -> bytes:
+    """Kernel-side filter attributes for a :class:`DumpFilter` (or ``None``).
+
+    The protocol goes into both tuple filters when set: the kernel refuses
+    port flags without a protocol number in the same direction
+    (ctnetlink_parse_tuple_filter). ``mark`` is sent as ``value & mask`` with
+    an explicit mask, so ``mark=(0, ...)`` ("unmarked") is honoured -- pyroute2
+    drops a zero mark. ``zone`` needs a CTA_FILTER nest to be parsed at all.
+    """
+    if flt is None:
+        return b""
+    out = []
+    orig_flags = reply_flags = 0
+    if flt.orig is not None or flt.proto is not None:
+        orig_flags = _tuple_flags(flt.orig, flt.proto is not None)
+        o = flt.orig
+        out.append(
+            tuple_attr(
+                CTA_TUPLE_ORIG,
+                family,
+                src=o.src if o else None,
+                dst=o.dst if o else None,
+                proto=flt.proto,
+                sport=o.sport if o else None,
+                dport=o.dport if o else None,
+            )
+        )
+    if flt.reply is not None:
+        r = flt.reply
+        reply_flags = _tuple_flags(r, flt.proto is not None)
+        out.append(tuple_attr(CTA_TUPLE_REPLY, family, src=r.src, dst=r.dst, proto=flt.proto, sport=r.sport, dport=r.dport))
+    if flt.mark is not None:
+        value, mask = flt.mark
+        out.append(attr(CTA_MARK, _BE32.pack(value & mask & 0xFFFFFFFF)))
+        out.append(attr(CTA_MARK_MASK, _BE32.pack(mask & 0xFFFFFFFF)))
+    if with_zone and flt.zone is not None:
+        out.append(attr(CTA_ZONE, _BE16.pack(flt.zone)))
+    if orig_flags or reply_flags or (with_zone and flt.zone is not None):
+        filt = []
+        if orig_flags:
+            filt.append(attr(CTA_FILTER_ORIG_FLAGS, _U32.pack(orig_flags)))
+        if reply_flags:
+            filt.append(attr(CTA_FILTER_REPLY_FLAGS, _U32.pack(reply_flags)))
+        out.append(nest(CTA_FILTER, *filt))
+    return b"".join(out)
+
+
+def message(ct_msg: int, flags: int, seq: int, family: int, payload: bytes = b"", *, version: int = 0) -> bytes:
+    """One nfnetlink message: nlmsghdr + nfgenmsg + attributes."""
+    body = _NFGEN.pack(family, version, 0) + payload
+    return _NLMSGHDR.pack(16 + len(body), msg_type(ct_msg), flags | NLM_F_REQUEST, seq, 0) + body
+
+
+def ack_errno(buf, offset: int) -> int:
+    """The positive errno of an NLMSG_ERROR message at ``offset`` (0 = ACK)."""
+    return -_ERR.unpack_from(buf, offset + 16)[0]
+
+
+class EntryPacker:
+    """Packs per-entry messages (delete, create) with one ``struct`` call each.
+
+    Layouts are fixed for protocols with ports: that is every entry a
+    service proxy deletes or the bench inserts. Other protocols go through
+    :func:`tuple_attr` (slow path, same bytes).
+    """
+
+    def __init__(self, family: IPFamily) -> None:
+        self.family = family
+        self.af = family.af
+        alen = 4 if family is IPFamily.IPv4 else 16
+        s_type, d_type = _ip_attr_types(family)
+        ip_len = 4 + 2 * (4 + alen)
+        tup_len = 4 + ip_len + 28
+        self.tuple_len = tup_len
+        # nla(tuple) nla(ip) nla(src) src nla(dst) dst nla(proto) nla(num) num pad nla(sport) sport pad nla(dport) dport pad
+        self._tuple_fmt = f"HH HH HH{alen}s HH{alen}s HH HHB3x HH2s2x HH2s2x"
+        self._tuple_consts = (ip_len, CTA_TUPLE_IP | NLA_F_NESTED, 4 + alen, s_type, 4 + alen, d_type, 28,
+                              CTA_TUPLE_PROTO | NLA_F_NESTED, 5, CTA_PROTO_NUM, 6, CTA_PROTO_SRC_PORT, 6,
+                              CTA_PROTO_DST_PORT)
+        hdr = "IHHII BBH"
+        # DELETE: orig tuple + CTA_ZONE
+        self._del = struct.Struct("<" + hdr + self._tuple_fmt + " HH2s2x")
+        self.delete_len = self._del.size
+        # NEW (UDP & co): orig + reply + timeout + mark + zone
+        new_fmt = "<" + hdr + self._tuple_fmt + self._tuple_fmt + " HH4s HH4s HH2s2x"
+        self._new = struct.Struct(new_fmt)
+        self._new_tcp = struct.Struct(new_fmt + " HH HH HHB3x")
+        self._addr: dict[str, bytes] = {}
+
+    def _a(self, ip: str) -> bytes:
+        b = self._addr.get(ip)
+        if b is None:
+            if len(self._addr) > 65536:
+                self._addr.clear()
+            b = self._addr[ip] = socket.inet_pton(self.af, ip)
+        return b
+
+    def _tuple_values(self, atype: int, src: str, dst: str, proto: int, sport: int, dport: int) -> tuple:
+        c = self._tuple_consts
+        return (self.tuple_len, atype | NLA_F_NESTED, c[0], c[1], c[2], c[3], self._a(src), c[4], c[5], self._a(dst),
+                c[6], c[7], c[8], c[9], proto, c[10], c[11], BE16[sport], c[12], c[13], BE16[dport])
+
+    def delete(self, e: ConntrackEntry, seq: int, flags: int) -> bytes:
+        """An IPCTNL_MSG_CT_DELETE for ``e`` identified by its original tuple and zone."""
+        if e.proto not in PORT_PROTOS:
+            payload = tuple_attr(CTA_TUPLE_ORIG, self.family, src=e.orig_src, dst=e.orig_dst, proto=e.proto) + attr(
+                CTA_ZONE, BE16[e.zone]
+            )
+            return message(IPCTNL_MSG_CT_DELETE, flags, seq, self.af, payload)
+        return self._del.pack(
+            self.delete_len, msg_type(IPCTNL_MSG_CT_DELETE), flags | NLM_F_REQUEST, seq, 0, self.af, 0, 0,
+            *self._tuple_values(CTA_TUPLE_ORIG, e.orig_src, e.orig_dst, e.proto, e.orig_sport, e.orig_dport),
+            6, CTA_ZONE, BE16[e.zone],
+        )
+
+    def create(self, e: ConntrackEntry, seq: int, flags: int, timeout: int) -> bytes:
+        """An IPCTNL_MSG_CT_NEW creating ``e`` (TCP entries are ESTABLISHED)."""
+        if e.proto not in PORT_PROTOS:
+            raise ValueError(f"cannot create entries of protocol {e.proto} (ports needed)")
+        tcp = e.proto == IPPROTO_TCP
+        st = self._new_tcp if tcp else self._new
+        vals = [
+            st.size, msg_type(IPCTNL_MSG_CT_NEW), flags | NLM_F_REQUEST, seq, 0, self.af, 0, 0,
+            *self._tuple_values(CTA_TUPLE_ORIG, e.orig_src, e.orig_dst, e.proto, e.orig_sport, e.orig_dport),
+            *self._tuple_values(CTA_TUPLE_REPLY, e.reply_src, e.reply_dst, e.proto, e.reply_sport, e.reply_dport),
+            8, CTA_TIMEOUT, _BE32.pack(timeout), 8, CTA_MARK, _BE32.pack(e.mark), 6, CTA_ZONE, BE16[e.zone],
+        ]
+        if tcp:
+            vals += [16, CTA_PROTOINFO | NLA_F_NESTED, 12, CTA_PROTOINFO_TCP | NLA_F_NESTED, 5,
+                     CTA_PROTOINFO_TCP_STATE, TCP_CONNTRACK_ESTABLISHED]
+        return st.pack(*vals)
+
+
+class Decoder:
+    """Decodes ctnetlink entry messages into :class:`ConntrackEntry` values.
+
+    Streams: it keeps only two small bounded caches (address bytes -> text,
+    since a table's addresses repeat heavily). The fast path reads both
+    tuples of an entry with one ``struct`` call when the layout is the usual
+    one (no per-direction zone, a protocol with ports); anything else goes
+    through the generic attribute walker, which gives the same result.
+    """
+
+    def __init__(self, family: IPFamily) -> None:
+        self.family = family
+        self.af = family.af
+        alen = 4 if family is IPFamily.IPv4 else 16
+        self._alen = alen
+        ip_len = 4 + 2 * (4 + alen)
+        tup_len = 4 + ip_len + 28
+        self._tup_len = tup_len
+        one = f"8s4x{alen}s4x{alen}s4s4xB3x4xH2x4xH2x"
+        self._fast = struct.Struct(">" + one + one)
+        # The usual layout continues with CTA_STATUS then CTA_MARK (no zone):
+        # reading them in the same call saves the attribute walk.
+        self._fast_mark = struct.Struct(">" + one + one + "4s4x4sI")
+        self._status_hdr = _NLA.pack(8, CTA_STATUS)
+        self._mark_hdr = _NLA.pack(8, CTA_MARK)
+        self._orig_hdr = _NLA.pack(tup_len, CTA_TUPLE_ORIG | NLA_F_NESTED) + _NLA.pack(ip_len, CTA_TUPLE_IP | NLA_F_NESTED)
+        self._reply_hdr = _NLA.pack(tup_len, CTA_TUPLE_REPLY | NLA_F_NESTED) + _NLA.pack(ip_len, CTA_TUPLE_IP | NLA_F_NESTED)
+        self._proto_hdr = _NLA.pack(28, CTA_TUPLE_PROTO | NLA_F_NESTED)
+        self._fast_end = 20 + 2 * tup_len
+        self._names: dict[bytes, str] = {}
+
+    def _name(self, b: bytes) -> str:
+        s = self._names.get(b)
+        if s is None:
+            if len(self._names) > 65536:  # bounded: memory must not grow with the table
+                self._names.clear()
+            s = self._names[b] = socket.inet_ntop(self.af, b)
+        return s
+
+    def entry(self, buf, m: int, mlen: int) -> ConntrackEntry | None:
+        """Decode the entry message at ``buf[m:m+mlen]``; ``None`` if another family."""
+        if buf[m + 16] != self.af:
+            return None
+        end = m + mlen
+        o = m + self._fast_end
+        if o + 16 <= end:
+            (oh, osrc, odst, oph, proto, osp, odp, rh, rsrc, rdst, rph, _rproto, rsp, rdp, sh, mh, mark) = (
+                self._fast_mark.unpack_from(buf, m + 20)
+            )
+            if sh == self._status_hdr and mh == self._mark_hdr:
+                zone = 0
+            else:
+                mark = zone = -1
+        elif o <= end:
+            (oh, osrc, odst, oph, proto, osp, odp, rh, rsrc, rdst, rph, _rproto, rsp, rdp) = self._fast.unpack_from(
+                buf, m + 20
+            )
+            mark = zone = -1
+        else:
+            return self._generic(buf, m + 20, end)
+        if oh != self._orig_hdr or rh != self._reply_hdr or oph != self._proto_hdr or rph != oph:
+            return self._generic(buf, m + 20, end)
+        if mark < 0:
+            # Unusual tail (a zone, no mark support...): walk the attributes.
+            mark = zone = 0
+            unpack = _NLA.unpack_from
+            while o + 4 <= end:
+                alen, atype = unpack(buf, o)
+                if alen < 4:
+                    break
+                atype &= 0x3FFF
+                if atype == CTA_MARK:
+                    mark = _BE32.unpack_from(buf, o + 4)[0]
+                elif atype == CTA_ZONE:
+                    zone = _BE16.unpack_from(buf, o + 4)[0]
+                o += (alen + 3) & ~3
+        names = self._names
+        return tuple.__new__(
+            ConntrackEntry,
+            (
+                self.family, proto,
+                names.get(osrc) or self._name(osrc), names.get(odst) or self._name(odst), osp, odp,
+                names.get(rsrc) or self._name(rsrc), names.get(rdst) or self._name(rdst), rsp, rdp,
+                mark, zone,
+            ),
+        )
+
+    def _generic(self, buf, o: int, end: int) -> ConntrackEntry:
+        orig = reply = None
+        mark = zone = 0
+        for atype, start, stop in _walk(buf, o, end):
+            if atype == CTA_TUPLE_ORIG:
+                orig = self._tuple(buf, start, stop)
+            elif atype == CTA_TUPLE_REPLY:
+                reply = self._tuple(buf, start, stop)
+            elif atype == CTA_MARK:
+                mark = _BE32.unpack_from(buf, start)[0]
+            elif atype == CTA_ZONE:
+                zone = _BE16.unpack_from(buf, start)[0]
+        unknown = ("", "", 0, 0, 0)
+        o_ = orig or unknown
+        r_ = reply or unknown
+        return ConntrackEntry(self.family, o_[4], o_[0], o_[1], o_[2], o_[3], r_[0], r_[1], r_[2], r_[3], mark, zone)
+
+    def _tuple(self, buf, o: int, end: int) -> tuple[str, str, int, int, int]:
+        src = dst = ""
+        sport = dport = proto = 0
+        for atype, start, stop in _walk(buf, o, end):
+            if atype == CTA_TUPLE_IP:
+                for t, s, _ in _walk(buf, start, stop):
+                    if t in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
+                        src = self._name(bytes(buf[s : s + self._alen]))
+                    elif t in (CTA_IP_V4_DST, CTA_IP_V6_DST):
+                        dst = self._name(bytes(buf[s : s + self._alen]))
+            elif atype == CTA_TUPLE_PROTO:
+                for t, s, _ in _walk(buf, start, stop):
+                    if t == CTA_PROTO_NUM:
+                        proto = buf[s]
+                    elif t == CTA_PROTO_SRC_PORT:
+                        sport = _BE16.unpack_from(buf, s)[0]
+                    elif t == CTA_PROTO_DST_PORT:
+                        dport = _BE16.unpack_from(buf, s)[0]
+        if proto not in PORT_PROTOS:
+            sport = dport = 0  # ICMP ids/types are not ports
+        return src, dst, sport, dport, proto
+
+
+def _walk(buf, o: int, end: int):
+    """Yield ``(type, payload_start, payload_end)`` of the attributes in ``buf[o:end]``."""
+    while o + 4 <= end:
+        alen, atype = _NLA.unpack_from(buf, o)
+        if alen < 4:
+            return
+        yield atype & 0x3FFF, o + 4, min(o + alen, end)
+        o += (alen + 3) & ~3
+
+
+def stats_entries(buf, m: int, mlen: int) -> int | None:
+    """CTA_STATS_GLOBAL_ENTRIES from an IPCTNL_MSG_CT_GET_STATS reply."""
+    for atype, start, _ in _walk(buf, m + 20, m + mlen):
+        if atype == CTA_STATS_GLOBAL_ENTRIES:
+            return _BE32.unpack_from(buf, start)[0]
+    return None
+
+
+HeaderReader = Callable[[object, int], tuple[int, int, int, int, int]]
+read_header: HeaderReader = _NLMSGHDR.unpack_from

@@ -1,0 +1,9 @@
+"""The ConntrackTable contract against the in-memory table (no root)."""
+
+from refproxy.conntrack.contract import ConntrackTableContract
+from refproxy.conntrack.memory import MemoryConntrackTable
+
+
+class TestMemoryTableContract(ConntrackTableContract):
+    def make_table(self, entries, *, batch_size=4096):
+        return MemoryConntrackTable(entries, batch_size=batch_size)
