@@ -86,13 +86,18 @@ class StaleIndex:
         previous: Snapshot | None = None,
         node_addresses: Iterable[str] = (),
         protocols: frozenset[int] = DEFAULT_PROTOCOLS,
+        also_retired: Iterable[Frontend] = (),
     ) -> None:
+        # ``also_retired``: frontends retired before ``previous`` whose cleanup
+        # a plugin has not finished (a failed delete or dump); they stay stale
+        # until cleaned, unless the current snapshot serves them again.
         self.protocols = frozenset(protocols)
         self.node_addresses = frozenset(node_addresses)
         self.serving: Mapping[Frontend, Serving] = _serving_by_frontend(current, self.protocols)
         retired: set[Frontend] = set()
         if previous is not None:
             retired = set(_serving_by_frontend(previous, self.protocols)) - set(self.serving)
+        retired.update(f for f in also_retired if f not in self.serving and f.proto in self.protocols)
         self.retired = frozenset(retired)
         empty: Serving = frozenset()
         ip: dict[tuple[int, str, int], Serving] = {}
@@ -108,9 +113,11 @@ class StaleIndex:
         self._np = np
 
     @classmethod
-    def for_request(cls, request, protocols: frozenset[int] = DEFAULT_PROTOCOLS) -> "StaleIndex":
+    def for_request(
+        cls, request, protocols: frozenset[int] = DEFAULT_PROTOCOLS, also_retired: Iterable[Frontend] = ()
+    ) -> "StaleIndex":
         """Build the index for a :class:`~refproxy.cleanup.api.CleanupRequest`."""
-        return cls(request.current, request.previous, request.node_addresses, protocols)
+        return cls(request.current, request.previous, request.node_addresses, protocols, also_retired)
 
     @property
     def frontends(self) -> frozenset[Frontend]:
