@@ -132,6 +132,7 @@ class Topology:
         self._links = 0
         self._closed = False
         self._namespaces: list[NetNS] = []
+        self._ever_used: set[str] = set()  # never reuse an address within a run
         atexit.register(self.close)
         try:
             self.node = self._new_ns()
@@ -191,13 +192,17 @@ class Topology:
         return ns, node_side
 
     def _pick(self, net: ipaddress.IPv4Network, ip: str | None) -> str:
-        used = {p.ip for p in self.pods.values()} | {c.ip for c in self.clients.values()}
+        # Addresses are never reused within a run, so a conntrack entry always
+        # names the pod generation it was made for (the lab's judge relies on it).
+        used = self._ever_used
         if ip is not None:
-            if ip in used:
+            if ip in {p.ip for p in self.pods.values()} | {c.ip for c in self.clients.values()}:
                 raise LabError(f"address {ip} is already in use in this topology")
+            used.add(ip)
             return ip
         for host in list(net.hosts())[9:]:  # .10 onwards: low addresses stay free for explicit picks
             if str(host) not in used:
+                used.add(str(host))
                 return str(host)
         raise LabError(f"no free address left in {net}")
 

@@ -1,0 +1,163 @@
+"""The lab's UDP client: ``python3 -m refproxy.lab.client --target IP:PORT ...``.
+
+Contract: one flow per process, run inside a client namespace. With
+``--sport`` every request leaves from that fixed source port for the whole
+run (a resolver, statsd: the flow a stale conntrack entry black-holes);
+without it every request uses a fresh socket and port. It sends one request
+every ``--interval`` seconds for at most ``--duration`` seconds (or until
+SIGTERM) and appends to ``--out``:
+
+    s <seq> <sent wall time>
+    r <seq> <received wall time> <responder id>
+
+flushed about twice a second so the lab can read progress mid-run. Wall
+clock (``time.time()``) is the clock the lab's processes share. The log
+format is parsed by :func:`parse_log` (pure, unit-tested).
+"""
+
+from __future__ import annotations
+
+import argparse
+import select
+import signal
+import socket
+import sys
+import time
+from typing import Iterable
+
+from refproxy.lab.echo import decode_reply, encode_request
+
+__all__ = ["parse_log", "run_client", "main", "READY"]
+
+READY = "ready"
+FLUSH_EVERY = 0.5
+
+
+def parse_log(lines: Iterable[str]):
+    """Samples (``refproxy.lab.engine.Sample``) from a client log, in send order.
+
+    A reply to an unknown or already answered sequence number is ignored
+    (duplicates, a reply to a request of an earlier run); a torn last line
+    (the file is read while written) is skipped.
+    """
+    from refproxy.lab.engine import Sample
+
+    sent: dict[int, float] = {}
+    replies: dict[int, tuple[float, str]] = {}
+    for line in lines:
+        parts = line.split()
+        try:
+            if len(parts) == 3 and parts[0] == "s":
+                sent[int(parts[1])] = float(parts[2])
+            elif len(parts) == 4 and parts[0] == "r":
+                seq = int(parts[1])
+                if seq not in replies:
+                    replies[seq] = (float(parts[2]), parts[3])
+        except ValueError:
+            continue
+    out = []
+    for seq in sorted(sent):
+        r = replies.get(seq)
+        if r is not None and r[0] < sent[seq]:
+            r = None  # a reply cannot precede its request: not ours
+        out.append(Sample(seq, sent[seq], r[0] if r else None, r[1] if r else None))
+    return out
+
+
+class _Stop(Exception):
+    pass
+
+
+def run_client(target: tuple[str, int], sport: int | None, interval: float, duration: float, out, flow: str = "",
+               ready_out=None) -> int:
+    """Send requests until ``duration`` passes or SIGTERM; returns requests sent."""
+    fixed = None
+    if sport is not None:
+        fixed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        fixed.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        fixed.bind(("0.0.0.0", sport))
+        fixed.setblocking(False)
+    start = time.monotonic()
+    deadline = start + duration
+    seq = 0
+    last_flush = start
+    pending: list[socket.socket] = []
+    try:
+        while time.monotonic() < deadline:
+            sock = fixed
+            if sock is None:
+                for s in pending:
+                    s.close()
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.setblocking(False)
+                pending = [sock]
+            out.write(f"s {seq} {time.time():.6f}\n")
+            try:
+                sock.sendto(encode_request(seq, flow), target)
+            except OSError:
+                pass  # no route / ICMP error: the request is lost, which is what we measure
+            if seq == 0 and ready_out is not None:
+                out.flush()
+                print(READY, file=ready_out, flush=True)
+            seq += 1
+            next_send = start + seq * interval
+            while (left := next_send - time.monotonic()) > 0:
+                r, _, _ = select.select([sock], [], [], left)
+                if not r:
+                    break
+                for _ in range(64):  # bounded drain
+                    try:
+                        data = sock.recv(2048)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        break  # ECONNREFUSED etc. from an ICMP error
+                    got = decode_reply(data)
+                    if got is not None:
+                        out.write(f"r {got[1]} {time.time():.6f} {got[0]}\n")
+            now = time.monotonic()
+            if now - last_flush >= FLUSH_EVERY:
+                out.flush()
+                last_flush = now
+    except _Stop:
+        pass
+    finally:
+        out.flush()
+        for s in pending:
+            s.close()
+        if fixed is not None:
+            fixed.close()
+    return seq
+
+
+def _parse_target(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected IP:PORT, got {text!r}")
+    return host, int(port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="python3 -m refproxy.lab.client", description=__doc__.split("\n")[0])
+    p.add_argument("--target", type=_parse_target, required=True, help="IP:PORT to send to")
+    p.add_argument("--sport", type=int, help="fixed source port (default: a fresh port per request)")
+    p.add_argument("--interval", type=float, default=0.02, help="seconds between requests")
+    p.add_argument("--duration", type=float, default=300.0, help="stop after this many seconds")
+    p.add_argument("--out", required=True, help="file to append the log to")
+    p.add_argument("--flow", default="", help="flow name carried in each request")
+    a = p.parse_args(argv)
+    if not 0.001 <= a.interval <= 10 or not 0 < a.duration <= 3600:
+        p.error("--interval must be within 1ms..10s and --duration within 0..3600s")
+
+    def stop(*_):
+        raise _Stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    with open(a.out, "a", encoding="ascii") as out:
+        run_client(a.target, a.sport, a.interval, a.duration, out, a.flow, ready_out=sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

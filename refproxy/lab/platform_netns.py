@@ -1,0 +1,538 @@
+"""The network-namespace Platform: a scenario on this machine's kernel, as root.
+
+Contract: implements :class:`refproxy.lab.engine.Platform` with a
+:class:`~refproxy.lab.topology.Topology` (node, pod and client namespaces),
+the lab API server (``apiserver.py``) listening *inside* the node namespace,
+``refproxy run`` as its own process in the node namespace using its
+production kube source, echo servers in pods, one client process per flow.
+Never touches the host's namespace: every iptables rule and conntrack entry
+lives in the node namespace, which is deleted at teardown.
+
+It keeps its own record ("truth") of which endpoints served when, written
+at every API change, and judges conntrack against it with the same stale
+predicate the plugins obey (``refproxy.cleanup.stale.StaleIndex``):
+
+* collateral deletion: a ``DESTROY`` event from userspace (``conntrack -E``
+  marks those ``[USERSPACE]``; UDP timeouts are raised in the node so
+  nothing expires during a run anyway) for an entry that was not stale for
+  the truth in force when it was deleted;
+* stale left: an entry in the final table that is stale for the final truth
+  (frontends ever used in the run count as retired when gone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from refproxy.cleanup.stale import StaleIndex
+from refproxy.conntrack.types import IPPROTO_UDP, ConntrackEntry
+from refproxy.errors import LabError
+from refproxy.lab.client import parse_log
+from refproxy.lab.engine import ConntrackState, ResourceFigures, Sample, StepRecord
+from refproxy.lab.scenario import Action, ClientSpec, Scenario, ServiceSpec, StepSpec, Via
+from refproxy.lab.topology import Pod, Topology, start_echo_in
+from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
+
+__all__ = ["NetnsPlatform", "parse_conntrack_line", "parse_prometheus", "NODE_NAME"]
+
+NODE_NAME = "lab-node"
+METRICS_PORT = 10249
+HEALTHZ_PORT = 10256
+APISERVER_PORT = 6443
+READY_TIMEOUT = 30.0
+TRIGGER_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+
+_KV = re.compile(r"(src|dst|sport|dport)=(\S+)")
+_TS = re.compile(r"^\[(\d+\.\d+)\]")
+
+
+def parse_conntrack_line(line: str) -> tuple[float | None, ConntrackEntry] | None:
+    """``(timestamp, entry)`` from a ``conntrack -L``/``-E -o timestamp`` line; ``None`` if not UDP/TCP."""
+    parts = line.split()
+    proto = next((int(parts[i + 1]) for i, w in enumerate(parts[:-1]) if w in ("udp", "tcp", "sctp")
+                  and parts[i + 1].isdigit()), None)
+    if proto is None:
+        return None
+    kv = _KV.findall(line)
+    if len(kv) < 8:
+        return None
+    o = {k: v for k, v in kv[:4]}
+    r = {k: v for k, v in kv[4:8]}
+    m = _TS.match(line)
+    try:
+        e = ConntrackEntry(IPFamily.IPv4, proto, o["src"], o["dst"], int(o["sport"]), int(o["dport"]),
+                           r["src"], r["dst"], int(r["sport"]), int(r["dport"]))
+    except (KeyError, ValueError):
+        return None
+    return (float(m.group(1)) if m else None), e
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Prometheus text -> ``{metric name: value summed over label sets}`` (buckets skipped)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        brace = line.find("{")
+        if brace >= 0:
+            name, rest = line[:brace], line[line.rfind("}") + 1:]
+        else:
+            name, _, rest = line.partition(" ")
+        if name.endswith("_bucket"):
+            continue
+        try:
+            value = float(rest.split()[0])
+        except (IndexError, ValueError):
+            continue
+        out[name] = out.get(name, 0.0) + value
+    return out
+
+
+def _rfc3339(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(eq=False)
+class _Backend:
+    name: str
+    pod: Pod
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+
+
+@dataclass(eq=False)
+class _Svc:
+    spec: ServiceSpec
+    present: bool = True
+    backends: list[_Backend] = field(default_factory=list)
+
+
+class NetnsPlatform:
+    """:class:`~refproxy.lab.engine.Platform` over network namespaces (see the module docstring).
+
+    ``prefix`` names every namespace (``rplab`` for the lab, ``rpe2e`` for
+    the e2e suite); ``workdir`` keeps logs (proxy, events, clients) when
+    given, else a temporary directory removed at teardown.
+    """
+
+    name = "netns"
+
+    def __init__(self, prefix: str = "rplab", *, workdir: str | None = None, proxy_verbosity: int = 0) -> None:
+        self.prefix = prefix
+        self._keep = workdir is not None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="refproxy-lab-")
+        os.makedirs(self.workdir, exist_ok=True)
+        self.proxy_verbosity = proxy_verbosity
+        self.topo: Topology | None = None
+        self.scenario: Scenario | None = None
+        self.api = None
+        self.proxy: subprocess.Popen | None = None
+        self.proxy_log = os.path.join(self.workdir, "refproxy.log")
+        self._events: subprocess.Popen | None = None
+        self._events_log = os.path.join(self.workdir, "conntrack-events.log")
+        self._clients: dict[str, tuple[subprocess.Popen, str]] = {}
+        self._svcs: dict[str, _Svc] = {}
+        self._truth: list[tuple[float, Snapshot]] = []
+        self._ever: dict = {}
+        self._pod_seq = 0
+        self._stack = contextlib.ExitStack()
+        self._last_resources = ResourceFigures()
+        self._torn_down = False
+
+    # -- setup ------------------------------------------------------------
+    def setup(self, scenario: Scenario) -> None:
+        """Build the topology, serve the API inside the node, create services, pods and padding."""
+        from refproxy.lab.apiserver import APIServer
+
+        self.scenario = scenario
+        self.topo = Topology(self.prefix)
+        node = self.topo.node
+        # Nothing may expire during a run, so every DESTROY event is a deletion.
+        for key in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
+            node.run(["sysctl", "-qw", f"net.netfilter.{key}=600"], check=False)
+        with node.entered():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", APISERVER_PORT))
+        sock.listen(64)
+        self.api = APIServer(sock=sock).start()
+        for spec in scenario.services:
+            st = _Svc(spec)
+            self._svcs[spec.name] = st
+            self.api.apply(self._service_obj(spec))
+            for _ in range(spec.replicas):
+                st.backends.append(self._new_backend(spec))
+            self._publish(st)
+        for c in scenario.clients:
+            if c.node_port_raw is not None:
+                start_echo_in(node, "node", c.node_port_raw, None)
+        if scenario.pad:
+            from refproxy.conntrack.fill import conntrack_max, pad_table
+
+            self._stack.enter_context(conntrack_max(scenario.pad + 100_000))
+            res = pad_table(node.name, scenario.pad)
+            if res.failed:
+                raise LabError(f"padding conntrack to {scenario.pad} entries: {res.failed} inserts failed "
+                               f"({res.first_error})")
+
+    def _service_obj(self, spec: ServiceSpec) -> dict:
+        node_port = any(p.node_port for p in spec.ports)
+        ports = []
+        for p in spec.ports:
+            d = {"name": p.name, "port": p.port, "targetPort": p.target_port, "protocol": p.protocol}
+            if p.node_port:
+                d["nodePort"] = p.node_port
+            ports.append(d)
+        spec_d = {"type": "NodePort" if node_port else "ClusterIP", "clusterIP": spec.cluster_ip,
+                  "clusterIPs": [spec.cluster_ip], "ipFamilies": ["IPv4"], "ports": ports}
+        if spec.external_ips:
+            spec_d["externalIPs"] = list(spec.external_ips)
+        return {"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": spec.name, "namespace": spec.namespace}, "spec": spec_d}
+
+    def _new_backend(self, spec: ServiceSpec) -> _Backend:
+        self._pod_seq += 1
+        name = f"{spec.name}-{self._pod_seq}"
+        pod = self.topo.add_pod(name)
+        udp = sorted({p.target_port for p in spec.ports if p.protocol == "UDP"})
+        tcp = sorted({p.target_port for p in spec.ports if p.protocol == "TCP"})
+        pod.start_echo(udp[0] if udp else None, tcp[0] if tcp else None)
+        for extra in udp[1:]:
+            start_echo_in(pod.ns, name, extra, None)
+        return _Backend(name, pod)
+
+    def _slice_obj(self, st: _Svc, now: float) -> dict:
+        spec = st.spec
+        return {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": f"{spec.name}-lab",
+                "namespace": spec.namespace,
+                "labels": {"kubernetes.io/service-name": spec.name,
+                           "endpointslice.kubernetes.io/managed-by": "refproxy-lab"},
+                # kube-proxy's network-programming latency starts from this
+                # annotation (pkg/proxy/endpointschangetracker.go).
+                "annotations": {TRIGGER_ANNOTATION: _rfc3339(now)},
+            },
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": [b.pod.ip],
+                 "conditions": {"ready": b.ready, "serving": b.serving, "terminating": b.terminating},
+                 "nodeName": NODE_NAME, "targetRef": {"kind": "Pod", "name": b.name, "namespace": spec.namespace}}
+                for b in st.backends
+            ],
+            "ports": [{"name": p.name, "port": p.target_port, "protocol": p.protocol} for p in spec.ports],
+        }
+
+    def _publish(self, st: _Svc) -> float:
+        now = time.time()
+        if st.present:
+            self.api.apply(self._slice_obj(st, now))
+        self._record_truth(now)
+        return now
+
+    def _record_truth(self, now: float) -> None:
+        services: dict = {}
+        endpoints: dict = {}
+        for st in self._svcs.values():
+            if not st.present:
+                continue
+            for p in st.spec.ports:
+                name = ServicePortName(st.spec.namespace, st.spec.name, p.name, Protocol(p.protocol))
+                services[name] = ServicePort(name, st.spec.cluster_ip, p.port, Protocol(p.protocol),
+                                             node_port=p.node_port, target_port=p.target_port,
+                                             external_ips=st.spec.external_ips)
+                endpoints[name] = tuple(Endpoint(b.pod.ip, p.target_port, b.ready, b.serving, b.terminating,
+                                                 NODE_NAME) for b in st.backends)
+                self._ever[name] = services[name]
+        self._truth.append((now, Snapshot(IPFamily.IPv4, services, endpoints, NODE_NAME, len(self._truth))))
+
+    # -- proxy ------------------------------------------------------------
+    def proxy_argv(self, plugin: str, options: Mapping[str, str], kubeconfig: str) -> list[str]:
+        """The ``refproxy run`` command line the lab uses (kube-proxy flags)."""
+        sc = self.scenario
+        argv = [sys.executable, "-m", "refproxy"] + ["-v"] * self.proxy_verbosity + [
+            "run", "--source", "kube", "--kubeconfig", kubeconfig, "--hostname-override", NODE_NAME,
+            "--cleanup", plugin,
+            "--min-sync-period", f"{sc.min_sync_period}s", "--sync-period", f"{sc.sync_period}s",
+            "--metrics-bind-address", f"127.0.0.1:{METRICS_PORT}",
+            "--healthz-bind-address", f"127.0.0.1:{HEALTHZ_PORT}",
+            "--cluster-cidr", "198.18.1.0/24",
+        ]
+        for k, v in sorted(options.items()):
+            argv += ["--cleanup-opt", f"{k}={v}"]
+        return argv
+
+    def start_proxy(self, plugin: str, options: Mapping[str, str]) -> None:
+        """Start ``refproxy run`` in the node namespace; return after its first sync."""
+        node = self.topo.node
+        kubeconfig = self.api.write_kubeconfig(os.path.join(self.workdir, "kubeconfig"))
+        self._events = node.popen(
+            ["conntrack", "-E", "-e", "DESTROY", "-p", "udp", "-o", "timestamp", "-b", str(8 << 20)],
+            stdout=open(self._events_log, "w"), stderr=subprocess.STDOUT)
+        log = open(self.proxy_log, "w")
+        self.proxy = node.popen(self.proxy_argv(plugin, options, kubeconfig), stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        want = [s.cluster_ip for s in self.scenario.services]
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            why = self.proxy_status()
+            if why is not None:
+                raise LabError(f"refproxy {why}")
+            m = self._metrics()
+            if m.get("kubeproxy_sync_proxy_rules_last_timestamp_seconds", 0) > 0:
+                nat = node.run(["iptables-save", "-t", "nat"], check=False).stdout
+                if all(ip in nat for ip in want):
+                    return
+            time.sleep(0.2)
+        raise LabError(f"refproxy did not program rules for {', '.join(want)} within {READY_TIMEOUT:.0f}s; "
+                       f"log tail: {self._log_tail()}")
+
+    def _log_tail(self, n: int = 6) -> str:
+        with contextlib.suppress(OSError):
+            with open(self.proxy_log, encoding="utf-8", errors="replace") as f:
+                return " | ".join(line.rstrip() for line in f.readlines()[-n:])
+        return "(no log)"
+
+    def proxy_status(self) -> str | None:
+        """``None`` while refproxy runs, else ``exited N`` with the log's last lines."""
+        if self.proxy is None:
+            return "not started"
+        rc = self.proxy.poll()
+        if rc is None:
+            return None
+        return f"exited {rc} (log: {self._log_tail(3)})"
+
+    def _metrics(self) -> dict[str, float]:
+        try:
+            with self.topo.node.entered():
+                with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=2) as r:
+                    return parse_prometheus(r.read().decode("utf-8", "replace"))
+        except (OSError, ValueError):
+            return {}
+
+    # -- clients ----------------------------------------------------------
+    def target_of(self, c: ClientSpec) -> tuple[str, int]:
+        """Where client ``c`` sends (IP, port)."""
+        if c.node_port_raw is not None:
+            return self.topo.node_ip, c.node_port_raw
+        spec = self._svcs[c.service].spec
+        port = spec.ports[0] if c.port is None else next(p for p in spec.ports if p.name == c.port)
+        if c.via is Via.EXTERNAL_IP:
+            return spec.external_ips[0], port.port
+        if c.via is Via.NODE_PORT:
+            return self.topo.node_ip, port.node_port
+        return spec.cluster_ip, port.port
+
+    def start_clients(self, clients: Sequence[ClientSpec]) -> None:
+        """One namespace and one process per flow; returns once each has sent."""
+        import select
+
+        duration = self.scenario.duration + 60
+        for c in clients:
+            cl = self.topo.add_client(c.name)
+            ip, port = self.target_of(c)
+            out = os.path.join(self.workdir, f"client-{c.name}.log")
+            argv = [sys.executable, "-m", "refproxy.lab.client", "--target", f"{ip}:{port}", "--interval",
+                    str(c.interval), "--duration", str(duration), "--out", out, "--flow", c.name]
+            if c.source_port is not None:
+                argv += ["--sport", str(c.source_port)]
+            p = cl.ns.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            ready, _, _ = select.select([p.stdout], [], [], 10)
+            if not ready or p.stdout.readline().strip() != "ready":
+                raise LabError(f"client {c.name} did not start: {p.stderr.read() if p.poll() is not None else ''}")
+            self._clients[c.name] = (p, out)
+
+    def samples(self) -> Mapping[str, Sequence[Sample]]:
+        """Every client's samples so far, parsed from its log."""
+        out = {}
+        for name, (_, path) in self._clients.items():
+            with contextlib.suppress(OSError):
+                with open(path, encoding="ascii", errors="replace") as f:
+                    out[name] = parse_log(f)
+        return out
+
+    # -- steps ------------------------------------------------------------
+    def perform(self, step: StepSpec, index: int) -> StepRecord:
+        """Apply one step through the API server and the topology."""
+        st = self._svcs[step.service]
+        t_start = time.time()
+        removed: dict[str, float] = {}
+        if step.action in (Action.ROLLING_UPDATE, Action.RESTART):
+            had = bool(st.backends)
+            surge = step.surge if step.action is Action.ROLLING_UPDATE else max(1, len(st.backends))
+            self._roll(st, surge, step.terminating, removed)
+            t_ref = t_start if had else None
+        elif step.action is Action.SCALE:
+            t_ref = self._scale(st, step.replicas, t_start, removed)
+        else:
+            t_ref = self._recreate(st, step.gap, removed)
+        return StepRecord(index, step.action.value, step.service, t_start, time.time(), t_ref, removed,
+                          tuple(b.name for b in st.backends))
+
+    def _remove(self, st: _Svc, victims: list[_Backend], removed: dict[str, float]) -> None:
+        for b in victims:
+            st.backends.remove(b)
+        t = self._publish(st)
+        for b in victims:
+            removed[b.name] = t
+            self.topo.remove_pod(b.name)
+
+    def _roll(self, st: _Svc, surge: int, terminating: float, removed: dict[str, float]) -> None:
+        old = list(st.backends)
+        while old:  # bounded: every pass retires at least one old backend
+            batch, old = old[:surge], old[surge:]
+            for _ in batch:
+                st.backends.append(self._new_backend(st.spec))
+            self._publish(st)
+            for b in batch:  # kube: a terminating pod fails readiness, stays until its grace ends
+                b.ready = b.serving = False
+                b.terminating = True
+            self._publish(st)
+            time.sleep(terminating)
+            self._remove(st, batch, removed)
+
+    def _scale(self, st: _Svc, n: int, t_start: float, removed: dict[str, float]) -> float | None:
+        cur = len(st.backends)
+        if n > cur:
+            for _ in range(n - cur):
+                st.backends.append(self._new_backend(st.spec))
+            t = self._publish(st)
+            return t if cur == 0 else t_start
+        if n < cur:
+            self._remove(st, st.backends[n:], removed)
+        return t_start if n else None
+
+    def _recreate(self, st: _Svc, gap: float, removed: dict[str, float]) -> float | None:
+        n = len(st.backends) or st.spec.replicas
+        spec = st.spec
+        self.api.delete("EndpointSlice", spec.namespace, f"{spec.name}-lab")
+        self.api.delete("Service", spec.namespace, spec.name)
+        st.present = False
+        victims, st.backends = list(st.backends), []
+        t = self._publish(st)
+        for b in victims:
+            removed[b.name] = t
+            self.topo.remove_pod(b.name)
+        time.sleep(gap)
+        self.api.apply(self._service_obj(spec))
+        st.present = True
+        for _ in range(n):
+            st.backends.append(self._new_backend(spec))
+        t = self._publish(st)
+        return t if n else None
+
+    # -- judging ----------------------------------------------------------
+    def _index(self, snap: Snapshot) -> StaleIndex:
+        ever = Snapshot(IPFamily.IPv4, dict(self._ever), {})
+        return StaleIndex(snap, ever, (self.topo.node_ip, "127.0.0.1"))
+
+    def conntrack_state(self) -> ConntrackState:
+        """Collateral deletions from the DESTROY events, stale entries from the final table."""
+        from refproxy.conntrack.netlink import NetlinkConntrackTable
+        from refproxy.conntrack.types import DumpFilter
+
+        self._stop(self._events, signal.SIGINT)
+        destroyed = collateral = 0
+        examples: list[str] = []
+        indexes = [(t, self._index(s)) for t, s in self._truth]
+        with contextlib.suppress(OSError):
+            with open(self._events_log, encoding="ascii", errors="replace") as f:
+                for line in f:
+                    got = parse_conntrack_line(line)
+                    if got is None:
+                        continue
+                    ts, e = got
+                    if "[USERSPACE]" not in line:
+                        continue  # expired, not deleted (timeouts are raised, so rare)
+                    destroyed += 1
+                    idx = indexes[-1][1]
+                    if ts is not None:
+                        idx = next((ix for t, ix in reversed(indexes) if t <= ts), indexes[0][1])
+                    if not idx.is_stale(e):
+                        collateral += 1
+                        if len(examples) < 5:
+                            examples.append(f"collateral: {e}")
+        final = indexes[-1][1]
+        stale = 0
+        with NetlinkConntrackTable(IPFamily.IPv4, netns=self.topo.node.name) as table:
+            total = table.count()
+            seen = set()
+            for f in sorted(final.frontends):
+                for flt in f.filters(final.node_addresses):
+                    for e in table.dump(flt):
+                        if e.orig_key in seen or e.proto != IPPROTO_UDP:
+                            continue
+                        seen.add(e.orig_key)
+                        if final.is_stale(e):
+                            stale += 1
+                            if len(examples) < 10:
+                                examples.append(f"stale: {e}")
+        return ConntrackState(stale_left=stale, collateral=collateral, destroyed=destroyed, entries=total,
+                              examples=tuple(examples))
+
+    def resources(self) -> ResourceFigures:
+        """CPU seconds and peak RSS from /proc, plus refproxy's /metrics."""
+        cpu = rss = None
+        if self.proxy is not None and self.proxy.poll() is None:
+            pid = self.proxy.pid
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            with contextlib.suppress(OSError, ValueError):
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            rss = int(line.split()[1]) * 1024
+        metrics = {k: v for k, v in self._metrics().items()
+                   if k.startswith(("kubeproxy_", "refproxy_", "process_cpu", "process_resident"))}
+        return ResourceFigures(cpu, rss, metrics)
+
+    # -- teardown ---------------------------------------------------------
+    @staticmethod
+    def _stop(p: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
+        if p is None or p.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(sig)
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=5)
+
+    def teardown(self) -> None:
+        """Stop clients, refproxy and the API server; delete every namespace. Idempotent."""
+        if self._torn_down:
+            return
+        self._torn_down = True
+        for p, _ in self._clients.values():
+            self._stop(p)
+        self._stop(self.proxy)
+        self._stop(self._events, signal.SIGINT)
+        if self.api is not None:
+            with contextlib.suppress(Exception):
+                self.api.stop()
+        if self.topo is not None:
+            self.topo.close()
+        with contextlib.suppress(Exception):
+            self._stack.close()
+        if not self._keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
