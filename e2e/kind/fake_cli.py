@@ -2,7 +2,8 @@
 
 Contract: each fake is a tiny executable script that appends its argv (and
 its stdin, when fed) as one JSON line to a shared log and prints the canned
-output of the longest matching argv prefix (exit code included). Tests assert
+output of the longest matching argv prefix (the latest of equals; exit code
+included). Tests assert
 on the exact command sequence the driver produced; nothing here talks to a
 cluster or a daemon.
 """
@@ -31,7 +32,7 @@ if os.path.exists(responses):
     with open(responses) as f:
         for r in json.load(f):
             p = r["prefix"]
-            if argv[:len(p)] == p and (best is None or len(p) > len(best["prefix"])):
+            if argv[:len(p)] == p and (best is None or len(p) >= len(best["prefix"])):
                 best = r
 if best:
     sys.stdout.write(best.get("stdout", ""))

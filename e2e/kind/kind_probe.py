@@ -5,8 +5,10 @@
 Contract: one UDP socket bound to ``--sport`` for the process's whole life
 (the resolver/statsd pattern that stale conntrack entries black-hole), one
 request every ``--interval`` seconds, and one JSON line per request on stdout:
-``{"flow", "seq", "t", "ok", "server"}`` where ``t`` is the wall-clock send time
-and ``server`` is the echo pod's id (echo mode) or the answer (DNS mode). The
+``{"flow", "seq", "t", "r", "ok", "server"}`` where ``t`` and ``r`` are the
+wall-clock send and reply times (``r`` null when unanswered) and ``server`` is
+the echo pod's id (echo mode) or the answer (DNS mode). ``--sport 0`` uses a
+fresh source port per request instead (the control flow stale entries spare). The
 kind driver reads these lines with ``kubectl logs``; :func:`parse_samples` is
 the one reader. Pure helpers (DNS wire format, sample lines) are unit-tested
 offline; the loop is bounded by ``--lifetime``.
@@ -44,11 +46,13 @@ class Sample:
     t: float
     ok: bool
     server: str | None = None
+    replied: float | None = None
 
 
 def format_sample(s: Sample) -> str:
     """The stdout line for one sample (stable key order, no spaces to trip log tools)."""
-    return json.dumps({"flow": s.flow, "seq": s.seq, "t": round(s.t, 3), "ok": s.ok, "server": s.server},
+    r = None if s.replied is None else round(s.replied, 3)
+    return json.dumps({"flow": s.flow, "seq": s.seq, "t": round(s.t, 3), "r": r, "ok": s.ok, "server": s.server},
                       separators=(",", ":"))
 
 
@@ -66,7 +70,8 @@ def parse_samples(lines: Iterable[str]) -> list[Sample]:
         try:
             d = json.loads(line[i:])
             out.append(Sample(str(d["flow"]), int(d["seq"]), float(d["t"]), bool(d["ok"]),
-                              None if d.get("server") is None else str(d["server"])))
+                              None if d.get("server") is None else str(d["server"]),
+                              None if d.get("r") is None else float(d["r"])))
         except (ValueError, KeyError, TypeError):
             continue
     return out
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("echo", "dns"), default="echo")
     p.add_argument("--target", required=True, help="HOST:PORT, or 'nameserver' (resolv.conf, port 53)")
     p.add_argument("--qname", default="kubernetes.default.svc.cluster.local", help="name queried in dns mode")
-    p.add_argument("--sport", type=int, required=True, help="fixed UDP source port")
+    p.add_argument("--sport", type=int, required=True, help="fixed UDP source port (0: a fresh port per request)")
     p.add_argument("--interval", type=float, default=0.2, help="seconds between requests (also the reply timeout)")
     p.add_argument("--lifetime", type=float, default=86400.0, help="exit after this many seconds")
     a = p.parse_args(argv)
@@ -163,24 +168,33 @@ def main(argv: list[str] | None = None) -> int:
     end = start + a.lifetime
     addr = _resolve(a.target, a.mode, min(end, start + 300))
     print(f"probe flow={a.flow} target={addr[0]}:{addr[1]} sport={a.sport} mode={a.mode}", file=sys.stderr, flush=True)
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", a.sport))
+    s = _socket(a.sport)
     base = random.randrange(0, 0xFFFF)
     seq = 0
     while time.monotonic() < end:
         sent_at, tick = time.time(), time.monotonic()
         qid = (base + seq) & 0xFFFF
         payload = dns_query(qid, a.qname) if a.mode == "dns" else _echo_request(seq, a.flow)
-        server = None
+        server = replied = None
+        if a.sport == 0:
+            s.close()
+            s = _socket(0)
         try:
             s.sendto(payload, addr)
             server = _await_reply(s, a.mode, seq, qid, tick + a.interval)
+            replied = time.time() if server is not None else None
         except OSError:  # ICMP port unreachable (REJECT) surfaces here
             pass
-        print(format_sample(Sample(a.flow, seq, sent_at, server is not None, server)), flush=True)
+        print(format_sample(Sample(a.flow, seq, sent_at, server is not None, server, replied)), flush=True)
         seq += 1
         time.sleep(max(0.0, tick + a.interval - time.monotonic()))
     return 0
+
+
+def _socket(sport: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", sport))
+    return s
 
 
 def _echo_request(seq: int, flow: str) -> bytes:

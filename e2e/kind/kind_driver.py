@@ -1,0 +1,622 @@
+#!/usr/bin/env python3
+"""The kind driver: a :class:`refproxy.lab.engine.Platform` on a kind cluster.
+
+Contract: a thin edge. Every side effect is one ``kind``, ``kubectl`` or
+``docker`` command through :class:`Runner` (so tests check the exact command
+sequences against recording fakes); what to create is pure
+(:func:`scenario_objects`, ``kind_manifests.render``); the timeline and the
+judging belong to the lab engine (``refproxy.lab.engine.run_scenario``,
+``refproxy.lab.analysis``). Every wait is a ``kubectl ... --timeout`` or a
+bounded poll.
+
+Mapping of a lab scenario onto a cluster: each scenario service becomes a
+Deployment of echo pods (the refproxy image) and a Service with the
+scenario's ClusterIP (kind's service subnet is the lab's 198.19.0.0/16); a
+service named ``kube-dns`` in ``kube-system`` is the cluster's own CoreDNS, so
+its steps restart CoreDNS; each client is a Pod running ``refproxy-probe``;
+the proxy is the refproxy DaemonSet with the plugin as a parameter.
+
+Usable as a command too: ``python3 e2e/kind/kind_driver.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import kind_manifests as km
+from kind_probe import parse_samples
+
+from refproxy.errors import LabError
+
+__all__ = [
+    "Runner",
+    "KindCluster",
+    "KindPlatform",
+    "scenario_objects",
+    "parse_prometheus",
+    "parse_conntrack",
+    "stale_entries",
+    "main",
+]
+
+ROOT = km.HERE.parents[1]
+DEFAULT_CLUSTER = "refproxy-e2e"
+APP_LABEL = "refproxy-e2e/app"
+CLIENT_LABEL = "refproxy-e2e/client"
+PROXY_SELECTOR = "app.kubernetes.io/name=refproxy"
+WAIT = "180s"
+
+
+class Runner:
+    """Runs one external command, bounded in time; the only process spawner here.
+
+    ``env`` extras (e.g. ``KUBECONFIG``) are added to the inherited environment.
+    Failures raise ``LabError`` with the command and the tail of its stderr.
+    """
+
+    def __init__(self, env: Mapping[str, str] | None = None, *, timeout: float = 600.0,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.env = dict(env or {})
+        self.timeout = timeout
+        self.log = log
+
+    def run(self, argv: Sequence[str], *, input: str | None = None, check: bool = True,
+            timeout: float | None = None) -> subprocess.CompletedProcess:
+        """Run ``argv``; return the completed process (text mode)."""
+        if self.log:
+            self.log("$ " + " ".join(argv))
+        try:
+            cp = subprocess.run(list(argv), input=input, capture_output=True, text=True,
+                                stdin=None if input is not None else subprocess.DEVNULL,
+                                env={**os.environ, **self.env}, timeout=timeout or self.timeout, check=False)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise LabError(f"{' '.join(argv[:4])}: {err}") from err
+        if check and cp.returncode != 0:
+            raise LabError(f"{' '.join(argv)} exited {cp.returncode}: {cp.stderr.strip()[-800:]}")
+        return cp
+
+    def out(self, argv: Sequence[str], **kw: Any) -> str:
+        """stdout of a successful command."""
+        return self.run(argv, **kw).stdout
+
+
+# -- pure helpers --------------------------------------------------------------
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Sum of every sample per metric name (labels dropped) from exposition text."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "{" in line:
+            name, rest = line[: line.index("{")], line[line.rindex("}") + 1 :]
+        else:
+            name, _, rest = line.partition(" ")
+        fields = rest.split()
+        try:
+            value = float(fields[0])
+        except (IndexError, ValueError):
+            continue
+        out[name] = out.get(name, 0.0) + value
+    return out
+
+
+def parse_conntrack(text: str) -> list[dict[str, str]]:
+    """Entries of ``conntrack -L`` output: orig and reply ``src/dst/sport/dport``
+    (keys ``src``, ``dst``, ``sport``, ``dport``, ``rsrc``, ``rdst``, ``rsport``,
+    ``rdport``) and ``proto``."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 3 or not parts[2].isdigit():
+            continue
+        e: dict[str, str] = {"proto": parts[0]}
+        seen: set[str] = set()
+        for p in parts[3:]:
+            k, eq, v = p.partition("=")
+            if not eq or k not in ("src", "dst", "sport", "dport"):
+                continue
+            key = k if k not in seen else "r" + k
+            seen.add(k)
+            e[key] = v
+        if {"dst", "dport", "rsrc", "rsport"} <= e.keys():
+            out.append(e)
+    return out
+
+
+def stale_entries(entries: Iterable[Mapping[str, str]], frontends: Mapping[tuple[str, int], frozenset[tuple[str, int]]],
+                  node_ports: Mapping[int, frozenset[tuple[str, int]]], node_ips: frozenset[str]) -> list[Mapping[str, str]]:
+    """UDP entries that are stale by DESIGN.md's definition: the original
+    destination is a frontend (``ip:port``, or a node IP with a NodePort) and
+    the reply source is not one of its serving endpoints."""
+    out = []
+    for e in entries:
+        if e.get("proto") != "udp":
+            continue
+        dst, dport = e["dst"], int(e["dport"])
+        serving = frontends.get((dst, dport))
+        if serving is None and dst in node_ips:
+            serving = node_ports.get(dport)
+        if serving is None:
+            continue
+        if (e["rsrc"], int(e["rsport"])) not in serving:
+            out.append(e)
+    return out
+
+
+def scenario_objects(scenario: Any, image: str, namespace: str = km.NAMESPACE) -> list[dict[str, Any]]:
+    """The Namespace, echo Deployments, Services and probe Pods of a lab scenario."""
+    objs: list[dict[str, Any]] = [{"apiVersion": "v1", "kind": "Namespace",
+                                   "metadata": {"name": namespace, "labels": {"app.kubernetes.io/part-of": "refproxy-e2e"}}}]
+    for s in scenario.services:
+        if _is_cluster_dns(s):
+            continue
+        udp = [p.target_port for p in s.ports if p.protocol == "UDP"]
+        args = ["--id", "$(POD_NAME)", "--lifetime", "86400"]
+        if udp:
+            args = ["--udp", str(udp[0]), *args]
+        args = ["--tcp", "8080", *args]
+        labels = {APP_LABEL: s.name}
+        objs.append({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": s.name, "namespace": namespace},
+            "spec": {
+                "replicas": s.replicas,
+                "selector": {"matchLabels": labels},
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+                "template": {"metadata": {"labels": labels}, "spec": {
+                    "terminationGracePeriodSeconds": 5,
+                    "containers": [{
+                        "name": "echo", "image": image, "imagePullPolicy": "IfNotPresent",
+                        "command": ["python3", "-m", "refproxy.lab.echo"], "args": args,
+                        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                        "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+                        "securityContext": {"runAsUser": 65532, "runAsNonRoot": True,
+                                            "allowPrivilegeEscalation": False},
+                    }]}},
+            },
+        })
+        ports = []
+        for p in s.ports:
+            port = {"name": p.name, "port": p.port, "targetPort": p.target_port, "protocol": p.protocol}
+            if p.node_port:
+                port["nodePort"] = p.node_port
+            ports.append(port)
+        spec: dict[str, Any] = {"type": "NodePort" if any(p.node_port for p in s.ports) else "ClusterIP",
+                                "clusterIP": s.cluster_ip, "selector": labels, "ports": ports}
+        if s.external_ips:
+            spec["externalIPs"] = list(s.external_ips)
+        objs.append({"apiVersion": "v1", "kind": "Service",
+                     "metadata": {"name": s.name, "namespace": namespace}, "spec": spec})
+    return objs
+
+
+def client_pod(scenario: Any, c: Any, image: str, namespace: str = km.NAMESPACE) -> dict[str, Any]:
+    """The probe Pod of one scenario client."""
+    if c.node_port_raw is not None:
+        target, mode = f"$(HOST_IP):{c.node_port_raw}", "echo"
+    else:
+        svc = scenario.service(c.service)
+        port = next((p for p in svc.ports if c.port in (None, p.name)), svc.ports[0])
+        via = c.via.value
+        if _is_cluster_dns(svc):
+            target, mode = f"{svc.cluster_ip}:{port.port}", "dns"
+        elif via == "node_port":
+            target, mode = f"$(HOST_IP):{port.node_port}", "echo"
+        elif via == "external_ip":
+            target, mode = f"{svc.external_ips[0]}:{port.port}", "echo"
+        else:
+            target, mode = f"{svc.cluster_ip}:{port.port}", "echo"
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": _client_name(c.name), "namespace": namespace, "labels": {CLIENT_LABEL: c.name}},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "probe", "image": image, "imagePullPolicy": "IfNotPresent",
+                "command": ["refproxy-probe"],
+                "args": ["--flow", c.name, "--mode", mode, "--target", target,
+                         "--sport", str(c.source_port or 0), "--interval", str(max(c.interval, 0.05)),
+                         "--lifetime", str(int(scenario.duration + 600))],
+                "env": [{"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}}],
+                "securityContext": {"runAsUser": 65532, "runAsNonRoot": True, "allowPrivilegeEscalation": False},
+            }],
+        },
+    }
+
+
+def _client_name(name: str) -> str:
+    return "client-" + name.lower().replace("_", "-")
+
+
+def _is_cluster_dns(s: Any) -> bool:
+    return s.name == "kube-dns" and s.namespace == "kube-system"
+
+
+# -- cluster -------------------------------------------------------------------
+
+@dataclass
+class KindCluster:
+    """One kind cluster: created here, or an existing one found via KUBECONFIG."""
+
+    name: str = DEFAULT_CLUSTER
+    runner: Runner = field(default_factory=Runner)
+    image: str = "refproxy:e2e"
+    created: bool = False
+
+    def kubectl(self, *args: str, **kw: Any) -> str:
+        """stdout of ``kubectl ARGS`` (KUBECONFIG comes from the runner's env)."""
+        return self.runner.out(["kubectl", *args], **kw)
+
+    def exists(self) -> bool:
+        """True when kind knows a cluster of this name."""
+        return self.name in self.runner.out(["kind", "get", "clusters"]).split()
+
+    def create(self) -> None:
+        """``kind create cluster`` with the suite's config (no kube-proxy)."""
+        self.runner.run(["kind", "create", "cluster", "--name", self.name, "--config", str(km.KIND_CONFIG)],
+                        timeout=900)
+        self.created = True
+
+    def delete(self) -> None:
+        """Delete the cluster, only if this object created it."""
+        if self.created:
+            self.runner.run(["kind", "delete", "cluster", "--name", self.name], timeout=300)
+            self.created = False
+
+    def build_and_load_image(self) -> None:
+        """Build the image from the repository root and load it into every node."""
+        self.runner.run(["docker", "build", "-t", self.image, "-f", str(ROOT / "Dockerfile"), str(ROOT)],
+                        timeout=1800)
+        self.runner.run(["kind", "load", "docker-image", self.image, "--name", self.name], timeout=600)
+
+    def nodes(self) -> list[str]:
+        """The node container names."""
+        return self.runner.out(["kind", "get", "nodes", "--name", self.name]).split()
+
+    def api_server(self) -> str:
+        """``https://IP:6443`` of the control plane as nodes reach it (not the ClusterIP)."""
+        ip = self.kubectl("get", "nodes", "-l", "node-role.kubernetes.io/control-plane", "-o",
+                          'jsonpath={.items[0].status.addresses[?(@.type=="InternalIP")].address}').strip()
+        if not ip:
+            raise LabError("no control-plane InternalIP found (is this a kind cluster?)")
+        return f"https://{ip}:6443"
+
+    def deploy_proxy(self, params: km.Params) -> None:
+        """Apply RBAC and the refproxy DaemonSet with ``params``; wait for the rollout."""
+        docs = [d for d in km.render(km.load_manifests(), params)
+                if d["metadata"].get("namespace") in (None, "kube-system") and d["kind"] != "Namespace"]
+        self.runner.run(["kubectl", "apply", "-f", "-"], input=km.to_yaml(docs))
+        self.kubectl("-n", "kube-system", "rollout", "status", f"daemonset/{km.PROXY_DAEMONSET}", f"--timeout={WAIT}")
+
+    def wait_cluster_dns(self) -> None:
+        """CoreDNS becomes ready only through the kubernetes Service, i.e. through refproxy."""
+        self.kubectl("-n", "kube-system", "rollout", "status", "deployment/coredns", f"--timeout={WAIT}")
+
+    def proxy_pods(self) -> list[dict[str, Any]]:
+        """The refproxy pods as JSON objects."""
+        return json.loads(self.kubectl("-n", "kube-system", "get", "pods", "-l", PROXY_SELECTOR, "-o", "json"))["items"]
+
+    def metrics(self, pod: str) -> dict[str, float]:
+        """One refproxy pod's /metrics through the API server's pod proxy."""
+        return parse_prometheus(self.kubectl("get", "--raw",
+                                             f"/api/v1/namespaces/kube-system/pods/{pod}:10249/proxy/metrics"))
+
+    def node_exec(self, node: str, *argv: str) -> str:
+        """stdout of a command in a kind node container."""
+        return self.runner.out(["docker", "exec", node, *argv])
+
+
+# -- the platform ----------------------------------------------------------------
+
+class KindPlatform:
+    """The lab engine's Platform on a kind cluster (see the module docstring).
+
+    Limits, stated so reports are read right: removal times of backends are
+    when ``kubectl rollout status``/``wait`` returned (kube-controller-manager
+    removes the endpoints slightly earlier); collateral deletions are not
+    observable without conntrack events on the nodes, so ``collateral`` is
+    reported as -1 ("not measured"); ``stale_left`` is measured on every node.
+    """
+
+    name = "kind"
+
+    def __init__(self, cluster: KindCluster, *, namespace: str = km.NAMESPACE,
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.cluster = cluster
+        self.namespace = namespace
+        self.clock = clock
+        self.sleep = sleep
+        self.scenario: Any = None
+        self._restarts: dict[str, int] = {}
+        self._status_at = 0.0
+        self._status: str | None = None
+        self._peak_rss = 0.0
+
+    def setup(self, scenario: Any) -> None:
+        """Create the scenario's services and backends, and pad node conntrack tables."""
+        self.scenario = scenario
+        c = self.cluster
+        c.runner.run(["kubectl", "apply", "-f", "-"], input=km.to_yaml(scenario_objects(scenario, c.image, self.namespace)))
+        for s in scenario.services:
+            if not _is_cluster_dns(s):
+                c.kubectl("-n", self.namespace, "rollout", "status", f"deployment/{s.name}", f"--timeout={WAIT}")
+        if scenario.pad:
+            self.pad(scenario.pad)
+
+    def pad(self, entries: int) -> None:
+        """Pad every node's conntrack table to ``entries`` synthetic entries.
+
+        Runs ``refproxy.conntrack.fill`` in a host-network pod per node (it
+        needs NET_ADMIN in the node's namespace); see the report's gap list.
+        """
+        for node in self.cluster.nodes():
+            self.cluster.runner.run(["kubectl", "-n", "kube-system", "run", f"refproxy-pad-{node}"[:63],
+                                     "--rm", "-i", "--restart=Never", f"--image={self.cluster.image}",
+                                     "--image-pull-policy=IfNotPresent",
+                                     f"--overrides={json.dumps(_pad_overrides(node))}",
+                                     "--command", "--", "python3", "-m", "refproxy.conntrack.fill",
+                                     "--entries", str(entries)], timeout=1800)
+
+    def start_proxy(self, plugin: str, options: Mapping[str, str]) -> None:
+        """Deploy refproxy with ``plugin``; return once every node's proxy is ready."""
+        c = self.cluster
+        params = km.Params(image=c.image, plugin=plugin, plugin_options=tuple(sorted(options.items())),
+                           api_server=c.api_server(), sync_period=self.scenario.sync_period)
+        c.deploy_proxy(params)
+        c.wait_cluster_dns()
+        self._restarts = {p["metadata"]["name"]: _restart_count(p) for p in c.proxy_pods()}
+
+    def start_clients(self, clients: Sequence[Any]) -> None:
+        """One probe Pod per client; return once each is running."""
+        c = self.cluster
+        pods = [client_pod(self.scenario, cl, c.image, self.namespace) for cl in clients]
+        c.runner.run(["kubectl", "apply", "-f", "-"], input=km.to_yaml(pods))
+        c.kubectl("-n", self.namespace, "wait", "--for=condition=Ready", "pod", "-l", CLIENT_LABEL,
+                  f"--timeout={WAIT}")
+
+    def perform(self, step: Any, index: int) -> Any:
+        """Apply one step with kubectl; removal times are when the wait returned."""
+        from refproxy.lab.engine import StepRecord
+
+        svc = self.scenario.service(step.service)
+        ns, deploy, selector = self._target(svc)
+        action = step.action.value
+        before = self._pods(ns, selector)
+        t_start = self.clock()
+        c = self.cluster
+        t_ref: float | None = t_start
+        if action in ("rolling_update", "restart"):
+            c.kubectl("-n", ns, "rollout", "restart", f"deployment/{deploy}")
+            c.kubectl("-n", ns, "rollout", "status", f"deployment/{deploy}", f"--timeout={WAIT}")
+        elif action == "scale":
+            c.kubectl("-n", ns, "scale", f"deployment/{deploy}", f"--replicas={step.replicas}")
+            if step.replicas == 0:
+                c.kubectl("-n", ns, "wait", "--for=delete", "pod", "-l", selector, f"--timeout={WAIT}")
+                t_ref = None
+            else:
+                c.kubectl("-n", ns, "rollout", "status", f"deployment/{deploy}", f"--timeout={WAIT}")
+                if not before:
+                    t_ref = self.clock()
+        elif action == "recreate":
+            service = next(o for o in scenario_objects(self.scenario, c.image, self.namespace)
+                           if o["kind"] == "Service" and o["metadata"]["name"] == svc.name)
+            c.kubectl("-n", ns, "delete", "service", svc.name, "--wait=true", f"--timeout={WAIT}")
+            self.sleep(step.gap)
+            c.runner.run(["kubectl", "apply", "-f", "-"], input=km.to_yaml([service]))
+            t_ref = self.clock()
+        else:
+            raise LabError(f"kind platform: unknown action {action!r}")
+        t_end = self.clock()
+        after = self._pods(ns, selector)
+        removed = {p: t_end for p in before if p not in after}
+        return StepRecord(index=index, action=action, service=svc.name, t_start=t_start, t_end=t_end,
+                          t_ref=t_ref, removed=removed, serving_after=tuple(after))
+
+    def samples(self) -> Mapping[str, Sequence[Any]]:
+        """Every client's samples, read from its probe's log."""
+        from refproxy.lab.engine import Sample
+
+        out: dict[str, list[Any]] = {}
+        for cl in self.scenario.clients:
+            text = self.cluster.kubectl("-n", self.namespace, "logs", f"pod/{_client_name(cl.name)}")
+            out[cl.name] = [Sample(seq=s.seq, sent=s.t, replied=(s.replied or s.t) if s.ok else None,
+                                   responder=s.server) for s in parse_samples(text.splitlines())]
+        return out
+
+    def proxy_status(self) -> str | None:
+        """``None`` while every refproxy pod runs without a new restart (polled at most every 2 s)."""
+        now = self.clock()
+        if now - self._status_at < 2.0:
+            return self._status
+        self._status_at = now
+        for p in self.cluster.proxy_pods():
+            name = p["metadata"]["name"]
+            n = _restart_count(p)
+            if n > self._restarts.get(name, n):
+                last = _last_termination(p)
+                self._status = f"restarted on {p['spec'].get('nodeName')} ({last})"
+                return self._status
+        self._status = None
+        return None
+
+    def conntrack_state(self) -> Any:
+        """Stale UDP entries left on every node, against the final EndpointSlices."""
+        from refproxy.lab.engine import ConntrackState
+
+        frontends, node_ports = self._frontends()
+        c = self.cluster
+        node_ips = frozenset(c.kubectl("get", "nodes", "-o",
+                                       'jsonpath={.items[*].status.addresses[?(@.type=="InternalIP")].address}').split())
+        stale: list[Mapping[str, str]] = []
+        total = 0
+        for node in c.nodes():
+            entries = parse_conntrack(c.node_exec(node, "conntrack", "-L", "-p", "udp"))
+            total += len(entries)
+            stale += stale_entries(entries, frontends, node_ports, node_ips)
+        return ConntrackState(stale_left=len(stale), collateral=-1, entries=total,
+                              examples=tuple(" ".join(f"{k}={v}" for k, v in e.items()) for e in stale[:5]))
+
+    def resources(self) -> Any:
+        """refproxy's CPU seconds and RSS (max over nodes) and summed metrics, plus conntrack sizes."""
+        from refproxy.lab.engine import ResourceFigures
+
+        c = self.cluster
+        total: dict[str, float] = {}
+        cpu = 0.0
+        for p in c.proxy_pods():
+            m = c.metrics(p["metadata"]["name"])
+            cpu += m.get("process_cpu_seconds_total", 0.0)
+            self._peak_rss = max(self._peak_rss, m.get("process_resident_memory_bytes", 0.0))
+            for k, v in m.items():
+                total[k] = total.get(k, 0.0) + v
+        for node in c.nodes():
+            count = c.node_exec(node, "cat", "/proc/sys/net/netfilter/nf_conntrack_count").strip()
+            if count.isdigit():
+                total[f"node_conntrack_entries{{node={node}}}"] = float(count)
+        return ResourceFigures(cpu_seconds=cpu, peak_rss_bytes=int(self._peak_rss) or None, metrics=total)
+
+    def teardown(self) -> None:
+        """Delete the scenario's namespace (CoreDNS and the DaemonSet stay for the next run)."""
+        self.cluster.runner.run(["kubectl", "delete", "namespace", self.namespace, "--ignore-not-found",
+                                 "--wait=true", f"--timeout={WAIT}"], check=False)
+
+    # -- helpers
+    def _target(self, svc: Any) -> tuple[str, str, str]:
+        if _is_cluster_dns(svc):
+            return "kube-system", "coredns", "k8s-app=kube-dns"
+        return self.namespace, svc.name, f"{APP_LABEL}={svc.name}"
+
+    def _pods(self, ns: str, selector: str) -> list[str]:
+        return self.cluster.kubectl("-n", ns, "get", "pods", "-l", selector, "-o",
+                                    "jsonpath={.items[*].metadata.name}").split()
+
+    def _frontends(self) -> tuple[dict[tuple[str, int], frozenset[tuple[str, int]]], dict[int, frozenset[tuple[str, int]]]]:
+        c = self.cluster
+        services = json.loads(c.kubectl("get", "services", "-A", "-o", "json"))["items"]
+        slices = json.loads(c.kubectl("get", "endpointslices", "-A", "-o", "json"))["items"]
+        return frontends_of(services, slices)
+
+
+def frontends_of(services: list[dict[str, Any]], slices: list[dict[str, Any]]):
+    """UDP frontends -> serving ``(ip, port)`` endpoints, and NodePort -> endpoints (pure)."""
+    serving: dict[tuple[str, str, str], set[tuple[str, int]]] = {}
+    for sl in slices:
+        meta = sl.get("metadata", {})
+        svc = meta.get("labels", {}).get("kubernetes.io/service-name")
+        for port in sl.get("ports") or []:
+            if port.get("protocol", "TCP") != "UDP":
+                continue
+            key = (meta.get("namespace", ""), svc or "", port.get("name") or "")
+            for ep in sl.get("endpoints") or []:
+                cond = ep.get("conditions", {})
+                if cond.get("serving", cond.get("ready", True)) is False:
+                    continue
+                for ip in ep.get("addresses", []):
+                    serving.setdefault(key, set()).add((ip, int(port["port"])))
+    frontends: dict[tuple[str, int], frozenset[tuple[str, int]]] = {}
+    node_ports: dict[int, frozenset[tuple[str, int]]] = {}
+    for s in services:
+        meta, spec = s["metadata"], s.get("spec", {})
+        for p in spec.get("ports", []):
+            if p.get("protocol", "TCP") != "UDP":
+                continue
+            eps = frozenset(serving.get((meta["namespace"], meta["name"], p.get("name") or ""), ()))
+            for ip in [spec.get("clusterIP"), *spec.get("externalIPs", [])]:
+                if ip and ip != "None":
+                    frontends[(ip, int(p["port"]))] = eps
+            if p.get("nodePort"):
+                node_ports[int(p["nodePort"])] = eps
+    return frontends, node_ports
+
+
+def _restart_count(pod: Mapping[str, Any]) -> int:
+    return sum(int(cs.get("restartCount", 0)) for cs in pod.get("status", {}).get("containerStatuses", []))
+
+
+def _last_termination(pod: Mapping[str, Any]) -> str:
+    for cs in pod.get("status", {}).get("containerStatuses", []):
+        t = cs.get("lastState", {}).get("terminated")
+        if t:
+            return f"exited {t.get('exitCode')}: {t.get('reason', '')}".strip()
+    return "restarted"
+
+
+def _pad_overrides(node: str) -> dict[str, Any]:
+    return {"spec": {"nodeName": node, "hostNetwork": True, "tolerations": [{"operator": "Exists"}],
+                     "containers": [{"name": "pad", "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}]}}
+
+
+# -- command line ------------------------------------------------------------------
+
+def run_suite(cluster: KindCluster, scenario: Any, plugins: Sequence[str], options: Mapping[str, Mapping[str, str]],
+              *, progress: Callable[[str], None] = lambda _m: None) -> list[Any]:
+    """Run ``scenario`` once per plugin on ``cluster``; the lab engine's results."""
+    from refproxy.lab.engine import run_scenario
+
+    results = []
+    for plugin in plugins:
+        platform = KindPlatform(cluster)
+        results.append(run_scenario(platform, scenario, plugin, options.get(plugin, {}), progress=progress))
+    return results
+
+
+def write_report(results: Sequence[Any], path: Path) -> None:
+    """The lab's JSON report (``refproxy.lab.report`` when present, same fields otherwise)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        from refproxy.lab import report  # type: ignore[attr-defined]
+
+        writer = getattr(report, "write_json", None)
+    except ImportError:
+        writer = None
+    if writer is not None:
+        writer(results, str(path))
+        return
+    path.write_text(json.dumps({"platform": "kind", "runs": [asdict(r) for r in results]}, indent=2, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``kind_driver.py``: create or reuse a cluster, run the scenario per plugin, write the report."""
+    from refproxy.lab.scenario import find_scenario, load_scenario
+
+    p = argparse.ArgumentParser(prog="kind_driver.py", description=__doc__.split("\n")[0])
+    p.add_argument("--cluster", default=os.environ.get("REFPROXY_KIND_CLUSTER", DEFAULT_CLUSTER))
+    p.add_argument("--scenario", default=str(km.HERE / "scenarios" / "kind-churn.yaml"))
+    p.add_argument("--plugins", default="none,full,targeted,thresholded")
+    p.add_argument("--pad", type=int, default=int(os.environ.get("REFPROXY_KIND_PAD", "0")))
+    p.add_argument("--json", default=os.environ.get("REFPROXY_KIND_REPORT", "reports/kind-report.json"))
+    p.add_argument("--no-build", action="store_true", help="the image is already loaded in the cluster")
+    p.add_argument("--keep", action="store_true", help="keep a cluster this command created")
+    a = p.parse_args(argv)
+    scenario = load_scenario(find_scenario(a.scenario)).with_pad(a.pad)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    cluster = KindCluster(a.cluster, Runner(log=log))
+    if not cluster.exists():
+        cluster.create()
+    try:
+        if not a.no_build:
+            cluster.build_and_load_image()
+        results = run_suite(cluster, scenario, [x for x in a.plugins.split(",") if x], {}, progress=log)
+        write_report(results, Path(a.json))
+    finally:
+        if not a.keep:
+            cluster.delete()
+    for r in results:
+        print(f"{r.plugin:12} worst recovery {r.worst_recovery}  error={r.error}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(km.HERE))
+    raise SystemExit(main())
