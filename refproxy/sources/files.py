@@ -1,0 +1,159 @@
+"""Services and EndpointSlices read from a directory of manifests.
+
+Contract: ``load_manifests(dir)`` is the only parser of manifest files (the
+``render`` command and the lab use it too); ``FilesSource`` re-reads the
+directory when a file's mtime or size changes and implements
+:class:`~refproxy.sources.base.Source`. A file that cannot be read or parsed
+raises :class:`~refproxy.errors.SourceError` naming it; ``FilesSource`` then
+keeps the last good content and counts the error (a half-written file must
+not wipe every service).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from refproxy.errors import SourceError
+from refproxy.log import get_logger, kv
+from refproxy.sources.base import ENDPOINT_SLICES, SERVICES, ObjectStore
+
+__all__ = ["load_manifests", "FilesSource", "MANIFEST_SUFFIXES"]
+
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+log = get_logger("refproxy.sources.files")
+
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _classify(doc: Any, services: list[dict], slices: list[dict]) -> None:
+    if not isinstance(doc, dict):
+        return
+    kind = doc.get("kind")
+    if kind == "Service":
+        services.append(doc)
+    elif kind == "EndpointSlice":
+        slices.append(doc)
+    elif kind in ("List", "ServiceList", "EndpointSliceList"):
+        items = doc.get("items")
+        if not isinstance(items, list):
+            return
+        # Items of a typed list carry no kind (as the API returns them).
+        implied = {"ServiceList": "Service", "EndpointSliceList": "EndpointSlice"}.get(kind)
+        for item in items:
+            if implied and isinstance(item, dict) and "kind" not in item:
+                item = {"kind": implied, **item}
+            _classify(item, services, slices)
+
+
+def _files(directory: Path) -> list[Path]:
+    try:
+        return sorted(p for p in directory.iterdir() if p.suffix in MANIFEST_SUFFIXES and p.is_file())
+    except OSError as err:
+        raise SourceError(f"cannot list manifest directory {directory}: {err}") from err
+
+
+def load_manifests(directory: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+    """Read every ``*.yaml``/``*.yml``/``*.json`` in ``directory`` (not recursive).
+
+    Returns (Services, EndpointSlices) in file then document order. Accepts
+    multi-document YAML, ``kind: List`` and ``ServiceList``/``EndpointSliceList``;
+    other kinds are ignored. Raises ``SourceError`` naming the file when a
+    file cannot be read or is not valid YAML/JSON.
+    """
+    services: list[dict] = []
+    slices: list[dict] = []
+    for path in _files(Path(directory)):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise SourceError(f"cannot read manifest {path}: {err}") from err
+        try:
+            if path.suffix == ".json":
+                docs = [json.loads(text)]
+            else:
+                docs = list(yaml.load_all(text, Loader=_LOADER))
+        except (ValueError, yaml.YAMLError) as err:
+            raise SourceError(f"invalid manifest {path}: {err}") from err
+        for doc in docs:
+            _classify(doc, services, slices)
+    return services, slices
+
+
+def _fingerprint(directory: Path) -> tuple:
+    out = []
+    for p in _files(directory):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        out.append((p.name, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+class FilesSource(ObjectStore):
+    """A :class:`~refproxy.sources.base.Source` over a manifest directory.
+
+    Guarantees:
+
+    1. The first read happens on the background thread; ``synced()`` turns
+       True after the first *successful* read (both kinds at once).
+    2. The directory is polled every ``poll_interval`` seconds (file names,
+       mtimes and sizes); a change triggers a full re-read.
+    3. A failed read is counted in ``errors``/``last_error`` and retried at
+       the next poll; the previous content stays.
+    4. ``stop()`` returns within about one ``poll_interval``.
+    """
+
+    def __init__(self, directory: str | os.PathLike, poll_interval: float = 1.0) -> None:
+        super().__init__()
+        self.directory = Path(directory)
+        self.poll_interval = max(0.01, float(poll_interval))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._seen: tuple | None = None
+
+    def start(self, on_change: Callable[[], None]) -> None:
+        """Start the polling thread."""
+        if self._thread is not None:
+            return
+        self.set_callback(on_change)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="refproxy-files-source", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling and join the thread (bounded)."""
+        self._stop.set()
+        t, self._thread = self._thread, None
+        if t is not None:
+            t.join(timeout=self.poll_interval + 5.0)
+
+    def poll_once(self) -> bool:
+        """Re-read the directory if it changed; True when it was (re)read. Never raises."""
+        try:
+            fp = _fingerprint(self.directory)
+            if fp == self._seen and self.synced():
+                return False
+            services, slices = load_manifests(self.directory)
+        except SourceError as err:
+            self.record_error(str(err))
+            kv(log, 40, "Failed to read manifests", dir=self.directory, err=err)
+            return False
+        self._seen = fp
+        self.replace(SERVICES, services)
+        self.replace(ENDPOINT_SLICES, slices)
+        self.mark_synced(SERVICES)
+        self.mark_synced(ENDPOINT_SLICES)
+        kv(log, 10, "Read manifests", dir=self.directory, services=len(services), slices=len(slices))
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.poll_once()
+            self._stop.wait(self.poll_interval)
