@@ -105,7 +105,7 @@ class Proxier:
         self.request_retry = request_retry
         self.clock = clock
         self.wallclock = wallclock
-        self.builder = SnapshotBuilder()
+        self.builder = SnapshotBuilder(config.family, config.hostname)
         self.need_full_sync = True
         self.last_applied: Snapshot | None = None
         self.last_sync_wall: float | None = None
@@ -132,15 +132,13 @@ class Proxier:
         full = self.need_full_sync
         services, slices = self.source.objects()
         self.generation += 1
-        snapshot, problems = self.builder.build(
-            services, slices, family=self.config.family, node_name=self.config.hostname, generation=self.generation
-        )
+        snapshot, problems = self.builder.build(services, slices, generation=self.generation)
         self._count_problems(problems)
         changes = diff(self.last_applied, snapshot)
         addrs = self.addresses()
         if full:
             self._chains = {t: set(self.rules.existing_chains(t)) for t in TABLES}
-        rendered = render(snapshot, self._render_config(addrs), existing_chains=self._chains)
+        rendered = render(snapshot, RenderConfig.from_proxy_config(self.config, addrs), existing_chains=self._chains)
         if log.isEnabledFor(TRACE):
             log.log(TRACE, "restore text:\n%s", rendered.text)
         try:
@@ -181,18 +179,6 @@ class Proxier:
         if self.cleanup is not None:
             self.cleanup.submit(snapshot, addrs)
         return True
-
-    def _render_config(self, addrs: frozenset[str]) -> RenderConfig:
-        c = self.config
-        return RenderConfig(
-            family=c.family,
-            hostname=c.hostname,
-            cluster_cidrs=c.cluster_cidrs,
-            masquerade_all=c.masquerade_all,
-            masquerade_bit=c.masquerade_bit,
-            nodeport_addresses=c.nodeport_addresses,
-            node_addresses=addrs,
-        )
 
     def _count_problems(self, problems: list) -> None:
         fresh = [p for p in problems if p not in self._seen_problems]
