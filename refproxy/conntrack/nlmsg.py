@@ -77,6 +77,7 @@ CTA_TUPLE_REPLY = 2
 CTA_STATUS = 3
 CTA_PROTOINFO = 4
 CTA_TIMEOUT = 7
+CTA_NAT_DST = 13
 CTA_MARK = 8
 CTA_ZONE = 18
 CTA_MARK_MASK = 21
@@ -87,6 +88,9 @@ CTA_TUPLE_PROTO = 2
 CTA_TUPLE_ZONE = 3
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+# enum ctattr_nat / ctattr_protonat
+CTA_NAT_V4_MINIP, CTA_NAT_V4_MAXIP, CTA_NAT_PROTO, CTA_NAT_V6_MINIP, CTA_NAT_V6_MAXIP = 1, 2, 3, 4, 5
+CTA_PROTONAT_PORT_MIN, CTA_PROTONAT_PORT_MAX = 1, 2
 # enum ctattr_protoinfo / ctattr_protoinfo_tcp
 CTA_PROTOINFO_TCP = 1
 CTA_PROTOINFO_TCP_STATE = 1
@@ -117,9 +121,16 @@ _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
 _U32 = struct.Struct("<I")
 
-# Big-endian two-byte encodings of every port, so packing a port is a list
-# index instead of a call.
-BE16 = [i.to_bytes(2, "big") for i in range(65536)]
+
+
+class _BE16Table:
+    """``BE16[port]``: the big-endian bytes of a port (a table would cost 2.6 MB)."""
+
+    __slots__ = ()
+    __getitem__ = staticmethod(_BE16.pack)
+
+
+BE16 = _BE16Table()
 
 
 def msg_type(ct_msg: int) -> int:
@@ -303,14 +314,27 @@ class EntryPacker:
             6, CTA_ZONE, BE16[e.zone],
         )
 
-    def create(self, e: ConntrackEntry, seq: int, flags: int, timeout: int) -> bytes:
-        """An IPCTNL_MSG_CT_NEW creating ``e`` (TCP entries are ESTABLISHED)."""
+    def create(self, e: ConntrackEntry, seq: int, flags: int, timeout: int, *, dnat: bool = True) -> bytes:
+        """An IPCTNL_MSG_CT_NEW creating ``e`` (TCP entries are ESTABLISHED).
+
+        With ``dnat`` an entry whose reply source differs from its original
+        destination is created through a real DNAT setup (CTA_NAT_DST), so it
+        carries the IPS_DST_NAT status a DNAT rule would give it --
+        ``conntrack -D --dst-nat`` (kube-proxy <= 1.31) selects on that bit.
+        """
         if e.proto not in PORT_PROTOS:
             raise ValueError(f"cannot create entries of protocol {e.proto} (ports needed)")
         tcp = e.proto == IPPROTO_TCP
         st = self._new_tcp if tcp else self._new
+        extra = b""
+        if dnat and (e.reply_src != e.orig_dst or e.reply_sport != e.orig_dport):
+            lo, hi = (CTA_NAT_V4_MINIP, CTA_NAT_V4_MAXIP) if self.family is IPFamily.IPv4 else (CTA_NAT_V6_MINIP,
+                                                                                                CTA_NAT_V6_MAXIP)
+            ep, port = self._a(e.reply_src), BE16[e.reply_sport]
+            extra = nest(CTA_NAT_DST, attr(lo, ep), attr(hi, ep),
+                         nest(CTA_NAT_PROTO, attr(CTA_PROTONAT_PORT_MIN, port), attr(CTA_PROTONAT_PORT_MAX, port)))
         vals = [
-            st.size, msg_type(IPCTNL_MSG_CT_NEW), flags | NLM_F_REQUEST, seq, 0, self.af, 0, 0,
+            st.size + len(extra), msg_type(IPCTNL_MSG_CT_NEW), flags | NLM_F_REQUEST, seq, 0, self.af, 0, 0,
             *self._tuple_values(CTA_TUPLE_ORIG, e.orig_src, e.orig_dst, e.proto, e.orig_sport, e.orig_dport),
             *self._tuple_values(CTA_TUPLE_REPLY, e.reply_src, e.reply_dst, e.proto, e.reply_sport, e.reply_dport),
             8, CTA_TIMEOUT, _BE32.pack(timeout), 8, CTA_MARK, _BE32.pack(e.mark), 6, CTA_ZONE, BE16[e.zone],
@@ -318,7 +342,7 @@ class EntryPacker:
         if tcp:
             vals += [16, CTA_PROTOINFO | NLA_F_NESTED, 12, CTA_PROTOINFO_TCP | NLA_F_NESTED, 5,
                      CTA_PROTOINFO_TCP_STATE, TCP_CONNTRACK_ESTABLISHED]
-        return st.pack(*vals)
+        return st.pack(*vals) + extra
 
 
 class Decoder:

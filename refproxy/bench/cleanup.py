@@ -1,0 +1,340 @@
+"""``refproxy bench cleanup``: what one conntrack cleanup costs, per plugin.
+
+Contract: in a throwaway namespace (``rpbench-<pid>-<hex>``), for each table
+size N and each number of stale keys E, fill the table with N entries of
+which exactly K are stale (under E service frontends that lost endpoints),
+then run one cleanup per installed plugin -- each in a fresh subprocess so
+peak RSS is that plugin's own -- and, side by side, ``conntrack -D`` the way
+kube-proxy <= 1.31 did it (``ClearEntriesForNAT``: one ``conntrack -D -p udp
+--orig-dst SVC --dst-nat EP`` per removed endpoint, pkg/proxy/conntrack in
+1.31). After every run the table is checked: all K stale entries gone and
+count == N - K (so no collateral deletions), or the row says why not.
+Figures go to stdout as a table, progress to stderr. Nothing is asserted
+about speed: the numbers are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
+
+__all__ = ["add_arguments", "main", "Scenario", "RunResult"]
+
+CLI_METHOD = "conntrack-D"
+KUBE_DNS = ("198.18.0.2", 53)
+LIVE_PER_KEY = 20  # non-stale flows to each stale frontend (to its surviving endpoint)
+KUBE_DNS_FLOWS = 200  # an unchanged service: never touched
+
+
+def _ip(base: str, i: int) -> str:
+    return str(ipaddress.IPv4Address(base) + i)
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """N entries, K stale under E frontends; pure (no I/O), rebuilt identically in workers.
+
+    Stale frontend ``i`` is ``198.18.1.i:53/UDP``; in the previous snapshot it
+    had endpoints old-a, old-b and live, in the current one only live. Its
+    stale entries are DNATed to old-a/old-b; ``LIVE_PER_KEY`` more go to live.
+    A kube-dns-like service keeps its endpoint (DESIGN.md: keep another NAT
+    service around), and the rest is unrelated padding (10% TCP).
+    """
+
+    n: int
+    stale: int
+    keys: int
+
+    def frontend(self, i: int) -> tuple[str, int]:
+        return _ip("198.18.1.0", i), 53
+
+    def old_endpoints(self, i: int) -> tuple[tuple[str, int], tuple[str, int]]:
+        return (_ip("198.18.64.0", 3 * i + 1), 5353), (_ip("198.18.64.0", 3 * i + 2), 5353)
+
+    def live_endpoint(self, i: int) -> tuple[str, int]:
+        return _ip("198.18.64.0", 3 * i + 3), 5353
+
+    def stale_per_key(self, i: int) -> int:
+        q, r = divmod(self.stale, self.keys)
+        return q + (1 if i < r else 0)
+
+    @property
+    def padding(self) -> int:
+        return self.n - self.stale - self.keys * LIVE_PER_KEY - KUBE_DNS_FLOWS
+
+    def validate(self) -> None:
+        if self.keys < 1 or self.stale < self.keys:
+            raise ValueError("need 1 <= keys <= stale")
+        if self.padding < 0:
+            raise ValueError(f"N={self.n} too small for {self.stale} stale entries under {self.keys} keys")
+
+    def snapshots(self) -> tuple[Snapshot, Snapshot]:
+        """(previous, current): the frontends lose old-a and old-b."""
+        services: dict[ServicePortName, ServicePort] = {}
+        prev_eps: dict[ServicePortName, tuple[Endpoint, ...]] = {}
+        cur_eps: dict[ServicePortName, tuple[Endpoint, ...]] = {}
+        dns = ServicePortName("kube-system", "kube-dns", "dns", Protocol.UDP)
+        services[dns] = ServicePort(dns, KUBE_DNS[0], KUBE_DNS[1], Protocol.UDP, target_port=53)
+        prev_eps[dns] = cur_eps[dns] = (Endpoint("198.18.65.1", 53),)
+        for i in range(self.keys):
+            name = ServicePortName("bench", f"svc-{i}", "dns", Protocol.UDP)
+            ip, port = self.frontend(i)
+            services[name] = ServicePort(name, ip, port, Protocol.UDP, target_port=5353)
+            live = Endpoint(*self.live_endpoint(i))
+            prev_eps[name] = tuple(Endpoint(*e) for e in self.old_endpoints(i)) + (live,)
+            cur_eps[name] = (live,)
+        return (Snapshot(IPFamily.IPv4, services, prev_eps, generation=1),
+                Snapshot(IPFamily.IPv4, services, cur_eps, generation=2))
+
+    def entries(self) -> Iterator:
+        """Every entry of the table, stale ones first (deterministic)."""
+        from refproxy.conntrack.fill import ClientPool, flows_to, padding
+
+        clients = ClientPool(IPFamily.IPv4)
+        yield from self.stale_entries(clients)
+        for i in range(self.keys):
+            yield from flows_to(self.frontend(i), [self.live_endpoint(i)], LIVE_PER_KEY, clients)
+        yield from flows_to(KUBE_DNS, [("198.18.65.1", 53)], KUBE_DNS_FLOWS, clients)
+        yield from padding(self.padding, clients)
+
+    def stale_entries(self, clients=None) -> Iterator:
+        """The K stale entries (the first K clients of the pool)."""
+        from refproxy.conntrack.fill import ClientPool, flows_to
+
+        clients = clients or ClientPool(IPFamily.IPv4)
+        for i in range(self.keys):
+            yield from flows_to(self.frontend(i), list(self.old_endpoints(i)), self.stale_per_key(i), clients)
+
+
+@dataclass(slots=True)
+class RunResult:
+    """One row of the table."""
+
+    method: str
+    wall: float = 0.0
+    cpu: float = 0.0
+    peak_rss_mb: float = 0.0
+    base_rss_mb: float = 0.0
+    requests: int = -1
+    examined: int = -1
+    deleted: int = -1
+    pending: int = 0
+    error: str = ""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``refproxy bench cleanup``."""
+    p.add_argument("--sizes", default="10000,100000,1000000", help="table sizes N (comma list)")
+    p.add_argument("--keys", default="1,10", help="numbers of stale frontends E (comma list)")
+    p.add_argument("--stale", type=int, default=1000, help="stale entries K in total (default 1000)")
+    p.add_argument("--plugins", default="", help="plugins to run (default: every installed one)")
+    p.add_argument("--plugin-opt", action="append", default=[], metavar="PLUGIN:KEY=VALUE",
+                   help="an option for one plugin (repeatable)")
+    p.add_argument("--no-conntrack-cli", action="store_true", help=f"skip the {CLI_METHOD} baseline")
+    p.add_argument("--json", metavar="FILE", help="also write every row as JSON lines to FILE")
+
+
+def _progress(msg: str) -> None:
+    print(f"[bench cleanup {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark and print its table."""
+    from refproxy.conntrack.fill import conntrack_max, insert
+    from refproxy.conntrack.netlink import NetlinkConntrackTable
+    from refproxy.conntrack.types import DumpFilter
+    from refproxy.errors import ConfigError
+    from refproxy.netns import NetNS, missing_requirements, remove_leftovers
+
+    why = missing_requirements(("ip", "conntrack"))
+    if why:
+        raise ConfigError(f"bench cleanup {why}")
+    sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+    keys = [int(x) for x in args.keys.split(",") if x.strip()]
+    methods = _methods(args.plugins)
+    if not args.no_conntrack_cli:
+        methods.append(CLI_METHOD)
+    opts = _plugin_opts(args.plugin_opt)
+    remove_leftovers("rpbench")
+    rows: list[tuple[Scenario, RunResult, str]] = []
+    print(_header(), flush=True)
+    jf = open(args.json, "w") if args.json else None
+    try:
+        for n in sizes:
+            with conntrack_max(n + n // 4 + 10000), NetNS("rpbench") as ns:
+                table = NetlinkConntrackTable(IPFamily.IPv4, ns.name)
+                try:
+                    for e in keys:
+                        sc = Scenario(n, min(args.stale, n // 10), e)
+                        sc.validate()
+                        _progress(f"N={n} E={e} K={sc.stale}: filling {ns.name}")
+                        table.flush(DumpFilter())
+                        t0 = time.perf_counter()
+                        r = insert(None, sc.entries(), table=table)
+                        _progress(f"filled {r.inserted} entries in {time.perf_counter() - t0:.1f}s "
+                                  f"({r.inserted / max(1e-9, time.perf_counter() - t0):,.0f}/s)"
+                                  + (f", {r.failed} failed: {r.first_error}" if r.failed else ""))
+                        for m in methods:
+                            if table.count() != n:  # restore after a run that deleted too much or too little
+                                table.flush(DumpFilter())
+                                insert(None, sc.entries(), table=table)
+                            _progress(f"N={n} E={e}: running {m}")
+                            res = _run_worker(m, ns.name, sc, opts.get(m, {}))
+                            verdict = _verify(table, sc)
+                            rows.append((sc, res, verdict))
+                            print(_row(sc, res, verdict), flush=True)
+                            if jf:
+                                jf.write(json.dumps({"n": n, "keys": e, "stale": sc.stale, "verified": verdict,
+                                                     **asdict(res)}) + "\n")
+                            # Put the stale entries back for the next method.
+                            insert(None, sc.stale_entries(), table=table)
+                finally:
+                    table.close()
+    finally:
+        if jf:
+            jf.close()
+    return 0 if all(v == "ok" and not r.error for _, r, v in rows) else 1
+
+
+def _methods(spec: str) -> list[str]:
+    if spec.strip():
+        return [x.strip() for x in spec.split(",") if x.strip()]
+    from refproxy.cleanup.registry import discover
+
+    return [name for name, info in discover().items() if info.loadable]
+
+
+def _plugin_opts(items: list[str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        plugin, _, kv = item.partition(":")
+        k, sep, v = kv.partition("=")
+        if not sep:
+            from refproxy.errors import ConfigError
+
+            raise ConfigError(f"--plugin-opt {item!r}: expected PLUGIN:KEY=VALUE")
+        out.setdefault(plugin, {})[k] = v
+    return out
+
+
+def _verify(table, sc: Scenario) -> str:
+    """'ok' when exactly the K stale entries are gone, else what is wrong."""
+    from refproxy.conntrack.types import IPPROTO_UDP, DumpFilter, TupleFilter
+
+    survivors = 0
+    for i in range(sc.keys):
+        ip, port = sc.frontend(i)
+        olds = {a for a, _ in sc.old_endpoints(i)}
+        flt = DumpFilter(proto=IPPROTO_UDP, orig=TupleFilter(dst=ip, dport=port))
+        survivors += sum(1 for e in table.dump(flt) if e.reply_src in olds)
+    count = table.count()
+    problems = []
+    if survivors:
+        problems.append(f"{survivors} stale left")
+    if count != sc.n - sc.stale + survivors:
+        problems.append(f"{sc.n - sc.stale + survivors - count} collateral")
+    return "; ".join(problems) or "ok"
+
+
+def _run_worker(method: str, netns: str, sc: Scenario, options: dict[str, str]) -> RunResult:
+    spec = json.dumps({"method": method, "netns": netns, "n": sc.n, "stale": sc.stale, "keys": sc.keys,
+                       "options": options})
+    code = "import sys; from refproxy.bench.cleanup import _worker; _worker(sys.argv[1])"
+    try:
+        cp = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        return RunResult(method, error="timed out after 1800s")
+    last = cp.stdout.strip().splitlines()[-1:] if cp.stdout.strip() else []
+    if cp.returncode != 0 or not last:
+        return RunResult(method, error=(cp.stderr.strip().splitlines() or ["no output"])[-1][-200:])
+    return RunResult(**json.loads(last[0]))
+
+
+def _vm_hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _worker(spec_json: str) -> None:
+    """Subprocess body: one cleanup by ``method``; prints a RunResult as JSON."""
+    spec = json.loads(spec_json)
+    sc = Scenario(spec["n"], spec["stale"], spec["keys"])
+    method = spec["method"]
+    if method == CLI_METHOD:
+        res = _run_cli(spec["netns"], sc)
+    else:
+        res = _run_plugin(method, spec["netns"], sc, spec["options"])
+    print(json.dumps(asdict(res)))
+
+
+def _run_plugin(name: str, netns: str, sc: Scenario, options: dict[str, str]) -> RunResult:
+    from refproxy.cleanup.api import CleanupRequest
+    from refproxy.cleanup.registry import load_plugin
+    from refproxy.conntrack.netlink import NetlinkConntrackTable
+
+    previous, current = sc.snapshots()
+    plugin = load_plugin(name, options)
+    request = CleanupRequest(IPFamily.IPv4, previous, current, frozenset(), now=time.monotonic())
+    table = NetlinkConntrackTable(IPFamily.IPv4, netns)
+    table.count()  # open the sockets' namespace files before the clock starts
+    base = _vm_hwm_mb()
+    c0, t0 = time.process_time(), time.perf_counter()
+    report = plugin.cleanup(request, table)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return RunResult(name, wall, cpu, _vm_hwm_mb(), base, table.requests, report.examined, report.deleted,
+                     report.pending, "; ".join(report.errors)[:200])
+
+
+def _run_cli(netns: str, sc: Scenario) -> RunResult:
+    """kube-proxy <= 1.31: ``conntrack -D --orig-dst SVC --dst-nat EP`` per removed endpoint."""
+    base = _vm_hwm_mb()
+    deleted = calls = 0
+    c0, t0 = _children_cpu(), time.perf_counter()
+    for i in range(sc.keys):
+        ip, _ = sc.frontend(i)
+        for ep, _ in sc.old_endpoints(i):
+            cp = subprocess.run(["ip", "netns", "exec", netns, "conntrack", "-D", "-p", "udp", "--orig-dst", ip,
+                                 "--dst-nat", ep], capture_output=True, text=True, timeout=600)
+            calls += 1
+            m = re.search(r"(\d+) flow entries have been deleted", cp.stderr)
+            if m:
+                deleted += int(m.group(1))
+            elif cp.returncode not in (0, 1):
+                return RunResult(CLI_METHOD, error=cp.stderr.strip()[-200:])
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    # Each call is one dump plus one delete request per entry it removes.
+    return RunResult(CLI_METHOD, wall, cpu, peak, base, calls + deleted, -1, deleted)
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _header() -> str:
+    return (f"{'N':>9} {'E':>3} {'K':>5}  {'method':<12} {'wall_s':>8} {'cpu_s':>7} {'peak_MB':>8} {'base_MB':>8} "
+            f"{'requests':>8} {'examined':>9} {'deleted':>7} {'pending':>7}  verified")
+
+
+def _row(sc: Scenario, r: RunResult, verdict: str) -> str:
+    if r.error and r.wall == 0:
+        return f"{sc.n:>9} {sc.keys:>3} {sc.stale:>5}  {r.method:<12} error: {r.error}"
+    ex = "-" if r.examined < 0 else str(r.examined)
+    tail = f"  ({r.error})" if r.error else ""
+    return (f"{sc.n:>9} {sc.keys:>3} {sc.stale:>5}  {r.method:<12} {r.wall:>8.3f} {r.cpu:>7.3f} {r.peak_rss_mb:>8.1f} "
+            f"{r.base_rss_mb:>8.1f} {r.requests:>8} {ex:>9} {r.deleted:>7} {r.pending:>7}  {verdict}{tail}")
