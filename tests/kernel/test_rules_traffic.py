@@ -1,0 +1,276 @@
+"""Rendered rules carry real traffic in lab namespaces (node, pods, clients).
+
+Every scenario keeps kube-system/kube-dns programmed next to the service under
+test: in a namespace whose nat table has no NAT target rule at all,
+established DNAT entries stop being translated (measured, DESIGN.md), which
+would hide the stale-entry black hole this suite documents.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+
+from refproxy.errors import RestoreError
+from refproxy.lab.echo import decode_reply, encode_request
+from refproxy.lab.topology import Topology
+from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
+from refproxy.rules.apply import IptablesRunner
+from refproxy.rules.render import RenderConfig, render
+
+pytestmark = pytest.mark.kernel
+
+V4 = IPFamily.IPv4
+DNS = ServicePortName("kube-system", "kube-dns", "dns", Protocol.UDP)
+ECHO_U = ServicePortName("ns1", "echo", "udp", Protocol.UDP)
+ECHO_T = ServicePortName("ns1", "echo", "tcp", Protocol.TCP)
+EMPTY_U = ServicePortName("ns1", "empty", "udp", Protocol.UDP)
+EMPTY_T = ServicePortName("ns1", "empty", "tcp", Protocol.TCP)
+DNS_IP, ECHO_IP, EMPTY_IP, EXT_IP = "198.19.0.10", "198.19.0.20", "198.19.0.30", "198.18.5.5"
+PORT, TARGET = 80, 8080
+NP_UDP, NP_TCP = 30080, 30081
+
+
+class Lab:
+    """A topology plus the runner and render config for its node."""
+
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+        self.runner = IptablesRunner(V4, ["ip", "netns", "exec", topo.node.name])
+        self.config = RenderConfig(cluster_cidrs=("198.18.1.0/24",), node_addresses=frozenset({topo.node_ip}))
+
+    def snapshot(self, *echo_pods: str) -> Snapshot:
+        """kube-dns -> pod "dns"; ns1/echo (UDP+TCP, NodePort, ExternalIP) -> echo_pods; ns1/empty -> none."""
+        pods = self.topo.pods
+        services = {
+            DNS: ServicePort(DNS, DNS_IP, 53, Protocol.UDP, target_port=53),
+            ECHO_U: ServicePort(ECHO_U, ECHO_IP, PORT, Protocol.UDP, node_port=NP_UDP, external_ips=(EXT_IP,)),
+            ECHO_T: ServicePort(ECHO_T, ECHO_IP, PORT, Protocol.TCP, node_port=NP_TCP, external_ips=(EXT_IP,)),
+            EMPTY_U: ServicePort(EMPTY_U, EMPTY_IP, PORT, Protocol.UDP),
+            EMPTY_T: ServicePort(EMPTY_T, EMPTY_IP, PORT, Protocol.TCP),
+        }
+        eps = tuple(Endpoint(pods[p].ip, TARGET) for p in echo_pods)
+        endpoints = {DNS: (Endpoint(pods["dns"].ip, 53),), ECHO_U: eps, ECHO_T: eps}
+        return Snapshot(V4, services=services, endpoints=endpoints)
+
+    def apply(self, snap: Snapshot) -> None:
+        self.runner.ensure_jumps()
+        existing = {t: self.runner.existing_chains(t) for t in ("filter", "nat")}
+        self.runner.restore(render(snap, self.config, existing_chains=existing).text)
+
+
+@pytest.fixture
+def lab():
+    with Topology("rpt") as topo:
+        for name in ("dns", "a", "b"):
+            pod = topo.add_pod(name)
+            pod.start_echo(udp=53 if name == "dns" else TARGET, tcp=None if name == "dns" else TARGET)
+        topo.add_client("c1")
+        yield Lab(topo)
+
+
+class UdpFlow:
+    """One UDP socket in the client namespace, connected, with a fixed source port."""
+
+    def __init__(self, client, ip: str, port: int, *, sport: int = 0, timeout: float = 1.0) -> None:
+        with client.ns.entered():
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.settimeout(timeout)
+        self.sock.bind((client.ip, sport))
+        self.sock.connect((ip, port))
+        self.seq = 0
+
+    def ask(self, tries: int = 3) -> str | int | None:
+        """The id of the endpoint that answered, an errno for an ICMP error, or None."""
+        for _ in range(tries):
+            self.seq += 1
+            try:
+                self.sock.send(encode_request(self.seq))
+                while True:  # skip late replies to earlier requests
+                    got = decode_reply(self.sock.recv(2048))
+                    if got and got[1] == self.seq:
+                        return got[0]
+            except socket.timeout:
+                continue
+            except OSError as err:
+                return err.errno
+        return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def udp_ask(client, ip: str, port: int) -> str | int | None:
+    flow = UdpFlow(client, ip, port)
+    try:
+        return flow.ask()
+    finally:
+        flow.close()
+
+
+def tcp_ask(client, ip: str, port: int, timeout: float = 3.0) -> str:
+    with client.ns.entered():
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect((ip, port))
+        return s.recv(256).decode().strip()
+    finally:
+        s.close()
+
+
+def nat_rules(lab: Lab) -> list[str]:
+    return [x for x in lab.runner.save("nat").splitlines() if not x.startswith("#")]
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_clusterip_nodeport_externalip_carry_udp_and_tcp(lab):
+    lab.apply(lab.snapshot("a"))
+    c1 = lab.topo.clients["c1"]
+    node = lab.topo.node_ip
+    assert udp_ask(c1, DNS_IP, 53) == "dns"
+    assert udp_ask(c1, ECHO_IP, PORT) == "a"
+    assert tcp_ask(c1, ECHO_IP, PORT) == "a"
+    assert udp_ask(c1, node, NP_UDP) == "a"
+    assert tcp_ask(c1, node, NP_TCP) == "a"
+    assert udp_ask(c1, EXT_IP, PORT) == "a"
+    assert tcp_ask(c1, EXT_IP, PORT) == "a"
+
+
+def test_two_endpoints_both_get_traffic(lab):
+    lab.apply(lab.snapshot("a", "b"))
+    c1 = lab.topo.clients["c1"]
+    seen = {udp_ask(c1, ECHO_IP, PORT) for _ in range(40)}  # P(one side never hit) = 2 * 0.5**40
+    assert seen == {"a", "b"}
+
+
+def test_endpoint_change_moves_new_flows(lab):
+    c1 = lab.topo.clients["c1"]
+    lab.apply(lab.snapshot("a"))
+    assert udp_ask(c1, ECHO_IP, PORT) == "a"
+    assert tcp_ask(c1, ECHO_IP, PORT) == "a"
+    lab.apply(lab.snapshot("b"))
+    assert udp_ask(c1, ECHO_IP, PORT) == "b"
+    assert tcp_ask(c1, ECHO_IP, PORT) == "b"
+    assert udp_ask(c1, lab.topo.node_ip, NP_UDP) == "b"
+
+
+def test_service_without_endpoints_is_rejected(lab):
+    lab.apply(lab.snapshot("a"))
+    c1 = lab.topo.clients["c1"]
+    # A REJECT answers with ICMP port unreachable: a connected UDP socket sees
+    # ECONNREFUSED and TCP connect() is refused, instead of waiting for a timeout.
+    flow = UdpFlow(c1, EMPTY_IP, PORT, timeout=3.0)
+    try:
+        assert flow.ask(tries=1) == errno.ECONNREFUSED
+    finally:
+        flow.close()
+    with pytest.raises(ConnectionRefusedError):
+        tcp_ask(c1, EMPTY_IP, PORT)
+    # The same holds when the echo service loses its last endpoint.
+    lab.apply(lab.snapshot())
+    assert udp_ask(c1, ECHO_IP, PORT) == errno.ECONNREFUSED
+    with pytest.raises(ConnectionRefusedError):
+        tcp_ask(c1, lab.topo.node_ip, NP_TCP)
+
+
+def test_failed_restore_keeps_old_rules_working(lab):
+    c1 = lab.topo.clients["c1"]
+    lab.apply(lab.snapshot("a"))
+    before = nat_rules(lab)
+    existing = {t: lab.runner.existing_chains(t) for t in ("filter", "nat")}
+    good = render(lab.snapshot("b"), lab.config, existing_chains=existing).text
+    bad = good.replace("-j KUBE-MARK-MASQ", "-j KUBE-NO-SUCH-CHAIN", 1)
+    with pytest.raises(RestoreError) as ei:
+        lab.runner.restore(bad)
+    assert ei.value.line is not None and "KUBE-NO-SUCH-CHAIN" in ei.value.context
+    assert nat_rules(lab) == before
+    assert udp_ask(c1, ECHO_IP, PORT) == "a"
+    assert tcp_ask(c1, ECHO_IP, PORT) == "a"
+    # And a parse error inside the nat table (not a missing chain) the same way.
+    head, _, _ = good.rpartition("COMMIT\n")
+    with pytest.raises(RestoreError) as ei:
+        lab.runner.restore(head + "-A KUBE-SERVICES -m no-such-match -j RETURN\nCOMMIT\n")
+    assert "no-such-match" in ei.value.context
+    assert nat_rules(lab) == before
+    assert udp_ask(c1, ECHO_IP, PORT) == "a"
+
+
+def test_restore_is_atomic_per_table_not_across_tables(make_netns):
+    # Measured property the sync relies on (apply.py guarantees 1-2): a table
+    # that fails keeps its old rules; a table committed before it in the same
+    # input stays applied. kube-proxy restores filter then nat the same way.
+    ns = make_netns()
+    r = IptablesRunner(V4, ["ip", "netns", "exec", ns.name])
+    r.restore("*filter\n:KUBE-A - [0:0]\n-A KUBE-A -j RETURN\nCOMMIT\n*nat\n:KUBE-B - [0:0]\n-A KUBE-B -j RETURN\nCOMMIT\n")
+    with pytest.raises(RestoreError) as ei:
+        r.restore("*filter\n:KUBE-A - [0:0]\n-A KUBE-A -j DROP\nCOMMIT\n*nat\n:KUBE-B - [0:0]\n-A KUBE-B -j KUBE-NOPE\nCOMMIT\n")
+    assert ei.value.line == 7 and "tables committed before it: filter" in str(ei.value)
+    assert "-A KUBE-A -j DROP" in r.save("filter")
+    assert "-A KUBE-B -j RETURN" in r.save("nat")
+
+
+def test_baseline_fixed_port_udp_client_is_black_holed_after_endpoint_removal(lab):
+    """The problem this project exists for, shown with no conntrack cleanup.
+
+    A UDP client that keeps one source port stays pinned by its conntrack
+    entry to the endpoint it was first DNATed to. When that endpoint goes
+    away and the rules move to a new one, nothing deletes the entry, so the
+    client keeps sending into the void while a fresh source port reaches the
+    new endpoint at once.
+
+    The client is inside the cluster CIDR here, like a resolver pod talking to
+    kube-dns, so its traffic is not masqueraded. Measured: a *masqueraded*
+    entry is flushed by the kernel itself when the link it left by is deleted
+    (the MASQUERADE target's netdevice notifier), which would hide the
+    problem; pod-to-ClusterIP traffic, the case that matters, is not
+    masqueraded.
+    """
+    lab.config = RenderConfig(cluster_cidrs=("198.18.0.0/22",), node_addresses=frozenset({lab.topo.node_ip}))
+    topo = lab.topo
+    c1 = topo.clients["c1"]
+    a_ip = topo.pods["a"].ip
+    lab.apply(lab.snapshot("a"))
+    pinned = UdpFlow(c1, ECHO_IP, PORT, sport=40053, timeout=0.5)
+    try:
+        assert pinned.ask() == "a"
+        topo.remove_pod("a")
+        lab.apply(lab.snapshot("b"))
+        fresh = udp_ask(c1, ECHO_IP, PORT)
+        assert fresh == "b"
+        answers = [pinned.ask(tries=1) for _ in range(6)]
+        assert "b" not in answers and "a" not in answers, answers
+        # The conntrack entry still names the removed endpoint as reply source.
+        ct = topo.node.run(["conntrack", "-L", "-p", "udp", "--orig-port-src", "40053"], check=False)
+        assert f"src={a_ip}" in ct.stdout, ct.stdout + ct.stderr
+    finally:
+        pinned.close()
+
+
+def test_cleanup_rules_leaves_nothing_and_is_idempotent(lab):
+    lab.apply(lab.snapshot("a"))
+    lab.runner.ensure_jumps()  # twice: still one jump each
+    save = lab.runner.save("nat")
+    assert save.count("-j KUBE-SERVICES") == 2 and save.count("-j KUBE-POSTROUTING") == 1
+    assert lab.runner.cleanup_rules() > 0
+    for table in ("filter", "nat"):
+        assert lab.runner.existing_chains(table) == set()
+        assert "KUBE-" not in lab.runner.save(table)
+    assert lab.runner.cleanup_rules() == 0
+
+
+def test_comment_length_limit_and_escaping_survive_the_kernel(make_netns):
+    # The longest names the renderer lets through must still load.
+    ns = make_netns()
+    r = IptablesRunner(V4, ["ip", "netns", "exec", ns.name])
+    name = ServicePortName("n" * 120, "s" * 120 + '"\\ #', "p" * 60, Protocol.UDP)
+    sp = ServicePort(name, "198.19.0.9", 53, Protocol.UDP, load_balancer_ips=("198.18.9.9",),
+                     load_balancer_source_ranges=("198.18.0.0/16",), external_policy_local=True, node_port=30999)
+    snap = Snapshot(V4, services={name: sp}, endpoints={name: (Endpoint("198.18.1.200", 53, is_local=True),)})
+    r.ensure_jumps()
+    r.restore(render(snap, RenderConfig(cluster_cidrs=("198.18.1.0/24",))).text)
+    assert "KUBE-FW-" in r.save("nat")
