@@ -31,7 +31,9 @@ import (
 	"net/netip"
 	"sort"
 	"strings"
+	"sync"
 	"syscall"
+	"time"
 )
 
 // CleanupMode selects how UDP conntrack cleanup runs (kubernetes/kubernetes#129982).
@@ -94,6 +96,7 @@ type CleanupReport struct {
 	Deleted          int
 	Pending          int
 	Errors           int
+	Took             time.Duration
 }
 
 // flowTable is all the engine needs from the kernel.
@@ -157,11 +160,12 @@ func isStale(fl Flow, fe Frontend, serving Serving, ipFrontends map[Frontend]boo
 //     not recorded as cleaned).
 //  3. With a budget, at most MaxDeletionsPerSync entries are deleted; the
 //     rest is kept, re-checked against the next request, and deleted first.
-func (c *cleaner) run(req CleanupRequest) CleanupReport {
-	var rep CleanupReport
+func (c *cleaner) run(req CleanupRequest) (rep CleanupReport) {
 	if c.policy.Mode == CleanupModeOff {
 		return rep
 	}
+	start := time.Now()
+	defer func() { rep.Took = time.Since(start) }()
 	want := map[Frontend]Serving{}
 	for fe, s := range req.Frontends {
 		want[fe] = s
@@ -243,4 +247,31 @@ func (c *cleaner) run(req CleanupRequest) CleanupReport {
 	}
 	rep.Pending = len(c.pending)
 	return rep
+}
+
+var (
+	policyMu      sync.Mutex
+	cleanupPolicy = CleanupPolicy{Mode: CleanupModeReconcile}
+)
+
+// SetCleanupPolicy sets the policy used by cleaners started afterwards; call
+// it once at startup, before the proxier's first sync.
+func SetCleanupPolicy(p CleanupPolicy) error {
+	if err := p.Validate(); err != nil {
+		return err
+	}
+	if p.Mode == "" {
+		p.Mode = CleanupModeReconcile
+	}
+	policyMu.Lock()
+	defer policyMu.Unlock()
+	cleanupPolicy = p
+	return nil
+}
+
+// CurrentCleanupPolicy returns the policy set by SetCleanupPolicy.
+func CurrentCleanupPolicy() CleanupPolicy {
+	policyMu.Lock()
+	defer policyMu.Unlock()
+	return cleanupPolicy
 }

@@ -24,8 +24,9 @@ package conntrack
 // not offer: a dump request carrying a CTA_FILTER (Linux >= 5.8), so that only
 // entries to one service frontend cross into userspace instead of the whole
 // table (kubernetes/kubernetes#129982), and a delete of one entry by its
-// original tuple, many of which share one sendmsg (kubernetes/kubernetes#135323).
-// Nothing here does I/O; nlsock_linux.go owns the socket.
+// original tuple (ctdelete.go), many of which share one sendmsg
+// (kubernetes/kubernetes#135323). Nothing here does I/O; nlsock_linux.go owns
+// the socket.
 
 import (
 	"encoding/binary"
@@ -192,24 +193,6 @@ func encodeDumpRequest(seq uint32, f DumpFilter) ([]byte, error) {
 	b = appendNested(b, ctaTupleOrig, tuple)
 	b = appendNested(b, ctaFilter, filter)
 	return finish(b, 0), nil
-}
-
-// appendDeleteRequest appends an IPCTNL_MSG_CT_DELETE request (with NLM_F_ACK)
-// for the entry whose original tuple is fl.Orig. Many such requests are packed
-// into one buffer and sent with one sendmsg.
-func appendDeleteRequest(b []byte, seq uint32, family uint8, fl Flow) ([]byte, error) {
-	ip, err := ipAttrs(family, fl.Orig.Src, fl.Orig.Dst)
-	if err != nil {
-		return b, err
-	}
-	proto := appendAttr(nil, ctaProtoNum, []byte{fl.Proto})
-	proto = appendAttr(proto, ctaProtoSrcPort, be16(fl.Orig.SrcPort))
-	proto = appendAttr(proto, ctaProtoDstPort, be16(fl.Orig.DstPort))
-	tuple := appendNested(appendNested(nil, ctaTupleIP, ip), ctaTupleProto, proto)
-	start := len(b)
-	b = appendHeader(b, ipctnlMsgCtDelete, syscall.NLM_F_REQUEST|syscall.NLM_F_ACK, seq, family)
-	b = appendNested(b, ctaTupleOrig, tuple)
-	return finish(b, start), nil
 }
 
 type attr struct {

@@ -33,9 +33,6 @@ const (
 	// recvBufferSize is the per-recvmsg buffer; dumps stream through it, so
 	// memory stays flat whatever the table size (upstream materialises every flow).
 	recvBufferSize = 1 << 16
-	// deleteBatchBytes bounds one sendmsg of delete requests (~100 bytes each),
-	// staying well under the socket send buffer.
-	deleteBatchBytes = 1 << 15
 	// socketTimeout bounds every blocking read so a lost reply cannot hang cleanup.
 	socketTimeout = 5 * time.Second
 )
@@ -118,78 +115,30 @@ func (s *ctnlSocket) dump(f DumpFilter, visit func(Flow)) error {
 	}
 }
 
-// deleteFlows deletes each flow by its original tuple, packing as many delete
-// requests as fit in deleteBatchBytes into one sendmsg and reading the ACKs in
-// bulk. ENOENT counts as already gone. It returns how many entries it deleted
-// and the first other error (the remaining batches are still attempted).
-func (s *ctnlSocket) deleteFlows(family uint8, flows []Flow) (int, error) {
-	deleted := 0
-	var firstErr error
-	buf := make([]byte, recvBufferSize)
-	for start := 0; start < len(flows); {
-		var batch []byte
-		outstanding := map[uint32]bool{}
-		end := start
-		for end < len(flows) && len(batch) < deleteBatchBytes {
-			seq := s.nextSeq()
-			var err error
-			batch, err = appendDeleteRequest(batch, seq, family, flows[end])
-			end++
-			if err != nil {
-				if firstErr == nil {
-					firstErr = err
-				}
-				continue
-			}
-			outstanding[seq] = true
-		}
-		start = end
-		if len(outstanding) == 0 {
-			continue
-		}
-		if err := s.send(batch); err != nil {
-			return deleted, fmt.Errorf("sending %d conntrack deletes: %w", len(outstanding), err)
-		}
-		// Bounded by the number of requests sent: each gets exactly one ACK.
-		for reads := 0; len(outstanding) > 0 && reads <= len(flows); reads++ {
-			b, err := s.recv(buf)
-			if err != nil {
-				return deleted, fmt.Errorf("reading conntrack delete ACKs: %w", err)
-			}
-			d, e, err := countAcks(b, outstanding)
-			if err != nil {
-				return deleted, err
-			}
-			deleted += d
-			if firstErr == nil && e != nil {
-				firstErr = e
-			}
-		}
-	}
-	return deleted, firstErr
-}
+// kernelTable is the flowTable of the caller's network namespace. It opens a
+// socket per call so that nothing is held open between syncs.
+type kernelTable struct{}
 
-// countAcks consumes the NLMSG_ERROR replies in b for the outstanding
-// sequence numbers: errno 0 is a deletion, ENOENT "already gone".
-func countAcks(b []byte, outstanding map[uint32]bool) (deleted int, firstErr error, err error) {
-	msgs, err := splitMessages(b)
+func (kernelTable) dumpFlows(f DumpFilter, visit func(Flow)) error {
+	s, err := openCTNetlink()
 	if err != nil {
-		return 0, nil, fmt.Errorf("decoding conntrack delete ACKs: %w", err)
+		return err
 	}
-	for _, m := range msgs {
-		if m.typ != syscall.NLMSG_ERROR || !outstanding[m.seq] {
+	defer s.Close()
+	// A dump the kernel marks interrupted is repeated a bounded number of
+	// times; the last partial result is still used, as upstream does for EINTR.
+	for attempt := 0; ; attempt++ {
+		var flows []Flow
+		err = s.dump(f, func(fl Flow) { flows = append(flows, fl) })
+		if err == errDumpInterrupted && attempt < 2 {
 			continue
 		}
-		delete(outstanding, m.seq)
-		switch e := errnoOf(m); e {
-		case 0:
-			deleted++
-		case syscall.ENOENT:
-		default:
-			if firstErr == nil {
-				firstErr = fmt.Errorf("deleting conntrack entry: %w", e)
-			}
+		for _, fl := range flows {
+			visit(fl)
 		}
+		if err == errDumpInterrupted {
+			return nil
+		}
+		return err
 	}
-	return deleted, firstErr, nil
 }
