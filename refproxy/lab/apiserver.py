@@ -1,0 +1,607 @@
+"""A fake kube-apiserver for Services and EndpointSlices (unit tests and the lab).
+
+Contract: stands in for kube-apiserver where none is available (no cluster,
+no container engine), so refproxy's *production* kube source — the official
+``kubernetes`` client, list + watch — can be exercised unchanged, in-process
+in unit tests or as a separate process in the lab. It serves exactly what
+refproxy's source and a lab controller need, over plain HTTP/1.1:
+
+* ``GET /api/v1/services``, ``/api/v1/namespaces/NS/services[/NAME]``,
+  ``/apis/discovery.k8s.io/v1/endpointslices``,
+  ``/apis/discovery.k8s.io/v1/namespaces/NS/endpointslices[/NAME]``:
+  lists carry ``metadata.resourceVersion``; ``labelSelector`` supports
+  ``key``, ``!key``, ``key=value``, ``key==value``, ``key!=value``.
+* ``?watch=true``: newline-delimited JSON events ADDED / MODIFIED / DELETED,
+  BOOKMARK (with ``allowWatchBookmarks=true``, every ``bookmark_interval``
+  seconds, carrying the current resourceVersion), and ``ERROR`` with a
+  ``Status`` of code 410 when ``resourceVersion`` is older than the retained
+  history (see :meth:`APIServer.compact`). ``timeoutSeconds`` ends the stream.
+  ``resourceVersion`` empty or ``0`` starts with synthetic ADDED events.
+  A label change that moves an object into or out of the selector is sent
+  as ADDED or DELETED, as the real watch cache does.
+* ``POST``/``PUT``/``DELETE`` on the namespaced paths, so a controller can
+  drive it like a real API server (409 on create of an existing object, 404
+  on update/delete of a missing one).
+* ``GET /version``, ``/healthz``, ``/readyz``, ``/api``, ``/apis``,
+  ``/api/v1``, ``/apis/discovery.k8s.io/v1``: minimal discovery.
+
+It does NOT implement: authentication or authorization (any client is
+admin; no TLS), admission, validation or defaulting (bad objects are stored
+as sent — that is how the bad-input tests feed refproxy garbage), field
+selectors, pagination (``limit``/``continue``), server-side apply, PATCH,
+``resourceVersionMatch``, optimistic concurrency on PUT, other resources,
+protobuf, watch list / initial-events-end bookmarks, and ClusterIP or
+EndpointSlice controllers (clients write slices themselves).
+
+Resource versions are one global integer counter, as with etcd: every write
+gets the next number; a list's version is the counter at list time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import json
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterable
+from urllib.parse import parse_qs, urlsplit
+
+__all__ = ["APIServer", "parse_label_selector", "main"]
+
+SERVICES = "services"
+ENDPOINT_SLICES = "endpointslices"
+
+# resource -> (group-version path prefix, apiVersion, kind, list kind)
+_RESOURCES = {
+    SERVICES: ("/api/v1", "v1", "Service", "ServiceList"),
+    ENDPOINT_SLICES: ("/apis/discovery.k8s.io/v1", "discovery.k8s.io/v1", "EndpointSlice", "EndpointSliceList"),
+}
+_KIND_TO_RESOURCE = {v[2]: k for k, v in _RESOURCES.items()}
+
+
+def parse_label_selector(text: str) -> list[tuple[str, str, str | None]]:
+    """Parse a label selector into (op, key, value) terms; ops: exists, !exists, =, !=.
+
+    Raises ``ValueError`` on a form this server does not support (set-based
+    ``in``/``notin``).
+    """
+    terms: list[tuple[str, str, str | None]] = []
+    for raw in (t.strip() for t in text.split(",")):
+        if not raw:
+            continue
+        if " in " in raw or " notin " in raw or "(" in raw:
+            raise ValueError(f"unsupported label selector term {raw!r}")
+        if raw.startswith("!"):
+            terms.append(("!exists", raw[1:].strip(), None))
+        elif "!=" in raw:
+            k, v = raw.split("!=", 1)
+            terms.append(("!=", k.strip(), v.strip()))
+        elif "==" in raw:
+            k, v = raw.split("==", 1)
+            terms.append(("=", k.strip(), v.strip()))
+        elif "=" in raw:
+            k, v = raw.split("=", 1)
+            terms.append(("=", k.strip(), v.strip()))
+        else:
+            terms.append(("exists", raw, None))
+    return terms
+
+
+def _matches(obj: dict, terms: list[tuple[str, str, str | None]]) -> bool:
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    labels = labels if isinstance(labels, dict) else {}
+    for op, key, value in terms:
+        if op == "exists" and key not in labels:
+            return False
+        if op == "!exists" and key in labels:
+            return False
+        if op == "=" and labels.get(key) != value:
+            return False
+        if op == "!=" and labels.get(key) == value:
+            return False
+    return True
+
+
+class _Gone(Exception):
+    """The requested resourceVersion is older than the retained history."""
+
+
+class _Store:
+    """Objects, a global resource version and a bounded event history."""
+
+    def __init__(self, history: int) -> None:
+        self.cond = threading.Condition()
+        self.rv = 0
+        self.objects: dict[str, dict[tuple[str, str], dict]] = {r: {} for r in _RESOURCES}
+        # (rv, resource, type, object, previous object for MODIFIED)
+        self.events: collections.deque[tuple[int, str, str, dict, dict | None]] = collections.deque(
+            maxlen=max(1, history))
+        self.compacted = 0  # events with rv <= compacted are no longer retained
+        self.drop_generation = 0
+        self.closing = False
+
+    def _record(self, resource: str, etype: str, obj: dict, prev: dict | None = None) -> None:
+        if len(self.events) == self.events.maxlen:
+            self.compacted = self.events[0][0]
+        self.events.append((self.rv, resource, etype, obj, prev))
+        self.cond.notify_all()
+
+    def write(self, resource: str, obj: dict, *, mode: str) -> tuple[int, dict]:
+        """mode: create | update | apply. Returns (HTTP status, stored object or Status)."""
+        meta = obj.get("metadata")
+        if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+            return 422, _status(422, "Invalid", "metadata.name is required")
+        prefix, api_version, kind, _ = _RESOURCES[resource]
+        key = (str(meta.get("namespace") or "default"), meta["name"])
+        with self.cond:
+            existing = self.objects[resource].get(key)
+            if mode == "create" and existing is not None:
+                return 409, _status(409, "AlreadyExists", f"{resource} {key[1]!r} already exists")
+            if mode == "update" and existing is None:
+                return 404, _status(404, "NotFound", f"{resource} {key[1]!r} not found")
+            self.rv += 1
+            stored = copy.deepcopy(obj)
+            stored.setdefault("kind", kind)
+            stored.setdefault("apiVersion", api_version)
+            m = stored["metadata"]
+            m["namespace"] = key[0]
+            m["resourceVersion"] = str(self.rv)
+            m["uid"] = existing["metadata"]["uid"] if existing else str(uuid.uuid4())
+            m.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            self.objects[resource][key] = stored
+            self._record(resource, "MODIFIED" if existing else "ADDED", stored, existing)
+            return (200 if existing else 201), stored
+
+    def delete(self, resource: str, ns: str, name: str) -> tuple[int, dict]:
+        with self.cond:
+            existing = self.objects[resource].pop((ns, name), None)
+            if existing is None:
+                return 404, _status(404, "NotFound", f"{resource} {name!r} not found")
+            self.rv += 1
+            gone = copy.deepcopy(existing)
+            gone["metadata"]["resourceVersion"] = str(self.rv)
+            self._record(resource, "DELETED", gone)
+            return 200, gone
+
+    def list(self, resource: str, ns: str | None, terms) -> tuple[int, list[dict]]:
+        with self.cond:
+            items = [
+                o for (ons, _), o in sorted(self.objects[resource].items())
+                if (ns is None or ons == ns) and _matches(o, terms)
+            ]
+            return self.rv, copy.deepcopy(items)
+
+    def events_after(self, rv: int, resource: str) -> list[tuple[int, str, dict, dict | None]]:
+        """Events of ``resource`` newer than ``rv``; raises _Gone when not retained."""
+        if rv < self.compacted:
+            raise _Gone()
+        return [(erv, et, o, p) for erv, r, et, o, p in self.events if erv > rv and r == resource]
+
+
+def _status(code: int, reason: str, message: str) -> dict:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+def _route(path: str) -> tuple[str, str | None, str | None] | None:
+    """(resource, namespace or None, name or None) for a resource path."""
+    for resource, (prefix, *_rest) in _RESOURCES.items():
+        if not path.startswith(prefix + "/"):
+            continue
+        parts = path[len(prefix) + 1 :].strip("/").split("/")
+        if parts == [resource]:
+            return resource, None, None
+        if len(parts) in (3, 4) and parts[0] == "namespaces" and parts[2] == resource:
+            return resource, parts[1], parts[3] if len(parts) == 4 else None
+    return None
+
+
+_DISCOVERY = {
+    "/api": {"kind": "APIVersions", "versions": ["v1"],
+             "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]},
+    "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": [{
+        "name": "discovery.k8s.io",
+        "versions": [{"groupVersion": "discovery.k8s.io/v1", "version": "v1"}],
+        "preferredVersion": {"groupVersion": "discovery.k8s.io/v1", "version": "v1"},
+    }]},
+    "/api/v1": {"kind": "APIResourceList", "groupVersion": "v1", "resources": [{
+        "name": "services", "singularName": "service", "namespaced": True, "kind": "Service",
+        "verbs": ["create", "delete", "get", "list", "update", "watch"], "shortNames": ["svc"],
+    }]},
+    "/apis/discovery.k8s.io/v1": {"kind": "APIResourceList", "apiVersion": "v1",
+                                  "groupVersion": "discovery.k8s.io/v1", "resources": [{
+        "name": "endpointslices", "singularName": "endpointslice", "namespaced": True,
+        "kind": "EndpointSlice", "verbs": ["create", "delete", "get", "list", "update", "watch"],
+    }]},
+    "/version": {"major": "1", "minor": "32", "gitVersion": "v1.32.0-refproxy-fake",
+                 "gitCommit": "0" * 40, "gitTreeState": "clean", "buildDate": "1970-01-01T00:00:00Z",
+                 "goVersion": "none", "compiler": "none", "platform": "linux/amd64"},
+}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: "_HTTPServer"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read stderr
+        pass
+
+    def _send_json(self, code: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_status(self, code: int, reason: str, message: str) -> None:
+        self._send_json(code, _status(code, reason, message))
+
+    def _body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        return json.loads(raw or b"null")
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        url = urlsplit(self.path)
+        path = url.path.rstrip("/") or "/"
+        if path in ("/healthz", "/readyz", "/livez"):
+            data = b"ok"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        if path in _DISCOVERY:
+            self._send_json(200, _DISCOVERY[path])
+            return
+        route = _route(path)
+        if route is None:
+            self._send_status(404, "NotFound", f"the server could not find {path}")
+            return
+        resource, ns, name = route
+        q = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        try:
+            terms = parse_label_selector(q.get("labelSelector", ""))
+        except ValueError as err:
+            self._send_status(400, "BadRequest", str(err))
+            return
+        store = self.server.store
+        if name is not None:
+            with store.cond:
+                obj = store.objects[resource].get((ns, name))
+                obj = copy.deepcopy(obj)
+            if obj is None:
+                self._send_status(404, "NotFound", f"{resource} {name!r} not found")
+            else:
+                self._send_json(200, obj)
+            return
+        if q.get("watch") in ("true", "1"):
+            self._watch(resource, ns, terms, q)
+            return
+        rv, items = store.list(resource, ns, terms)
+        _, api_version, _, list_kind = _RESOURCES[resource]
+        self._send_json(200, {"kind": list_kind, "apiVersion": api_version,
+                              "metadata": {"resourceVersion": str(rv)}, "items": items})
+
+    def _watch(self, resource: str, ns: str | None, terms, q: dict[str, str]) -> None:
+        store = self.server.store
+        srv = self.server
+        try:
+            timeout = float(q.get("timeoutSeconds") or srv.default_watch_timeout)
+        except ValueError:
+            self._send_status(400, "BadRequest", "bad timeoutSeconds")
+            return
+        bookmarks = q.get("allowWatchBookmarks") in ("true", "1")
+        rv_text = q.get("resourceVersion", "")
+        if rv_text and not rv_text.isdigit():
+            self._send_status(400, "BadRequest", f"bad resourceVersion {rv_text!r}")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        deadline = time.monotonic() + min(max(timeout, 0.0), 3600.0)
+        with store.cond:
+            generation = store.drop_generation
+            if rv_text in ("", "0"):
+                pos = store.rv
+                initial = [(pos, "ADDED", o, None) for (ons, _), o in sorted(store.objects[resource].items())
+                           if ns is None or ons == ns]
+                initial = copy.deepcopy(initial)
+            else:
+                pos, initial = int(rv_text), []
+        try:
+            self._emit(initial, ns, terms)
+            next_bookmark = time.monotonic() + srv.bookmark_interval
+            while True:
+                bookmark_rv = gone = None
+                with store.cond:
+                    if store.closing or store.drop_generation != generation:
+                        break
+                    try:
+                        events = store.events_after(pos, resource)
+                    except _Gone:
+                        events, gone = [], f"too old resource version: {pos} ({store.compacted})"
+                    if not events and gone is None:
+                        now = time.monotonic()
+                        if now >= deadline:
+                            break
+                        if bookmarks and now >= next_bookmark:
+                            # Nothing of ours up to store.rv is unsent, so the
+                            # client may resume from there.
+                            pos = bookmark_rv = max(pos, store.rv)
+                        else:
+                            wake = min(deadline, next_bookmark) if bookmarks else deadline
+                            store.cond.wait(timeout=min(max(wake - now, 0.0), 0.5))
+                            continue
+                if gone is not None:
+                    self._event("ERROR", _status(410, "Expired", gone))
+                    break
+                if bookmark_rv is not None:
+                    _, api_version, kind, _ = _RESOURCES[resource]
+                    self._event("BOOKMARK", {"kind": kind, "apiVersion": api_version,
+                                             "metadata": {"resourceVersion": str(bookmark_rv)}})
+                    next_bookmark = time.monotonic() + srv.bookmark_interval
+                    continue
+                pos = events[-1][0]
+                self._emit(copy.deepcopy(events), ns, terms)
+            self._end_chunks()
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            self.close_connection = True
+        finally:
+            self.close_connection = True
+
+    def _emit(self, events: Iterable[tuple[int, str, dict, dict | None]], ns: str | None, terms) -> None:
+        for _, etype, obj, prev in events:
+            meta = obj.get("metadata") or {}
+            if ns is not None and meta.get("namespace") != ns:
+                continue
+            now = _matches(obj, terms)
+            if etype == "MODIFIED" and prev is not None:
+                # As the real watch cache does: a label change that moves an
+                # object into or out of the selector is an ADDED or DELETED.
+                before = _matches(prev, terms)
+                if before != now:
+                    etype = "ADDED" if now else "DELETED"
+                    now = True
+            if now:
+                self._event(etype, obj)
+
+    def _event(self, etype: str, obj: dict) -> None:
+        line = json.dumps({"type": etype, "object": obj}).encode() + b"\n"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+        self.wfile.flush()
+
+    def _end_chunks(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _write(self, method: str) -> None:
+        route = _route(urlsplit(self.path).path.rstrip("/"))
+        if route is None or route[1] is None:
+            self._send_status(405 if route else 404, "MethodNotAllowed" if route else "NotFound",
+                              f"{method} is only served on namespaced resource paths")
+            return
+        resource, ns, name = route
+        store = self.server.store
+        if method == "DELETE":
+            if name is None:
+                self._send_status(405, "MethodNotAllowed", "collection delete is not supported")
+                return
+            code, body = store.delete(resource, ns, name)
+            self._send_json(code, body)
+            return
+        try:
+            obj = self._body()
+        except ValueError as err:
+            self._send_status(400, "BadRequest", f"body is not JSON: {err}")
+            return
+        if not isinstance(obj, dict):
+            self._send_status(400, "BadRequest", "body is not an object")
+            return
+        meta = obj.setdefault("metadata", {})
+        if not isinstance(meta, dict):
+            self._send_status(422, "Invalid", "metadata is not an object")
+            return
+        if meta.get("namespace", ns) != ns:
+            self._send_status(400, "BadRequest", "namespace in body does not match the path")
+            return
+        meta["namespace"] = ns
+        if method == "PUT":
+            if name is None or meta.get("name") != name:
+                self._send_status(400, "BadRequest", "name in body does not match the path")
+                return
+            code, body = store.write(resource, obj, mode="update")
+        else:
+            if name is not None:
+                self._send_status(405, "MethodNotAllowed", "POST to the collection path")
+                return
+            code, body = store.write(resource, obj, mode="create")
+        self._send_json(code, body)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._write("POST")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._write("PUT")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._write("DELETE")
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    store: _Store
+    bookmark_interval: float
+    default_watch_timeout: float
+
+
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
+class APIServer:
+    """The fake API server: a threaded HTTP server plus a Python control API.
+
+    ``sock`` is an already-bound (listening or not) TCP socket, e.g. created
+    inside a lab network namespace; otherwise ``host``/``port`` are bound
+    (port 0 picks a free port; :attr:`url` tells which).
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, sock: socket.socket | None = None,
+                 history: int = 1000, bookmark_interval: float = 1.0,
+                 default_watch_timeout: float = 1800.0) -> None:
+        self.store = _Store(history)
+        if sock is not None:
+            srv = _HTTPServer(sock.getsockname()[:2], _Handler, bind_and_activate=False)
+            srv.socket.close()
+            srv.socket = sock
+            srv.server_address = sock.getsockname()[:2]
+            try:
+                sock.listen(128)
+            except OSError:
+                pass
+        else:
+            srv = (_HTTPServer6 if ":" in host else _HTTPServer)((host, port), _Handler)
+        srv.store = self.store
+        srv.bookmark_interval = bookmark_interval
+        srv.default_watch_timeout = default_watch_timeout
+        self._srv = srv
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` of this server."""
+        host, port = self._srv.server_address[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}"
+
+    def start(self) -> "APIServer":
+        """Serve on a daemon thread; returns self."""
+        if self._thread is None:
+            self.store.closing = False
+            self._thread = threading.Thread(target=self._srv.serve_forever, kwargs={"poll_interval": 0.1},
+                                            name="fake-apiserver", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """End every watch stream, stop serving and close the socket (bounded)."""
+        with self.store.cond:
+            self.store.closing = True
+            self.store.cond.notify_all()
+        if self._thread is not None:
+            self._srv.shutdown()
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._srv.server_close()
+
+    def __enter__(self) -> "APIServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def resource_version(self) -> int:
+        """The current global resource version."""
+        return self.store.rv
+
+    def apply(self, obj: dict) -> dict:
+        """Create or replace a Service or EndpointSlice (by ``kind``); returns the stored copy."""
+        resource = _KIND_TO_RESOURCE.get(obj.get("kind", ""))
+        if resource is None:
+            raise ValueError(f"unsupported kind {obj.get('kind')!r}")
+        code, stored = self.store.write(resource, obj, mode="apply")
+        if code >= 400:
+            raise ValueError(stored["message"])
+        return stored
+
+    def delete(self, kind: str, namespace: str, name: str) -> bool:
+        """Delete a Service or EndpointSlice; False when it did not exist."""
+        resource = _KIND_TO_RESOURCE.get(kind) or (kind if kind in _RESOURCES else None)
+        if resource is None:
+            raise ValueError(f"unsupported kind {kind!r}")
+        code, _ = self.store.delete(resource, namespace, name)
+        return code == 200
+
+    def compact(self) -> None:
+        """Forget all history: the next watch from any older version gets 410 Gone."""
+        with self.store.cond:
+            self.store.events.clear()
+            self.store.compacted = self.store.rv
+            self.store.cond.notify_all()
+
+    def drop_watches(self) -> None:
+        """Disconnect every open watch stream (fault injection)."""
+        with self.store.cond:
+            self.store.drop_generation += 1
+            self.store.cond.notify_all()
+
+    def write_kubeconfig(self, path: str) -> str:
+        """Write a kubeconfig pointing at this server (no auth); returns ``path``."""
+        cfg = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "fake", "user": {"token": "fake"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+            "current-context": "fake",
+        }
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=1)  # JSON is YAML: kubeconfig loaders read it
+        return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python3 -m refproxy.lab.apiserver``: serve until SIGTERM/SIGINT."""
+    p = argparse.ArgumentParser(prog="python3 -m refproxy.lab.apiserver", description=__doc__.split("\n")[0])
+    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to listen on (default 127.0.0.1:0)")
+    p.add_argument("--kubeconfig-out", metavar="FILE", help="write a kubeconfig for this server here")
+    p.add_argument("--manifests", metavar="DIR", help="preload Services/EndpointSlices from a manifest dir")
+    p.add_argument("--history", type=int, default=1000, help="watch events retained (older -> 410)")
+    p.add_argument("--bookmark-interval", type=float, default=1.0, help="seconds between BOOKMARK events")
+    args = p.parse_args(argv)
+    host, _, port = args.listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    server = APIServer(host, int(port or 0), history=args.history, bookmark_interval=args.bookmark_interval)
+    if args.manifests:
+        from refproxy.sources.files import load_manifests
+
+        services, slices = load_manifests(args.manifests)
+        for obj in services + slices:
+            server.apply(obj)
+    server.start()
+    if args.kubeconfig_out:
+        server.write_kubeconfig(args.kubeconfig_out)
+    print(server.url, flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    while not done.wait(1.0):
+        pass
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""The fake kube-apiserver: list, label selectors, watch, 410, writes, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from refproxy.lab.apiserver import APIServer, parse_label_selector
+
+
+def svc(name, ns="ns", labels=None, ip="198.19.0.1"):
+    meta = {"name": name, "namespace": ns}
+    if labels:
+        meta["labels"] = labels
+    return {"kind": "Service", "apiVersion": "v1", "metadata": meta, "spec": {"clusterIP": ip}}
+
+
+def sl(name, service, ns="ns", extra=None):
+    labels = {"kubernetes.io/service-name": service, **(extra or {})}
+    return {"kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
+            "metadata": {"name": name, "namespace": ns, "labels": labels}, "addressType": "IPv4", "endpoints": []}
+
+
+@pytest.fixture
+def server():
+    s = APIServer(bookmark_interval=0.2, history=50).start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def get(server, path):
+    with urllib.request.urlopen(server.url + path, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def request(server, method, path, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(server.url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def watch(server, path, limit=20):
+    events = []
+    with urllib.request.urlopen(server.url + path, timeout=10) as r:
+        for line in r:
+            events.append(json.loads(line))
+            if len(events) >= limit:
+                break
+    return events
+
+
+@pytest.mark.parametrize("text,terms", [
+    ("", []),
+    ("!a", [("!exists", "a", None)]),
+    ("a", [("exists", "a", None)]),
+    ("a=b, c==d,e!=f", [("=", "a", "b"), ("=", "c", "d"), ("!=", "e", "f")]),
+])
+def test_parse_label_selector(text, terms):
+    assert parse_label_selector(text) == terms
+
+
+def test_set_based_selector_rejected():
+    with pytest.raises(ValueError):
+        parse_label_selector("a in (b)")
+
+
+def test_list_namespaces_and_selectors(server):
+    server.apply(svc("a"))
+    server.apply(svc("b", ns="other", labels={"service.kubernetes.io/service-proxy-name": "x"}))
+    server.apply(sl("a-1", "a"))
+    server.apply(sl("h-1", "h", extra={"service.kubernetes.io/headless": ""}))
+    body = get(server, "/api/v1/services")
+    assert body["kind"] == "ServiceList" and body["metadata"]["resourceVersion"] == "4"
+    assert [i["metadata"]["name"] for i in body["items"]] == ["a", "b"]
+    assert [i["metadata"]["name"] for i in get(server, "/api/v1/namespaces/other/services")["items"]] == ["b"]
+    sel = "labelSelector=" + urllib.request.quote("!service.kubernetes.io/service-proxy-name")
+    assert [i["metadata"]["name"] for i in get(server, "/api/v1/services?" + sel)["items"]] == ["a"]
+    sel = "labelSelector=" + urllib.request.quote("!service.kubernetes.io/headless,kubernetes.io/service-name")
+    assert [i["metadata"]["name"] for i in get(server, "/apis/discovery.k8s.io/v1/endpointslices?" + sel)["items"]] == ["a-1"]
+    assert get(server, "/api/v1/namespaces/ns/services/a")["metadata"]["uid"]
+
+
+def test_discovery_and_health(server):
+    assert get(server, "/version")["major"] == "1"
+    assert "v1" in get(server, "/api")["versions"]
+    assert get(server, "/apis")["groups"][0]["name"] == "discovery.k8s.io"
+    assert get(server, "/apis/discovery.k8s.io/v1")["resources"][0]["name"] == "endpointslices"
+    with urllib.request.urlopen(server.url + "/healthz", timeout=5) as r:
+        assert r.read() == b"ok"
+    assert request(server, "GET", "/api/v1/pods")[0] == 404
+
+
+def test_writes_like_an_api_server(server):
+    code, created = request(server, "POST", "/api/v1/namespaces/ns/services", svc("a"))
+    assert code == 201 and created["metadata"]["resourceVersion"] == "1"
+    assert request(server, "POST", "/api/v1/namespaces/ns/services", svc("a"))[0] == 409
+    code, updated = request(server, "PUT", "/api/v1/namespaces/ns/services/a", svc("a", ip="198.19.0.2"))
+    assert code == 200 and updated["metadata"]["uid"] == created["metadata"]["uid"]
+    assert request(server, "PUT", "/api/v1/namespaces/ns/services/zz", svc("zz"))[0] == 404
+    assert request(server, "PUT", "/api/v1/namespaces/ns/services/a", svc("b"))[0] == 400
+    assert request(server, "POST", "/api/v1/namespaces/other/services", svc("a", ns="ns"))[0] == 400
+    assert request(server, "POST", "/api/v1/services", svc("x"))[0] == 405
+    assert request(server, "POST", "/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices", sl("a-1", "a"))[0] == 201
+    assert request(server, "DELETE", "/api/v1/namespaces/ns/services/a")[0] == 200
+    assert request(server, "DELETE", "/api/v1/namespaces/ns/services/a")[0] == 404
+    assert server.resource_version == 4
+    assert server.delete("EndpointSlice", "ns", "a-1") and not server.delete("EndpointSlice", "ns", "a-1")
+
+
+def test_watch_events_from_version(server):
+    server.apply(svc("a"))
+    rv = server.resource_version
+    threading.Timer(0.1, lambda: (server.apply(svc("a", ip="198.19.0.9")), server.apply(svc("b")),
+                                  server.delete("Service", "ns", "b"))).start()
+    events = watch(server, f"/api/v1/services?watch=true&resourceVersion={rv}&timeoutSeconds=1")
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [
+        ("MODIFIED", "a"), ("ADDED", "b"), ("DELETED", "b")]
+    assert [e["object"]["metadata"]["resourceVersion"] for e in events] == ["2", "3", "4"]
+
+
+def test_watch_from_zero_sends_initial_state(server):
+    server.apply(svc("a"))
+    server.apply(sl("a-1", "a"))
+    events = watch(server, "/apis/discovery.k8s.io/v1/endpointslices?watch=true&timeoutSeconds=0.3")
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [("ADDED", "a-1")]
+
+
+def test_watch_bookmarks_carry_current_version(server):
+    server.apply(svc("a"))
+    server.apply(sl("a-1", "a"))  # a later write of another resource
+    events = watch(server, "/api/v1/services?watch=true&resourceVersion=1&allowWatchBookmarks=true"
+                           "&timeoutSeconds=2", limit=2)
+    assert [e["type"] for e in events] == ["BOOKMARK", "BOOKMARK"]
+    assert events[0]["object"]["metadata"]["resourceVersion"] == "2"
+    # without allowWatchBookmarks, none
+    assert watch(server, "/api/v1/services?watch=true&resourceVersion=2&timeoutSeconds=0.5") == []
+
+
+def test_watch_filters_by_selector_and_namespace(server):
+    threading.Timer(0.1, lambda: (server.apply(svc("a", labels={"x": "1"})), server.apply(svc("b")),
+                                  server.apply(svc("c", ns="other", labels={"x": "1"})))).start()
+    events = watch(server, "/api/v1/namespaces/ns/services?watch=true&resourceVersion=0&labelSelector=x&timeoutSeconds=1")
+    assert [e["object"]["metadata"]["name"] for e in events] == ["a"]
+
+
+def test_compact_and_history_window_give_410(server):
+    server.apply(svc("a"))
+    server.compact()
+    events = watch(server, "/api/v1/services?watch=true&resourceVersion=0&timeoutSeconds=0.3")
+    assert [e["type"] for e in events] == ["ADDED"]  # 0 = "from now", never too old
+    events = watch(server, f"/api/v1/services?watch=true&resourceVersion={server.resource_version}&timeoutSeconds=0.3")
+    assert events == []
+    server.apply(svc("b"))
+    small = APIServer(history=3).start()
+    try:
+        for i in range(5):
+            small.apply(svc(f"s{i}"))
+        err = watch(small, "/api/v1/services?watch=true&resourceVersion=1&timeoutSeconds=1")
+        assert err[0]["type"] == "ERROR" and err[0]["object"]["code"] == 410
+        ok = watch(small, "/api/v1/services?watch=true&resourceVersion=2&timeoutSeconds=0.3")
+        assert [e["object"]["metadata"]["name"] for e in ok] == ["s2", "s3", "s4"]
+    finally:
+        small.stop()
+
+
+def test_drop_watches_ends_streams(server):
+    done = threading.Event()
+
+    def run():
+        watch(server, "/api/v1/services?watch=true&resourceVersion=0&timeoutSeconds=30")
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    server.drop_watches()
+    assert done.wait(5) and time.monotonic() - t0 < 5
+
+
+def test_stop_ends_open_watches_promptly():
+    s = APIServer().start()
+    done = threading.Event()
+    threading.Thread(target=lambda: (watch(s, "/api/v1/services?watch=true&timeoutSeconds=60"), done.set()),
+                     daemon=True).start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    s.stop()
+    assert done.wait(5) and time.monotonic() - t0 < 5
+
+
+def test_prebound_socket():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    s = APIServer(sock=sock).start()
+    try:
+        assert s.url.endswith(f":{sock.getsockname()[1]}")
+        assert get(s, "/version")["gitVersion"].endswith("fake")
+    finally:
+        s.stop()
+
+
+def test_kubernetes_client_reads_it(server, tmp_path):
+    from kubernetes import client, config
+
+    server.apply(svc("a"))
+    server.apply(sl("a-1", "a"))
+    cfg = client.Configuration()
+    config.load_kube_config(config_file=server.write_kubeconfig(str(tmp_path / "kc")), client_configuration=cfg)
+    api = client.ApiClient(cfg)
+    assert [s.metadata.name for s in client.CoreV1Api(api).list_service_for_all_namespaces().items] == ["a"]
+    assert client.DiscoveryV1Api(api).list_namespaced_endpoint_slice("ns").items[0].metadata.name == "a-1"
+    assert client.VersionApi(api).get_code().git_version.endswith("fake")
+
+
+def test_standalone_process(tmp_path):
+    from pathlib import Path
+
+    kc = tmp_path / "kc"
+    examples = Path(__file__).resolve().parents[2] / "examples" / "manifests"
+    proc = subprocess.Popen([sys.executable, "-m", "refproxy.lab.apiserver", "--listen", "127.0.0.1:0",
+                             "--kubeconfig-out", str(kc), "--manifests", str(examples)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url + "/api/v1/services", timeout=5) as r:
+            names = sorted(i["metadata"]["name"] for i in json.loads(r.read())["items"])
+        assert names == ["kube-dns", "udp-echo"]
+        assert url in kc.read_text()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+
+
+def test_label_change_moves_object_in_and_out_of_a_selector(server):
+    server.apply(svc("a"))
+    rv = server.resource_version
+    proxy_label = {"service.kubernetes.io/service-proxy-name": "other"}
+    threading.Timer(0.1, lambda: (server.apply(svc("a", labels=proxy_label)), server.apply(svc("a")))).start()
+    sel = urllib.request.quote("!service.kubernetes.io/service-proxy-name")
+    events = watch(server, f"/api/v1/services?watch=true&resourceVersion={rv}&labelSelector={sel}&timeoutSeconds=1")
+    assert [e["type"] for e in events] == ["DELETED", "ADDED"]
