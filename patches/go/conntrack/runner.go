@@ -32,43 +32,6 @@ import (
 // hit an error) is repeated without waiting for the next sync.
 const pendingRetryInterval = time.Second
 
-// kernelTable is the flowTable of the caller's network namespace. It opens a
-// socket per call so that nothing is held open between syncs.
-type kernelTable struct{}
-
-func (kernelTable) dumpFlows(f DumpFilter, visit func(Flow)) error {
-	s, err := openCTNetlink()
-	if err != nil {
-		return err
-	}
-	defer s.Close()
-	// A dump the kernel marks interrupted is repeated a bounded number of
-	// times; the last partial result is still used, as upstream does for EINTR.
-	for attempt := 0; ; attempt++ {
-		var flows []Flow
-		err = s.dump(f, func(fl Flow) { flows = append(flows, fl) })
-		if err == errDumpInterrupted && attempt < 2 {
-			continue
-		}
-		for _, fl := range flows {
-			visit(fl)
-		}
-		if err == errDumpInterrupted {
-			return nil
-		}
-		return err
-	}
-}
-
-func (kernelTable) deleteFlows(family uint8, flows []Flow) (int, error) {
-	s, err := openCTNetlink()
-	if err != nil {
-		return 0, err
-	}
-	defer s.Close()
-	return s.deleteFlows(family, flows)
-}
-
 // asyncCleaner runs a cleaner on its own goroutine. Guarantees:
 //  1. Submit never blocks and never waits for a cleanup to finish.
 //  2. Requests submitted while a run is in progress are coalesced: the next
@@ -131,33 +94,7 @@ func (a *asyncCleaner) Run(stop <-chan struct{}) {
 	}
 }
 
-var (
-	policyMu      sync.Mutex
-	cleanupPolicy = CleanupPolicy{Mode: CleanupModeReconcile}
-	cleaners      = map[uint8]*asyncCleaner{}
-)
-
-// SetCleanupPolicy sets the policy used by cleaners started afterwards; call
-// it once at startup, before the proxier's first sync.
-func SetCleanupPolicy(p CleanupPolicy) error {
-	if err := p.Validate(); err != nil {
-		return err
-	}
-	if p.Mode == "" {
-		p.Mode = CleanupModeReconcile
-	}
-	policyMu.Lock()
-	defer policyMu.Unlock()
-	cleanupPolicy = p
-	return nil
-}
-
-// CurrentCleanupPolicy returns the policy set by SetCleanupPolicy.
-func CurrentCleanupPolicy() CleanupPolicy {
-	policyMu.Lock()
-	defer policyMu.Unlock()
-	return cleanupPolicy
-}
+var cleaners = map[uint8]*asyncCleaner{}
 
 // submitKernelCleanup hands req to the family's background cleaner, starting
 // it on first use. It returns immediately.
