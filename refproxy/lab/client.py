@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sport", type=int, help="fixed source port (default: a fresh port per request)")
     p.add_argument("--interval", type=float, default=0.02, help="seconds between requests")
     p.add_argument("--duration", type=float, default=300.0, help="stop after this many seconds")
-    p.add_argument("--out", required=True, help="file to append the log to")
+    p.add_argument("--out", required=True, help="file to write the log to (truncated)")
     p.add_argument("--flow", default="", help="flow name carried in each request")
     a = p.parse_args(argv)
     if not 0.001 <= a.interval <= 10 or not 0 < a.duration <= 3600:
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         raise _Stop()
 
     signal.signal(signal.SIGTERM, stop)
-    with open(a.out, "a", encoding="ascii") as out:
+    with open(a.out, "w", encoding="ascii") as out:  # one run per file
         run_client(a.target, a.sport, a.interval, a.duration, out, a.flow, ready_out=sys.stdout)
     return 0
 

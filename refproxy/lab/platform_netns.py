@@ -473,7 +473,7 @@ class NetnsPlatform:
         with NetlinkConntrackTable(IPFamily.IPv4, netns=self.topo.node.name) as table:
             total = table.count()
             seen = set()
-            for f in sorted(final.frontends):
+            for f in sorted(final.frontends, key=str):
                 for flt in f.filters(final.node_addresses):
                     for e in table.dump(flt):
                         if e.orig_key in seen or e.proto != IPPROTO_UDP:

@@ -60,7 +60,9 @@ def summarize(r: RunResult) -> dict[str, Any]:
         "metrics_rss_mb": None if "process_resident_memory_bytes" not in m
         else round(m["process_resident_memory_bytes"] / MB, 1),
         "sync_rules_mean_s": _ratio(m, "kubeproxy_sync_proxy_rules_duration_seconds"),
-        "network_programming_mean_s": _ratio(m, "refproxy_network_programming_duration_seconds"),
+        "network_programming_mean_s": _ratio(m, "kubeproxy_network_programming_duration_seconds")
+        if "kubeproxy_network_programming_duration_seconds_count" in m
+        else _ratio(m, "refproxy_network_programming_duration_seconds"),
         "error": r.error,
     }
 
