@@ -22,6 +22,9 @@ refproxy's source and a lab controller need, over plain HTTP/1.1:
 * ``POST``/``PUT``/``DELETE`` on the namespaced paths, so a controller can
   drive it like a real API server (409 on create of an existing object, 404
   on update/delete of a missing one).
+* Fault injection from Python: :meth:`APIServer.compact` (410 on the next
+  watch), :meth:`APIServer.drop_watches`, :meth:`APIServer.fail_next`
+  (answer the next GETs of a kind with an HTTP error).
 * ``GET /version``, ``/healthz``, ``/readyz``, ``/api``, ``/apis``,
   ``/api/v1``, ``/apis/discovery.k8s.io/v1``: minimal discovery.
 
@@ -128,6 +131,7 @@ class _Store:
         self.compacted = 0  # events with rv <= compacted are no longer retained
         self.drop_generation = 0
         self.closing = False
+        self.failures: dict[str, list[int]] = {}  # resource -> status codes to answer next
 
     def _record(self, resource: str, etype: str, obj: dict, prev: dict | None = None) -> None:
         if len(self.events) == self.events.maxlen:
@@ -284,6 +288,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_status(400, "BadRequest", str(err))
             return
         store = self.server.store
+        with store.cond:
+            pending = store.failures.get(resource)
+            code = pending.pop(0) if pending else None
+        if code is not None:
+            reason = {410: "Expired", 429: "TooManyRequests"}.get(code, HTTPStatus(code).phrase.replace(" ", ""))
+            self._send_status(code, reason, f"injected failure {code}")
+            return
         if name is not None:
             with store.cond:
                 obj = store.objects[resource].get((ns, name))
@@ -317,6 +328,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Connection", "close")  # the stream's end is the connection's end
         self.end_headers()
         deadline = time.monotonic() + min(max(timeout, 0.0), 3600.0)
         with store.cond:
@@ -550,6 +562,14 @@ class APIServer:
             self.store.events.clear()
             self.store.compacted = self.store.rv
             self.store.cond.notify_all()
+
+    def fail_next(self, kind: str, code: int = 500, times: int = 1) -> None:
+        """Answer the next ``times`` GETs (list, watch or get) of ``kind`` with ``code`` (fault injection)."""
+        resource = _KIND_TO_RESOURCE.get(kind) or (kind if kind in _RESOURCES else None)
+        if resource is None:
+            raise ValueError(f"unsupported kind {kind!r}")
+        with self.store.cond:
+            self.store.failures.setdefault(resource, []).extend([code] * times)
 
     def drop_watches(self) -> None:
         """Disconnect every open watch stream (fault injection)."""

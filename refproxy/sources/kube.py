@@ -1,0 +1,369 @@
+"""Services and EndpointSlices from a Kubernetes API server: list + watch.
+
+Contract: the only module that talks to an API server. It keeps the raw JSON
+objects (exactly the dicts the API returns, as ``refproxy.sources.files``
+gives) in an :class:`~refproxy.sources.base.ObjectStore` and implements the
+:class:`~refproxy.sources.base.Source` protocol. It never interprets objects
+(that is ``refproxy.snapshot``).
+
+Mirrors client-go's reflector as kube-proxy uses it (cmd/kube-proxy/app/
+server.go informers, k8s.io/client-go/tools/cache/reflector.go):
+
+1. One list then watch loop per resource, on its own daemon thread, across
+   all namespaces with kube-proxy's label selectors.
+2. The watch resumes from the last resourceVersion seen, including those of
+   BOOKMARK events (``allowWatchBookmarks=true``), so a reconnect after a quiet
+   period does not fall out of the server's history window.
+3. ``410 Gone`` (as an HTTP status or a watch ``ERROR`` event) means the
+   version is no longer retained: relist and replace the store; objects
+   deleted meanwhile are found by diffing the list against the store.
+4. Disconnects and API errors back off exponentially with jitter, bounded by
+   ``backoff_max``; any success resets the backoff. A watch that ends
+   normally (``timeoutSeconds``) is re-opened at once.
+5. ``stop()`` closes open streams and returns within a few seconds: watch
+   reads have a socket timeout and every sleep waits on the stop event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from refproxy.errors import ConfigError
+from refproxy.log import get_logger, kv
+from refproxy.sources.base import ENDPOINT_SLICES, SERVICES, ObjectStore
+
+__all__ = [
+    "KubeSource",
+    "Backoff",
+    "kube_client_config",
+    "SERVICE_SELECTOR",
+    "SLICE_SELECTOR",
+    "ENV_API_SERVER",
+]
+
+# cmd/kube-proxy/app/server.go: services of another proxy, and slices of
+# headless services, are filtered on the server side.
+SERVICE_SELECTOR = "!service.kubernetes.io/service-proxy-name"
+SLICE_SELECTOR = "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name"
+ENV_API_SERVER = "REFPROXY_API_SERVER"
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+log = get_logger("refproxy.sources.kube")
+
+_KINDS = {
+    SERVICES: ("v1", "Service", SERVICE_SELECTOR),
+    ENDPOINT_SLICES: ("discovery.k8s.io/v1", "EndpointSlice", SLICE_SELECTOR),
+}
+
+
+class _Relist(Exception):
+    """The watch's resourceVersion is gone (410): list again."""
+
+
+class Backoff:
+    """Exponential backoff with jitter (client-go's wait.Backoff, bounded).
+
+    ``next()`` returns ``min(cap, initial * factor**n) * (1 + jitter * r)``,
+    capped at ``cap``, where ``r`` comes from the injected ``rand`` in [0, 1).
+    ``reset()`` starts over. Pure: no sleeping, no clock.
+    """
+
+    def __init__(self, initial: float = 0.5, cap: float = 30.0, factor: float = 2.0, jitter: float = 0.2,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.initial, self.cap, self.factor, self.jitter = initial, cap, factor, jitter
+        self._rand = rand
+        self.steps = 0
+
+    def next(self) -> float:
+        """The delay before the next attempt; advances the step."""
+        base = min(self.cap, self.initial * (self.factor ** min(self.steps, 64)))
+        self.steps += 1
+        return min(self.cap, base * (1.0 + self.jitter * self._rand()))
+
+    def reset(self) -> None:
+        """Back to the initial delay (after a success)."""
+        self.steps = 0
+
+
+def kube_client_config(kubeconfig: str | None, master: str | None, *, environ: dict | None = None):
+    """The ``kubernetes.client.Configuration`` kube-proxy would use.
+
+    Order (kube-proxy's ``--kubeconfig``/``--master`` semantics):
+
+    1. ``kubeconfig`` given: that file (``ConfigError`` if unusable).
+    2. Else in-cluster (service-account token + CA), with the API host taken
+       from ``master`` or ``$REFPROXY_API_SERVER`` when set — a proxy must not
+       reach the API through the ClusterIP it programs itself, so the
+       ``KUBERNETES_SERVICE_HOST`` address is only the last resort.
+    3. Else ``$KUBECONFIG`` or ``~/.kube/config`` when present.
+    4. Else ``master`` alone (plain, unauthenticated).
+
+    ``master`` (a URL) always overrides the server address.
+    """
+    import yaml
+    from kubernetes import client, config
+    from kubernetes.config.config_exception import ConfigException
+
+    env = dict(os.environ if environ is None else environ)
+    override = master or env.get(ENV_API_SERVER) or None
+    cfg = client.Configuration()
+    try:
+        if kubeconfig:
+            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        elif Path(SA_DIR, "token").exists():
+            if override:
+                from urllib.parse import urlsplit
+
+                u = urlsplit(override if "://" in override else f"https://{override}")
+                env["KUBERNETES_SERVICE_HOST"] = u.hostname or ""
+                env["KUBERNETES_SERVICE_PORT"] = str(u.port or 443)
+            from kubernetes.config.incluster_config import InClusterConfigLoader
+
+            InClusterConfigLoader(token_filename=str(Path(SA_DIR, "token")),
+                                  cert_filename=str(Path(SA_DIR, "ca.crt")),
+                                  environ=env).load_and_set(cfg)
+        elif Path(env.get("KUBECONFIG") or Path.home() / ".kube" / "config").exists():
+            config.load_kube_config(config_file=env.get("KUBECONFIG") or None, client_configuration=cfg)
+        elif not override:
+            raise ConfigError("no API server: give --kubeconfig or --master, set $REFPROXY_API_SERVER, "
+                              "or run in a pod with a service account")
+    except (ConfigException, OSError, ValueError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot load API server configuration ({kubeconfig or 'default'}): {err}") from err
+    except (TypeError, AttributeError, KeyError) as err:  # malformed kubeconfig structure
+        raise ConfigError(f"malformed kubeconfig {kubeconfig or 'default'}: {err}") from err
+    if override:
+        cfg.host = override.rstrip("/") if "://" in override else f"https://{override}"
+    # We retry with our own backoff; urllib3's silent retries would hide an
+    # unreachable server. One retry is kept for a pooled keep-alive connection
+    # the server closed meanwhile (a read error before any response).
+    from urllib3.util.retry import Retry
+
+    cfg.retries = Retry(total=1, connect=0, read=1, redirect=0, status=0, other=0)
+    return cfg
+
+
+class KubeSource(ObjectStore):
+    """A :class:`~refproxy.sources.base.Source` that lists and watches an API server.
+
+    ``configuration`` is a ``kubernetes.client.Configuration`` (see
+    :func:`kube_client_config`). ``sleep(seconds)`` and ``rand()`` are
+    injectable so tests observe the backoff without waiting; the default
+    sleep returns early on ``stop()``.
+    """
+
+    def __init__(
+        self,
+        configuration: Any,
+        *,
+        watch_timeout: float = 300.0,
+        connect_timeout: float = 5.0,
+        read_margin: float = 15.0,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        min_watch_seconds: float = 1.0,
+        sleep: Callable[[float], Any] | None = None,
+        rand: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        from kubernetes import client
+
+        self._api = client.ApiClient(configuration)
+        self._core = client.CoreV1Api(self._api)
+        self._discovery = client.DiscoveryV1Api(self._api)
+        self.server = configuration.host
+        self.watch_timeout = max(1, int(watch_timeout))
+        self.connect_timeout = connect_timeout
+        self.read_margin = read_margin
+        self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
+        self.min_watch_seconds = min_watch_seconds
+        self._stop = threading.Event()
+        self._sleep = sleep or self._stop.wait
+        self._rand = rand
+        self._clock = clock
+        self._threads: list[threading.Thread] = []
+        self._open: set[Any] = set()
+        self._open_lock = threading.Lock()
+        self.resource_versions: dict[str, str] = {}
+        self.relists = 0
+        self.watches = 0
+
+    # --- Source ---
+
+    def start(self, on_change: Callable[[], None]) -> None:
+        """Start one list/watch thread per resource."""
+        if self._threads:
+            return
+        self.set_callback(on_change)
+        self._stop.clear()
+        for kind in (SERVICES, ENDPOINT_SLICES):
+            t = threading.Thread(target=self._run, args=(kind,), name=f"refproxy-kube-{kind}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def stop(self) -> None:
+        """Close open streams, stop both threads and join them (bounded)."""
+        self._stop.set()
+        with self._open_lock:
+            open_now = list(self._open)
+        for resp in open_now:
+            _shutdown(resp)
+        for t in self._threads:
+            t.join(timeout=self.connect_timeout + 5.0)
+        self._threads = []
+
+    # --- the loop ---
+
+    def _run(self, kind: str) -> None:
+        backoff = Backoff(self.backoff_initial, self.backoff_max, rand=self._rand)
+        rv: str | None = None
+        while not self._stop.is_set():
+            try:
+                if rv is None:
+                    rv = self._list(kind)
+                    backoff.reset()
+                started = self._clock()
+                rv, got = self._watch(kind, rv)
+                if got:
+                    backoff.reset()
+                elif self._clock() - started < self.min_watch_seconds:
+                    # A server closing watches at once must not make us spin.
+                    self._sleep(backoff.next())
+            except _Relist:
+                self.relists += 1
+                kv(log, logging.INFO, "Watch expired, relisting", resource=kind, resourceVersion=rv)
+                rv = None
+            except Exception as err:  # noqa: BLE001 - every failure is retried
+                if self._stop.is_set():
+                    break
+                message = self._describe(kind, err)
+                self.record_error(message)
+                delay = backoff.next()
+                kv(log, logging.ERROR, "API server request failed", resource=kind, server=self.server,
+                   err=message, retryIn=f"{delay:.2f}s")
+                self._sleep(delay)
+
+    def _describe(self, kind: str, err: Exception) -> str:
+        from kubernetes.client.exceptions import ApiException
+
+        if isinstance(err, ApiException):
+            hint = ""
+            if err.status in (401, 403):
+                hint = " (check the kubeconfig credentials and RBAC: list/watch services, endpointslices)"
+            elif err.status == 404:
+                hint = " (is the server a kube-apiserver with discovery.k8s.io/v1?)"
+            return f"{kind}: HTTP {err.status} {err.reason}{hint}"
+        name = type(err).__name__
+        if "MaxRetry" in name or "NewConnection" in name or isinstance(err, ConnectionError):
+            return f"{kind}: cannot reach API server {self.server}: {err}"
+        return f"{kind}: {name}: {err}"
+
+    def _call(self, kind: str, **kw: Any) -> Any:
+        fn = (self._core.list_service_for_all_namespaces if kind == SERVICES
+              else self._discovery.list_endpoint_slice_for_all_namespaces)
+        return fn(label_selector=_KINDS[kind][2], _preload_content=False, **kw)
+
+    def _track(self, resp: Any, add: bool) -> None:
+        with self._open_lock:
+            (self._open.add if add else self._open.discard)(resp)
+
+    def _list(self, kind: str) -> str:
+        resp = self._call(kind, _request_timeout=(self.connect_timeout, 60.0))
+        try:
+            body = json.loads(resp.data)
+        finally:
+            resp.release_conn()
+        if not isinstance(body, dict) or not isinstance(body.get("items"), list):
+            raise ValueError("list response is not a List object")
+        api_version, obj_kind, _ = _KINDS[kind]
+        items = []
+        for item in body["items"]:
+            if isinstance(item, dict):
+                # List items come without kind; watch objects with it. Same dicts.
+                item.setdefault("kind", obj_kind)
+                item.setdefault("apiVersion", api_version)
+                items.append(item)
+        rv = str((body.get("metadata") or {}).get("resourceVersion") or "")
+        added, updated, deleted = self.replace(kind, items)
+        self.resource_versions[kind] = rv
+        self.mark_synced(kind)
+        kv(log, logging.INFO, "Listed", resource=kind, items=len(items), resourceVersion=rv,
+           added=added, updated=updated, deleted=deleted)
+        return rv
+
+    def _watch(self, kind: str, rv: str) -> tuple[str, bool]:
+        """One watch request; returns (last resourceVersion, whether anything arrived)."""
+        from kubernetes.client.exceptions import ApiException
+
+        self.watches += 1
+        try:
+            resp = self._call(kind, watch=True, resource_version=rv, allow_watch_bookmarks=True,
+                              timeout_seconds=self.watch_timeout,
+                              _request_timeout=(self.connect_timeout, self.watch_timeout + self.read_margin))
+        except ApiException as err:
+            if err.status == 410:
+                raise _Relist() from err
+            raise
+        self._track(resp, True)
+        got = False
+        try:
+            if self._stop.is_set():
+                return rv, got
+            for line in _lines(resp):
+                event = json.loads(line)
+                etype = event.get("type")
+                obj = event.get("object")
+                if not isinstance(obj, dict):
+                    raise ValueError(f"watch event {etype} without an object")
+                if etype == "ERROR":
+                    if obj.get("code") == 410:
+                        raise _Relist()
+                    raise ValueError(f"watch error {obj.get('code')}: {obj.get('message')}")
+                new_rv = (obj.get("metadata") or {}).get("resourceVersion")
+                if etype in ("ADDED", "MODIFIED"):
+                    self.upsert(kind, obj)
+                elif etype == "DELETED":
+                    self.remove(kind, obj)
+                elif etype != "BOOKMARK":
+                    raise ValueError(f"unknown watch event type {etype!r}")
+                got = True
+                if isinstance(new_rv, str) and new_rv:
+                    rv = new_rv
+                    self.resource_versions[kind] = rv
+                if self._stop.is_set():
+                    break
+        finally:
+            self._track(resp, False)
+            _shutdown(resp)
+        return rv, got
+
+
+def _lines(resp: Any) -> Iterator[bytes]:
+    """Newline-delimited frames of a streaming response, as they arrive."""
+    buf = b""
+    for chunk in resp.stream(65536, decode_content=True):
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            if line.strip():
+                yield line
+    if buf.strip():
+        yield buf
+
+
+def _shutdown(resp: Any) -> None:
+    """Unblock a reader of ``resp`` from another thread and drop the connection."""
+    for name in ("shutdown", "close"):
+        fn = getattr(resp, name, None)
+        if fn is not None:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - best effort on teardown
+                pass

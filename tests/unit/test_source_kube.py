@@ -1,0 +1,278 @@
+"""KubeSource (official kubernetes client) against the in-test fake API server."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from refproxy.errors import ConfigError
+from refproxy.lab.apiserver import APIServer
+from refproxy.sources import kube as kube_mod
+from refproxy.sources.base import Source
+from refproxy.sources.kube import Backoff, KubeSource, kube_client_config
+
+
+def svc(name, ns="ns", ip="198.19.0.1", labels=None):
+    meta = {"name": name, "namespace": ns}
+    if labels:
+        meta["labels"] = labels
+    return {"kind": "Service", "apiVersion": "v1", "metadata": meta,
+            "spec": {"clusterIP": ip, "ports": [{"port": 53, "protocol": "UDP"}]}}
+
+
+def sl(name, service, ns="ns"):
+    return {"kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
+            "metadata": {"name": name, "namespace": ns, "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4", "endpoints": [{"addresses": ["198.18.1.1"]}]}
+
+
+def until(pred, timeout=5.0, step=0.02):
+    """Poll ``pred`` (bounded in time); True once it holds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return bool(pred())
+
+
+def names(objs):
+    return sorted(o["metadata"]["name"] for o in objs)
+
+
+@pytest.fixture
+def server():
+    s = APIServer(bookmark_interval=0.2).start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+class Harness:
+    """A started KubeSource with recorded backoff delays and a gated sleep."""
+
+    def __init__(self, server_url: str, **kw):
+        self.delays: list[float] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.changes = 0
+        cfg = kube_client_config(None, server_url, environ={})
+        kw.setdefault("watch_timeout", 5)
+        self.src = KubeSource(cfg, sleep=self._sleep, rand=lambda: 0.0, **kw)
+
+    def _sleep(self, d):
+        self.delays.append(d)
+        end = time.monotonic() + 10
+        while not self.gate.wait(0.02) and time.monotonic() < end and not self.src._stop.is_set():
+            pass
+        time.sleep(0.01)  # keep a failing loop from spinning in the test
+
+    def _changed(self):
+        self.changes += 1
+
+    def __enter__(self):
+        self.src.start(self._changed)
+        return self
+
+    def __exit__(self, *exc):
+        self.gate.set()
+        self.src.stop()
+
+
+def test_lists_watches_and_implements_source(server):
+    server.apply(svc("a"))
+    server.apply(sl("a-1", "a"))
+    server.apply(svc("other", labels={"service.kubernetes.io/service-proxy-name": "x"}))
+    with Harness(server.url) as h:
+        assert isinstance(h.src, Source)
+        assert h.src.wait_synced(5)
+        services, slices = h.src.objects()
+        assert names(services) == ["a"] and names(slices) == ["a-1"]
+        assert services[0]["kind"] == "Service"  # list items normalised like watch objects
+        synced_changes = h.changes
+        assert synced_changes >= 1
+
+        server.apply(svc("b"))
+        server.apply(svc("a", ip="198.19.0.2"))
+        server.delete("EndpointSlice", "ns", "a-1")
+        assert until(lambda: names(h.src.objects()[0]) == ["a", "b"] and h.src.objects()[1] == [])
+        assert until(lambda: h.src.objects()[0][0]["spec"]["clusterIP"] == "198.19.0.2")
+        assert h.changes >= synced_changes + 3
+        assert h.src.errors == 0 and h.delays == []
+
+
+def test_not_synced_until_both_lists(server):
+    server.fail_next("EndpointSlice", 500, times=2)
+    with Harness(server.url) as h:
+        h.gate.clear()
+        assert until(lambda: h.src.resource_versions.get("services") is not None)
+        assert not h.src.synced() and not h.src.wait_synced(0.2)
+        assert h.changes == 0  # nothing to sync before both kinds are known
+        h.gate.set()
+        assert h.src.wait_synced(5)
+        assert h.src.errors == 2 and "HTTP 500" in h.src.last_error
+        assert h.changes == 1
+
+
+def test_bookmarks_advance_resource_version(server):
+    server.apply(svc("a"))
+    with Harness(server.url) as h:
+        assert h.src.wait_synced(5)
+        assert h.src.resource_versions["services"] == "1"
+        for i in range(3):  # writes of the other resource only
+            server.apply(sl(f"s-{i}", "a"))
+        assert until(lambda: h.src.resource_versions["services"] == "4")
+        assert len(h.src.objects()[1]) == 3
+
+
+def test_relist_on_410_event_finds_deletions_made_during_the_gap(server):
+    server.apply(svc("a"))
+    server.apply(svc("b"))
+    with Harness(server.url, min_watch_seconds=0) as h:
+        assert h.src.wait_synced(5)
+        h.gate.clear()
+        server.fail_next("Service", 500)  # the re-watch after the drop fails: we back off
+        server.drop_watches()
+        assert until(lambda: h.delays)
+        server.delete("Service", "ns", "b")  # while we are not watching
+        server.apply(svc("c"))
+        server.compact()  # ... and the history is gone: the next watch gets ERROR 410
+        h.gate.set()
+        assert until(lambda: names(h.src.objects()[0]) == ["a", "c"])
+        assert h.src.relists >= 1
+
+
+def test_relist_on_410_status(server):
+    server.apply(svc("a"))
+    with Harness(server.url, min_watch_seconds=0) as h:
+        assert h.src.wait_synced(5)
+        server.fail_next("Service", 410)
+        server.drop_watches()
+        assert until(lambda: h.src.relists >= 1)
+        server.apply(svc("z"))
+        assert until(lambda: names(h.src.objects()[0]) == ["a", "z"])
+        assert h.src.errors == 0
+
+
+def test_dropped_watches_reconnect_from_last_version(server):
+    with Harness(server.url) as h:
+        assert h.src.wait_synced(5)
+        before = h.src.watches
+        for i in range(3):
+            server.drop_watches()
+            server.apply(svc(f"s{i}"))
+            assert until(lambda: f"s{i}" in names(h.src.objects()[0]))
+        assert h.src.watches >= before + 3
+        assert h.src.relists == 0 and h.src.errors == 0
+
+
+def test_unreachable_server_counts_errors_and_backs_off():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    with Harness(f"http://127.0.0.1:{port}", backoff_initial=0.5, backoff_max=4.0) as h:
+        assert until(lambda: len(h.delays) >= 10)
+        h.src._stop.set()
+    assert not h.src.synced()
+    assert h.src.errors >= 10
+    assert "cannot reach API server" in h.src.last_error and str(port) in h.src.last_error
+    per_thread = sorted(h.delays)[:6]  # two threads, each 0.5, 1, 2, 4, 4 ...
+    assert per_thread == [0.5, 0.5, 1.0, 1.0, 2.0, 2.0]
+    assert max(h.delays) == 4.0
+
+
+def test_backoff_resets_after_success(server):
+    server.fail_next("Service", 503, times=3)
+    with Harness(server.url) as h:
+        assert h.src.wait_synced(5)
+        assert h.delays == [0.5, 1.0, 2.0]
+        server.fail_next("Service", 503, times=1)
+        server.drop_watches()  # reconnect; after the success the backoff starts over
+        assert until(lambda: len(h.delays) == 4)
+        assert h.delays[3] in (0.5, 1.0)
+
+
+def test_wrong_server_gives_a_clear_error(tmp_path):
+    class NotKube(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotKube)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with Harness(f"http://127.0.0.1:{httpd.server_address[1]}") as h:
+            assert until(lambda: h.src.errors >= 2)
+        assert "HTTP 404" in h.src.last_error and "kube-apiserver" in h.src.last_error
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_stop_is_prompt_with_long_watches(server):
+    with Harness(server.url, watch_timeout=300) as h:
+        assert h.src.wait_synced(5)
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        h.src.stop()
+        took = time.monotonic() - t0
+    assert took < 3, took
+    assert h.src._threads == []
+
+
+def test_backoff_is_exponential_capped_and_jittered():
+    b = Backoff(0.5, 4.0, rand=lambda: 1.0, jitter=0.2)
+    assert [round(b.next(), 3) for _ in range(6)] == [0.6, 1.2, 2.4, 4.0, 4.0, 4.0]
+    b.reset()
+    assert b.next() == pytest.approx(0.6)
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+def test_config_from_kubeconfig_and_master_override(server, tmp_path):
+    kc = server.write_kubeconfig(str(tmp_path / "kc"))
+    assert kube_client_config(kc, None, environ={}).host == server.url
+    assert kube_client_config(kc, "http://198.18.0.1:6443", environ={}).host == "http://198.18.0.1:6443"
+    assert kube_client_config(kc, None, environ={}).retries.connect == 0
+
+
+def test_config_bad_kubeconfig(tmp_path):
+    bad = tmp_path / "kc"
+    bad.write_text("this: [is not a kubeconfig")
+    with pytest.raises(ConfigError, match="kc"):
+        kube_client_config(str(bad), None, environ={})
+
+
+def test_config_in_cluster_uses_override_not_service_ip(tmp_path, monkeypatch):
+    sa = tmp_path / "sa"
+    sa.mkdir()
+    (sa / "token").write_text("tok")
+    (sa / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
+    monkeypatch.setattr(kube_mod, "SA_DIR", str(sa))
+    env = {"KUBERNETES_SERVICE_HOST": "198.19.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    assert kube_client_config(None, None, environ=env).host == "https://198.19.0.1:443"
+    env2 = dict(env, REFPROXY_API_SERVER="https://198.18.0.5:6443")
+    cfg = kube_client_config(None, None, environ=env2)
+    assert cfg.host == "https://198.18.0.5:6443"
+    assert cfg.api_key.get("authorization") == "Bearer tok" or "tok" in str(cfg.api_key)
+    assert kube_client_config(None, "198.18.0.6:6443", environ=env).host == "https://198.18.0.6:6443"
+
+
+def test_config_nothing_available(tmp_path, monkeypatch):
+    monkeypatch.setattr(kube_mod, "SA_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: tmp_path))
+    with pytest.raises(ConfigError, match="no API server"):
+        kube_client_config(None, None, environ={})
+    assert kube_client_config(None, "http://198.18.0.1:8080", environ={}).host == "http://198.18.0.1:8080"
