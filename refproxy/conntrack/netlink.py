@@ -28,7 +28,7 @@ from refproxy.conntrack import nlmsg as nl
 from refproxy.conntrack.types import ConntrackEntry, DeleteResult, DumpFilter, TupleFilter, IPPROTO_UDP
 from refproxy.errors import ConntrackError, ConntrackUnsupported
 from refproxy.model import IPFamily
-from refproxy.netns import entered
+from refproxy.netns import NETNS_DIR, entered
 
 __all__ = ["NetlinkConntrackTable", "filtered_flush_support"]
 
@@ -108,14 +108,20 @@ class NetlinkConntrackTable:
     def _inside(self) -> Iterator[None]:
         if self.netns is None:
             yield
-        else:
-            with entered(self.netns):
-                yield
+            return
+        # pyroute2's setns defaults to O_CREAT: entering a missing name would
+        # create it. Refuse instead of conjuring an empty namespace.
+        if not os.path.exists(os.path.join(NETNS_DIR, self.netns)):
+            raise ConntrackError(f"network namespace {self.netns!r} does not exist", errno=E.ENOENT)
+        with entered(self.netns):
+            yield
 
     def _open(self) -> socket.socket:
         try:
             with self._inside():
                 s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, nl.NETLINK_NETFILTER)
+        except ConntrackError:
+            raise
         except OSError as err:
             raise ConntrackError(f"opening a ctnetlink socket in netns {self.netns or '(own)'}: {err}", errno=err.errno) from err
         except Exception as err:  # pyroute2's setns wrapper raises its own types
@@ -141,6 +147,8 @@ class NetlinkConntrackTable:
             try:
                 with self._inside():
                     self._count_fd = os.open("/proc/sys/net/netfilter/nf_conntrack_count", os.O_RDONLY | os.O_CLOEXEC)
+            except ConntrackError:
+                raise
             except OSError as err:
                 raise ConntrackError(f"reading the conntrack count of netns {self.netns or '(own)'}: {err}",
                                      errno=err.errno) from err
