@@ -276,3 +276,28 @@ def test_config_nothing_available(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="no API server"):
         kube_client_config(None, None, environ={})
     assert kube_client_config(None, "http://198.18.0.1:8080", environ={}).host == "http://198.18.0.1:8080"
+
+
+def test_against_the_standalone_server_process(tmp_path):
+    """The lab's arrangement: the fake API server as its own process, our source as a client."""
+    import subprocess
+    import sys
+
+    kc = tmp_path / "kc"
+    examples = Path(__file__).resolve().parents[2] / "examples" / "manifests"
+    proc = subprocess.Popen([sys.executable, "-m", "refproxy.lab.apiserver", "--listen", "127.0.0.1:0",
+                             "--kubeconfig-out", str(kc), "--manifests", str(examples)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("http://")
+        src = KubeSource(kube_client_config(str(kc), None, environ={}), watch_timeout=5)
+        src.start(lambda: None)
+        try:
+            assert src.wait_synced(10)
+            services, slices = src.objects()
+            assert names(services) == ["kube-dns", "udp-echo"] and len(slices) == 3
+        finally:
+            src.stop()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
