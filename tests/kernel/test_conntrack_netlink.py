@@ -7,8 +7,9 @@ import tracemalloc
 import pytest
 
 from refproxy.conntrack.fill import ClientPool, flows_to, insert, pad_table, padding
-from refproxy.conntrack.netlink import NetlinkConntrackTable, filtered_flush_support
+from refproxy.conntrack.netlink import NetlinkConntrackTable, kernel_support
 from refproxy.conntrack.types import IPPROTO_UDP, DumpFilter, TupleFilter
+from refproxy.errors import ConntrackUnsupported
 from refproxy.model import IPFamily
 from refproxy.netns import NetNS
 
@@ -91,12 +92,32 @@ def test_ipv6_table_is_separate(ns):
 def test_flush_probe_is_cached_and_matches_kernel_version():
     import os
 
-    a = filtered_flush_support(V4)
-    assert filtered_flush_support(V4) is a
+    a = kernel_support(V4)
+    assert kernel_support(V4) is a
     major, minor = (int(x) for x in os.uname().release.split(".")[:2])
     # CTA_FILTER flush landed around Linux 6.11 (zone-0 filtering in 6.7);
     # CTA_FILTER itself in 5.8. Between those the probe decides.
     if (major, minor) >= (6, 12):
-        assert a.tuple and a.zone, a
+        assert a.dump_l4 and a.dump_addr and a.dump_zone and a.flush_tuple and a.flush_zone, a
     elif (major, minor) < (5, 8):
-        assert not a.tuple, a
+        assert not a.dump_l4 and not a.flush_tuple, a
+
+
+def test_ipv6_address_filters_are_exact_despite_the_kernel(ns):
+    """Linux inverts IPv6 address matches in CTA_FILTER (!ipv6_addr_cmp in
+    ctnetlink_filter_match_tuple); the table must still return the matches
+    and must never trust an IPv6 flush by address."""
+    clients6 = ClientPool(V6)
+    a = list(flows_to(("2001:2::10", 53), [("2001:2::40:1", 5353)], 5, clients6))
+    b = list(flows_to(("2001:2::11", 53), [("2001:2::40:2", 5353)], 7, clients6))
+    insert(ns.name, a + b, family=V6)
+    with NetlinkConntrackTable(V6, ns.name) as t:
+        assert set(t.dump(DumpFilter(proto=IPPROTO_UDP, orig=TupleFilter(dst="2001:2::10", dport=53)))) == set(a)
+        assert set(t.dump(DumpFilter(reply=TupleFilter(src="2001:2::40:2")))) == set(b)
+        support = kernel_support(V6)
+        if not support.dump_addr:
+            with pytest.raises(ConntrackUnsupported):
+                t.flush(DumpFilter(proto=IPPROTO_UDP, orig=TupleFilter(dst="2001:2::10")))
+        else:
+            t.flush(DumpFilter(proto=IPPROTO_UDP, orig=TupleFilter(dst="2001:2::10")))
+        assert set(t.dump()) == set(b) | (set() if support.dump_addr else set(a))
