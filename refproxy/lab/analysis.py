@@ -16,7 +16,8 @@ the same service, or the end of the run):
   (or ``t_ref`` if later) was answered, and the window does not end in an
   unanswered stretch longer than ``TAIL_GRACE``. ``None`` when the step left
   the service without endpoints.
-* ``lost``: requests sent in the window that were never answered.
+* ``lost``: requests sent in the window that were never answered;
+  ``lost_served``: those sent from ``t_ref`` on (while endpoints existed).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def analyse_flow(client: ClientSpec, samples: Sequence[Sample], steps: Sequence[
         cut = max([st.t_ref, *st.removed.values()])
         got_after_cut = any(t >= cut for t in answered)
         recovered = got_after_cut and tail <= max(TAIL_GRACE, 5 * client.interval)
-        out.append(FlowStep(st.index, affected, recovered, round(longest, 4), lost))
+        lost_served = sum(1 for s in in_window if s.replied is None)
+        out.append(FlowStep(st.index, affected, recovered, round(longest, 4), lost, lost_served))
     return FlowResult(
         client=client.name,
         fixed=client.fixed,

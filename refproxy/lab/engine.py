@@ -114,6 +114,7 @@ class FlowStep:
     recovered: bool | None          # None: no recovery expected (no endpoints left)
     recovery_seconds: float | None  # longest unanswered stretch after t_ref (black-holed time)
     lost: int                       # requests in the step's window left unanswered
+    lost_served: int = 0            # of those, sent after t_ref (loss the proxy is answerable for)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +131,11 @@ class FlowResult:
     @property
     def lost(self) -> int:
         return self.sent - self.answered
+
+    @property
+    def lost_served(self) -> int:
+        """Requests lost while the flow's service had serving endpoints."""
+        return sum(s.lost_served for s in self.steps)
 
     @property
     def worst_recovery(self) -> float | None:

@@ -176,7 +176,9 @@ class NetnsPlatform:
             self.api.apply(self._service_obj(spec))
             for _ in range(spec.replicas):
                 st.backends.append(self._new_backend(spec))
-            self._publish(st)
+            # No trigger time on objects made before the proxy starts: the
+            # network-programming figure then measures the run's changes only.
+            self._publish(st, trigger=False)
         for c in scenario.clients:
             if c.node_port_raw is not None:
                 start_echo_in(node, "node", c.node_port_raw, None)
@@ -215,9 +217,9 @@ class NetnsPlatform:
             start_echo_in(pod.ns, name, extra, None)
         return _Backend(name, pod)
 
-    def _slice_obj(self, st: _Svc, now: float) -> dict:
+    def _slice_obj(self, st: _Svc, now: float | None) -> dict:
         spec = st.spec
-        return {
+        obj = {
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
             "metadata": {
@@ -227,7 +229,7 @@ class NetnsPlatform:
                            "endpointslice.kubernetes.io/managed-by": "refproxy-lab"},
                 # kube-proxy's network-programming latency starts from this
                 # annotation (pkg/proxy/endpointschangetracker.go).
-                "annotations": {TRIGGER_ANNOTATION: _rfc3339(now)},
+                "annotations": {TRIGGER_ANNOTATION: _rfc3339(now)} if now is not None else {},
             },
             "addressType": "IPv4",
             "endpoints": [
@@ -238,11 +240,12 @@ class NetnsPlatform:
             ],
             "ports": [{"name": p.name, "port": p.target_port, "protocol": p.protocol} for p in spec.ports],
         }
+        return obj
 
-    def _publish(self, st: _Svc) -> float:
+    def _publish(self, st: _Svc, *, trigger: bool = True) -> float:
         now = time.time()
         if st.present:
-            self.api.apply(self._slice_obj(st, now))
+            self.api.apply(self._slice_obj(st, now if trigger else None))
         self._record_truth(now)
         return now
 

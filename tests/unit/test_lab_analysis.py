@@ -70,3 +70,15 @@ def test_short_tail_in_flight_is_not_a_black_hole():
     samples = flow(lambda t: "new" if t < 9.85 else None)
     (fs,) = analyse_flow(FIXED, samples, [step(2.0, 2.0)], end=10.0).steps
     assert fs.recovered
+
+
+def test_loss_while_served_excludes_time_without_endpoints():
+    samples = flow(lambda t: "a" if t < 2.0 else None if t < 5.3 else "b")
+    steps = [
+        StepRecord(0, "scale", "app", 2.0, 2.1, None, {"a": 2.0}, ()),
+        StepRecord(1, "scale", "app", 5.0, 5.1, 5.1, {}, ("b",)),
+    ]
+    result = analyse_flow(FIXED, samples, steps, end=10.0)
+    down, up = result.steps
+    assert down.lost_served == 0 and up.lost == 3 and up.lost_served == 2
+    assert result.lost_served == 2 and result.lost == 33

@@ -34,7 +34,7 @@ def test_summary_figures():
     row = summarize(result("full", 0.3))
     assert row["fixed_recoveries"] == 1 and row["fixed_recoveries_expected"] == 1
     assert row["worst_black_hole_s"] == 0.3 and not row["black_hole"]
-    assert row["lost_fixed"] == 15 and row["node_flow_lost"] == 0
+    assert row["lost_fixed_total"] == 15 and row["node_flow_lost"] == 0
     assert row["cleanup_runs"] == 4 and row["entries_deleted"] == 3
     assert row["network_programming_mean_s"] == 0.25 and row["peak_rss_mb"] == 40.0
 
