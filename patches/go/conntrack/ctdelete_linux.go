@@ -22,34 +22,51 @@ package conntrack
 // This file sends batched conntrack deletes on the ctnetlink socket.
 
 import (
+	"errors"
 	"fmt"
+	"syscall"
 )
 
-// deleteBatchBytes bounds one sendmsg of delete requests (~100 bytes each),
-// staying well under the socket send buffer.
-const deleteBatchBytes = 1 << 15
+const (
+	// deleteBatchBytes bounds one sendmsg of delete requests (~90 bytes each).
+	deleteBatchBytes = 1 << 15
+	// deleteBatchRequests bounds the requests per sendmsg by count. The kernel
+	// handles the whole sendmsg before we read anything and queues one ACK
+	// skb per request; each costs ~1 KiB of the receive buffer (truesize),
+	// so with the default 208 KiB rmem a few hundred ACKs overflow it, the
+	// kernel drops the rest and recvmsg fails with ENOBUFS. Found by the
+	// kernel test (Linux 6.18, rmem_default 212992): 256 requests per
+	// sendmsg fit, 320 overflowed; 128 leaves a 2x margin.
+	deleteBatchRequests = 128
+)
 
-// deleteFlows deletes each flow by its original tuple, packing as many delete
-// requests as fit in deleteBatchBytes into one sendmsg and reading the ACKs in
-// bulk. ENOENT counts as already gone. It returns how many entries it deleted
-// and the first other error (the remaining batches are still attempted).
+// deleteFlows deletes each flow by its original tuple, packing up to
+// deleteBatchRequests delete requests (and at most deleteBatchBytes) into one
+// sendmsg and reading the ACKs in bulk. ENOENT counts as already gone. It
+// returns how many entries it deleted and the first other error; the
+// remaining batches are still attempted. If ACKs are lost anyway (ENOBUFS)
+// the batch's outcome is unknown: that is reported as an error, so the caller
+// retries those flows (a repeated delete answers ENOENT).
 func (s *ctnlSocket) deleteFlows(family uint8, flows []Flow) (int, error) {
 	deleted := 0
 	var firstErr error
+	fail := func(err error) {
+		if firstErr == nil {
+			firstErr = err
+		}
+	}
 	buf := make([]byte, recvBufferSize)
 	for start := 0; start < len(flows); {
 		var batch []byte
 		outstanding := map[uint32]bool{}
 		end := start
-		for end < len(flows) && len(batch) < deleteBatchBytes {
+		for end < len(flows) && len(batch) < deleteBatchBytes && end-start < deleteBatchRequests {
 			seq := s.nextSeq()
 			var err error
 			batch, err = appendDeleteRequest(batch, seq, family, flows[end])
 			end++
 			if err != nil {
-				if firstErr == nil {
-					firstErr = err
-				}
+				fail(err)
 				continue
 			}
 			outstanding[seq] = true
@@ -62,8 +79,14 @@ func (s *ctnlSocket) deleteFlows(family uint8, flows []Flow) (int, error) {
 			return deleted, fmt.Errorf("sending %d conntrack deletes: %w", len(outstanding), err)
 		}
 		// Bounded by the number of requests sent: each gets exactly one ACK.
+		// ACKs of an earlier batch whose read failed carry other sequence
+		// numbers and are skipped by countAcks.
 		for reads := 0; len(outstanding) > 0 && reads <= len(flows); reads++ {
 			b, err := s.recv(buf)
+			if errors.Is(err, syscall.ENOBUFS) {
+				fail(fmt.Errorf("%d conntrack delete ACKs lost: %w", len(outstanding), err))
+				break
+			}
 			if err != nil {
 				return deleted, fmt.Errorf("reading conntrack delete ACKs: %w", err)
 			}
@@ -72,8 +95,8 @@ func (s *ctnlSocket) deleteFlows(family uint8, flows []Flow) (int, error) {
 				return deleted, err
 			}
 			deleted += d
-			if firstErr == nil && e != nil {
-				firstErr = e
+			if e != nil {
+				fail(e)
 			}
 		}
 	}
