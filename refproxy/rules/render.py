@@ -29,9 +29,9 @@ import re
 import dataclasses
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Iterable, Mapping, Sequence
+from typing import Collection, Iterable, Mapping, Sequence
 
-from refproxy.model import Endpoint, IPFamily, ServicePort, Snapshot
+from refproxy.model import Endpoint, IPFamily, ServicePort, ServicePortName, Snapshot
 from refproxy.rules.hashing import ServiceChains, is_service_chain
 
 __all__ = [
@@ -278,7 +278,7 @@ def _externally_accessible(sp: ServicePort) -> bool:
 class _Tables:
     """Line buffers for one render (kube-proxy's four LineBuffers)."""
 
-    __slots__ = ("filter_chains", "filter_rules", "nat_chains", "nat_rules", "active_nat", "warnings")
+    __slots__ = ("filter_chains", "filter_rules", "nat_chains", "nat_rules", "active_nat", "warnings", "skip")
 
     def __init__(self) -> None:
         self.filter_chains: list[str] = []
@@ -287,9 +287,11 @@ class _Tables:
         self.nat_rules: list[str] = []
         self.active_nat: set[str] = set()
         self.warnings: list[str] = []
+        self.skip = False  # current service's chains are unchanged: compute, don't write
 
     def nat_chain(self, chain: str) -> None:
-        self.nat_chains.append(f":{chain} - [0:0]")
+        if not self.skip:
+            self.nat_chains.append(f":{chain} - [0:0]")
         self.active_nat.add(chain)
 
 
@@ -298,12 +300,20 @@ def render(
     config: RenderConfig,
     *,
     existing_chains: Mapping[str, Iterable[str]] | None = None,
+    changed: Collection[ServicePortName] | None = None,
 ) -> RenderedRules:
     """Render ``snapshot`` into one ``iptables-restore --noflush`` input.
 
     ``existing_chains`` maps a table name (``"nat"``, ``"filter"``) to the
     chains currently in the kernel (from ``iptables-save``); per-service
     chains there that the new ruleset does not use are deleted.
+
+    ``changed`` asks for a partial sync (kube-proxy's, since 1.26): the
+    per-service chains (SVC/SVL/EXT/FW/SEP) of ports *not* in it are left
+    out of the text, so ``--noflush`` keeps them as they are in the kernel.
+    Top-level chains are always rewritten in full. Only valid when the
+    kernel holds the previous render of this family (a successful restore);
+    after a failure the caller must render in full (``changed=None``).
     """
     if snapshot.family is not config.family:
         raise ValueError(f"snapshot is {snapshot.family.name}, config is {config.family.name}")
@@ -336,8 +346,11 @@ def render(
     node_ips = sorted(a for a in (_canon_ip(x, v) for x in config.node_addresses) if a)
 
     sep_count = 0
+    only = None if changed is None else frozenset(changed)
     for sp in ports:
+        t.skip = only is not None and sp.name not in only
         sep_count += _render_port(t, sp, snapshot.endpoints_of(sp.name), config, v, local_cidr, large, node_ips)
+    t.skip = False
 
     _render_nodeports_tail(t, config, fam, node_ips)
 
@@ -567,6 +580,9 @@ def _render_port(
             f'-A {KUBE_NODEPORTS} -m comment --comment "{name} health check node port" -m tcp -p tcp '
             f"--dport {sp.health_check_node_port} -j ACCEPT"
         )
+
+    if t.skip:
+        nr = []  # unchanged service: its chains stay as they are in the kernel
 
     if has_internal and cluster_ip is not None:
         base = f'-A {internal_chain} -m comment --comment "{name} cluster IP" {pm} -d {cluster_ip} --dport {port}'

@@ -159,6 +159,20 @@ def test_endpoint_change_moves_new_flows(lab):
     assert udp_ask(c1, lab.topo.node_ip, NP_UDP) == "b"
 
 
+def test_partial_sync_moves_the_changed_service(lab):
+    c1 = lab.topo.clients["c1"]
+    lab.apply(lab.snapshot("a"))
+    full = render(lab.snapshot("a"), lab.config)
+    part = render(lab.snapshot("b"), lab.config, existing_chains=full.chains, changed={ECHO_U, ECHO_T})
+    assert ":KUBE-SVC-TCOU7JCQXEZGVUNU - [0:0]" not in part.text  # kube-dns left as it is
+    assert part.deleted["nat"]  # a's SEP chains go
+    lab.runner.restore(part.text)
+    assert udp_ask(c1, ECHO_IP, PORT) == "b"
+    assert tcp_ask(c1, ECHO_IP, PORT) == "b"
+    assert udp_ask(c1, DNS_IP, 53) == "dns"  # untouched chains kept working
+    assert lab.runner.existing_chains("nat") == set(part.chains["nat"])
+
+
 def test_service_without_endpoints_is_rejected(lab):
     lab.apply(lab.snapshot("a"))
     c1 = lab.topo.clients["c1"]

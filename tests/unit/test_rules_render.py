@@ -606,3 +606,29 @@ def test_any_snapshot_renders_well_formed_consistent_text(snap, stale):
     out = render(snap, RenderConfig(cluster_cidrs=("10.0.0.0/8",)), existing_chains={"nat": stale})
     _assert_well_formed(out.text)
     check_jumps(out.text)
+
+
+def test_partial_sync_writes_only_changed_service_chains():
+    s1, s2 = svc(), svc("172.30.0.42", ns="ns2", name="svc2")
+    snap = snapshot((s1, [EP1]), (s2, [Endpoint("10.180.0.2", 80)]))
+    full = render(snap, CONFIG)
+    part = render(snap, CONFIG, existing_chains=full.chains, changed={s2.name})
+    lines = part.text.splitlines()
+    # svc1's chains are neither declared (which would flush them) nor written...
+    assert not any(x.startswith((":KUBE-SVC-XPGD46QRK7WJZT7O", ":KUBE-SEP-SXIVWICOYRO3J4NJ", "-A KUBE-SVC-XPGD",
+                                 "-A KUBE-SEP-SXIV")) for x in lines)
+    # ...nor deleted as stale, and KUBE-SERVICES still jumps to them.
+    assert part.deleted == {"filter": (), "nat": ()}
+    assert any(x.endswith("-j KUBE-SVC-XPGD46QRK7WJZT7O") and x.startswith("-A KUBE-SERVICES") for x in lines)
+    assert ":KUBE-SVC-GNZBNJ2PO5MGZ6GT - [0:0]" in lines and ":KUBE-SEP-RS4RBKLTHTF2IUXJ - [0:0]" in lines
+    assert part.chains == full.chains
+    # Applied over the full ruleset, the partial text yields the full one.
+    check_jumps(full.text)
+    assert set(tables(part.text)["nat"]) <= set(tables(full.text)["nat"])
+
+
+def test_partial_sync_deletes_chains_of_removed_endpoints():
+    full = render(snapshot((svc(), [EP1, EP2])), CONFIG)
+    part = render(snapshot((svc(), [EP1])), CONFIG, existing_chains=full.chains, changed={spn()})
+    assert part.deleted["nat"] == ("KUBE-SEP-LXVODXWDISEETFEF",)
+    check_jumps(part.text)
