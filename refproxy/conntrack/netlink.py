@@ -206,39 +206,23 @@ class NetlinkConntrackTable:
                 _send(sock, nl.message(nl.IPCTNL_MSG_CT_GET, nl.NLM_F_DUMP, seq, self.family.af, payload), "dump", flt)
                 buf = bytearray(RECV_SIZE)
                 view = memoryview(buf)
-                hdr = nl.read_header
-                entry = decoder.entry
-                interrupted = False
-                done = False
+                chunk = decoder.chunk
+                out: list[ConntrackEntry] = []
+                interrupted = done = False
                 while not done:
                     try:
                         n = sock.recv_into(view)
                     except OSError as err:
                         raise ConntrackError(f"dumping conntrack ({_what(flt)}): {err}", errno=err.errno) from err
-                    m = 0
-                    while m + 16 <= n:
-                        mlen, mtype, mflags, mseq, _ = hdr(buf, m)
-                        if mlen < 16:
-                            break
-                        if mseq == seq:
-                            if mtype == nl.NLMSG_DONE:
-                                done = True
-                                if mflags & nl.NLM_F_DUMP_INTR:
-                                    interrupted = True
-                                break
-                            if mtype == nl.NLMSG_ERROR:
-                                code = nl.ack_errno(buf, m)
-                                if code:
-                                    raise ConntrackError(f"dumping conntrack ({_what(flt)}): {os.strerror(code)}",
-                                                         errno=code)
-                            elif mflags & nl.NLM_F_DUMP_INTR:
-                                interrupted = True
-                            else:
-                                e = entry(buf, m, mlen)
-                                if e is not None and (check is None or check(e)):
-                                    yielded += 1
-                                    yield e
-                        m += (mlen + 3) & ~3
+                    done, intr, code = chunk(buf, n, seq, out)
+                    interrupted = interrupted or intr
+                    if code:
+                        raise ConntrackError(f"dumping conntrack ({_what(flt)}): {os.strerror(code)}", errno=code)
+                    if check is not None:
+                        out = [e for e in out if check(e)]
+                    yielded += len(out)
+                    yield from out
+                    out.clear()
                 clean = True
             finally:
                 if clean and not self._closed:

@@ -432,6 +432,61 @@ class Decoder:
             ),
         )
 
+    def chunk(self, buf, n: int, seq: int, out: list) -> tuple[bool, bool, int]:
+        """Decode the entry messages of dump ``seq`` in ``buf[:n]`` into ``out``.
+
+        Returns ``(done, interrupted, errno)``: NLMSG_DONE seen, any message
+        flagged NLM_F_DUMP_INTR, and the errno of an NLMSG_ERROR (0 if none).
+        One recv's worth (~170 entries) at a time keeps memory flat while the
+        per-entry loop runs without a call or a generator switch: it is the
+        hot loop of a full-table dump.
+        """
+        hdr = _NLMSGHDR.unpack_from
+        fast = self._fast_mark.unpack_from
+        names = self._names
+        name = self._name
+        new = tuple.__new__
+        fam = self.family
+        af = self.af
+        oh_ok, rh_ok, ph_ok, sh_ok, mh_ok = self._orig_hdr, self._reply_hdr, self._proto_hdr, self._status_hdr, self._mark_hdr
+        need = self._fast_end + 16
+        new_type = msg_type(IPCTNL_MSG_CT_NEW)
+        append = out.append
+        interrupted = False
+        m = 0
+        while m + 16 <= n:
+            mlen, mtype, mflags, mseq, _ = hdr(buf, m)
+            if mlen < 16:
+                break
+            if mseq == seq:
+                if mflags & NLM_F_DUMP_INTR:
+                    interrupted = True
+                if mtype == new_type:
+                    if buf[m + 16] == af:
+                        if mlen >= need:
+                            (oh, osrc, odst, oph, proto, osp, odp, rh, rsrc, rdst, rph, _p, rsp, rdp, sh, mh, mark) = fast(
+                                buf, m + 20)
+                            if oh == oh_ok and rh == rh_ok and oph == ph_ok and rph == ph_ok and sh == sh_ok and mh == mh_ok:
+                                append(new(ConntrackEntry, (
+                                    fam, proto,
+                                    names.get(osrc) or name(osrc), names.get(odst) or name(odst), osp, odp,
+                                    names.get(rsrc) or name(rsrc), names.get(rdst) or name(rdst), rsp, rdp,
+                                    mark, 0,
+                                )))
+                                m += (mlen + 3) & ~3
+                                continue
+                        e = self.entry(buf, m, mlen)
+                        if e is not None:
+                            append(e)
+                elif mtype == NLMSG_DONE:
+                    return True, interrupted, 0
+                elif mtype == NLMSG_ERROR:
+                    code = ack_errno(buf, m)
+                    if code:
+                        return True, interrupted, code
+            m += (mlen + 3) & ~3
+        return False, interrupted, 0
+
     def _generic(self, buf, o: int, end: int) -> ConntrackEntry:
         orig = reply = None
         mark = zone = 0

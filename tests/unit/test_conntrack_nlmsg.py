@@ -151,3 +151,33 @@ def test_tcp_create_carries_established_state():
     a = _attrs(nl.EntryPacker(V4).create(e, 1, 0, 60)[20:])
     tcp = _attrs(_attrs(a[nl.CTA_PROTOINFO])[nl.CTA_PROTOINFO_TCP])
     assert tcp[nl.CTA_PROTOINFO_TCP_STATE][0] == nl.TCP_CONNTRACK_ESTABLISHED
+
+
+def _with_seq(msg: bytes, seq: int, extra_flags: int = 0) -> bytes:
+    length, mtype, flags, _, pid = struct.unpack_from("<IHHII", msg)
+    return struct.pack("<IHHII", length, mtype, flags | extra_flags, seq, pid) + msg[16:]
+
+
+def _done(seq: int) -> bytes:
+    return struct.pack("<IHHII", 20, nl.NLMSG_DONE, nl.NLM_F_MULTI, seq, 0) + b"\0\0\0\0"
+
+
+def test_chunk_decodes_a_recv_worth():
+    es = [E4, E4._replace(orig_sport=1, reply_dport=1), E4._replace(zone=3)]
+    msgs = [_with_seq(kernel_message(es[0]), 9), _with_seq(kernel_message(es[1]), 9),
+            _with_seq(kernel_message(es[2], zone_attr=True), 9),
+            _with_seq(kernel_message(E4._replace(orig_sport=2)), 8),  # another dump's leftover: ignored
+            _with_seq(kernel_message(E6), 9)]  # other family: skipped
+    buf = bytearray(b"".join(msgs) + _done(9))
+    out: list = []
+    assert nl.Decoder(V4).chunk(buf, len(buf), 9, out) == (True, False, 0)
+    assert out == es
+
+
+def test_chunk_reports_interrupt_and_errors():
+    buf = bytearray(_with_seq(kernel_message(E4), 5, nl.NLM_F_DUMP_INTR))
+    out: list = []
+    assert nl.Decoder(V4).chunk(buf, len(buf), 5, out) == (False, True, 0)
+    assert out == [E4]  # an interrupted dump's entries are still real entries
+    err = struct.pack("<IHHII", 36, nl.NLMSG_ERROR, 0, 5, 0) + struct.pack("<i", -22) + b"\0" * 16
+    assert nl.Decoder(V4).chunk(bytearray(err), len(err), 5, []) == (True, False, 22)
