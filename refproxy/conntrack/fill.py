@@ -147,9 +147,8 @@ def insert(
     own = table is None
     t = NetlinkConntrackTable(family, netns) if own else table
     try:
-        if t._del_sock is None:
-            t._del_sock = t._open()
-        sock = t._del_sock
+        sock = t._delete_socket()
+        batch_size = min(batch_size, t._max_batch)
         pack = nl.EntryPacker(family).create
         flags = nl.NLM_F_CREATE | nl.NLM_F_EXCL
         inserted = existed = failed = requests = 0

@@ -79,6 +79,7 @@ class NetlinkConntrackTable:
         self._next_seq = 1
         self._idle: list[socket.socket] = []
         self._del_sock: socket.socket | None = None
+        self._max_batch = batch_size
         self._packer = nl.EntryPacker(family)
         self._count_fd: int | None = None
         self._closed = False
@@ -238,9 +239,8 @@ class NetlinkConntrackTable:
 
     def delete(self, entries: Iterable[ConntrackEntry]) -> DeleteResult:
         """Delete ``entries`` by original tuple and zone, ``batch_size`` per sendmsg."""
-        if self._del_sock is None:
-            self._del_sock = self._open()
-        sock = self._del_sock
+        sock = self._delete_socket()
+        limit = min(self.batch_size, self._max_batch)
         deleted = not_found = batches = 0
         failed: list[tuple[ConntrackEntry, int]] = []
         pack = self._packer.delete
@@ -270,10 +270,10 @@ class NetlinkConntrackTable:
         for e in entries:
             if not batch:
                 # Reserve the batch's sequence numbers so replies map to entries.
-                seq0 = self._take_seq(self.batch_size)
+                seq0 = self._take_seq(limit)
             parts.append(pack(e, seq0 + len(batch), 0))
             batch.append(e)
-            if len(batch) >= self.batch_size:
+            if len(batch) >= limit:
                 flush_batch()
         if batch:
             flush_batch()
@@ -307,9 +307,23 @@ class NetlinkConntrackTable:
         self._next_seq = seq + n
         return seq
 
-    def _request(self, ct_msg: int, payload: bytes, what: str, *, version: int = 0) -> None:
+    def _delete_socket(self) -> socket.socket:
+        """The request socket (deletes, flushes, inserts), opened on first use.
+
+        Also sizes ``_max_batch``: every failed delete in a batch queues one
+        error reply (~1 KiB of receive buffer each, skb overhead included);
+        a batch must fit, or the kernel drops replies (ENOBUFS) and failures
+        would go unseen. With SO_RCVBUFFORCE (root) that is far above the
+        default batch; without it the batch shrinks instead.
+        """
         if self._del_sock is None:
             self._del_sock = self._open()
+            rcvbuf = self._del_sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            self._max_batch = max(16, rcvbuf // 1024)
+        return self._del_sock
+
+    def _request(self, ct_msg: int, payload: bytes, what: str, *, version: int = 0) -> None:
+        self._delete_socket()
         seq = self._take_seq(1)
         self._requests += 1
         _send(self._del_sock, nl.message(ct_msg, nl.NLM_F_ACK, seq, self.family.af, payload, version=version), what, None)
