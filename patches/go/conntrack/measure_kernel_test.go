@@ -49,15 +49,23 @@ func measure(f func()) cost {
 
 // median runs f repeat times and returns the median wall and CPU times.
 func median(repeat int, f func()) cost {
-	walls := make([]time.Duration, repeat)
-	cpus := make([]time.Duration, repeat)
-	for i := range walls {
-		c := measure(f)
+	costs := make([]cost, repeat)
+	for i := range costs {
+		costs[i] = measure(f)
+	}
+	return medianCost(costs)
+}
+
+// medianCost is the median wall time and the median CPU time of costs.
+func medianCost(costs []cost) cost {
+	walls := make([]time.Duration, len(costs))
+	cpus := make([]time.Duration, len(costs))
+	for i, c := range costs {
 		walls[i], cpus[i] = c.wall, c.cpu
 	}
 	sort.Slice(walls, func(i, j int) bool { return walls[i] < walls[j] })
 	sort.Slice(cpus, func(i, j int) bool { return cpus[i] < cpus[j] })
-	return cost{wall: walls[repeat/2], cpu: cpus[repeat/2]}
+	return cost{wall: walls[len(costs)/2], cpu: cpus[len(costs)/2]}
 }
 
 func report(t *testing.T, name string, c cost, extra string) {
@@ -137,31 +145,44 @@ func TestKernelMeasure(t *testing.T) {
 
 	// Deleting the K stale entries: batched, then (after re-inserting them)
 	// one request per round trip as netlink.ConntrackDeleteFilters does.
+	// Each variant runs repeat times on freshly inserted entries.
 	s, err := openCTNetlink()
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	var n int
-	d = measure(func() { n, err = s.deleteFlows(syscall.AF_INET, stale) })
-	if err != nil || n != k {
-		t.Fatalf("batched delete: %d, %v", n, err)
-	}
-	report(t, "delete_batched", d, fmt.Sprintf("deleted=%d", n))
-
-	insertFlows(t, syscall.AF_INET, stale)
-	n = 0
-	d = measure(func() {
-		for i := range stale {
-			m, err := s.deleteFlows(syscall.AF_INET, stale[i:i+1])
-			if err != nil {
-				t.Fatal(err)
+	variants := []struct {
+		name string
+		del  func() (int, error)
+	}{
+		{"delete_batched", func() (int, error) { return s.deleteFlows(syscall.AF_INET, stale) }},
+		{"delete_one_per_request", func() (int, error) {
+			n := 0
+			for i := range stale {
+				m, err := s.deleteFlows(syscall.AF_INET, stale[i:i+1])
+				if err != nil {
+					return n, err
+				}
+				n += m
 			}
-			n += m
-		}
-	})
-	if n != k {
-		t.Fatalf("one-by-one delete removed %d, want %d", n, k)
+			return n, nil
+		}},
 	}
-	report(t, "delete_one_per_request", d, fmt.Sprintf("deleted=%d", n))
+	for _, v := range variants {
+		costs := make([]cost, 0, repeat)
+		for r := 0; r < repeat; r++ {
+			if r > 0 {
+				insertFlows(t, syscall.AF_INET, stale)
+			}
+			var n int
+			var derr error
+			c := measure(func() { n, derr = v.del() })
+			if derr != nil || n != k {
+				t.Fatalf("%s: deleted %d of %d, %v", v.name, n, k, derr)
+			}
+			costs = append(costs, c)
+		}
+		report(t, v.name, medianCost(costs), fmt.Sprintf("deleted=%d", k))
+		insertFlows(t, syscall.AF_INET, stale)
+	}
 }
