@@ -138,7 +138,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="10000,100000,1000000", help="table sizes N (comma list)")
     p.add_argument("--keys", default="1,10", help="numbers of stale frontends E (comma list)")
     p.add_argument("--stale", type=int, default=1000, help="stale entries K in total (default 1000)")
-    p.add_argument("--plugins", default="", help="plugins to run (default: every installed one)")
+    p.add_argument("--plugins", default="",
+                   help="plugins to run (default: every installed one); NAME@KEY=VALUE[;KEY=VALUE] runs a "
+                        "variant with those options, e.g. 'targeted,targeted@dump-entry-us=4'")
     p.add_argument("--plugin-opt", action="append", default=[], metavar="PLUGIN:KEY=VALUE",
                    help="an option for one plugin (repeatable)")
     p.add_argument("--no-conntrack-cli", action="store_true", help=f"skip the {CLI_METHOD} baseline")
@@ -190,7 +192,7 @@ def main(args: argparse.Namespace) -> int:
                                 table.flush(DumpFilter())
                                 insert(None, sc.entries(), table=table)
                             _progress(f"N={n} E={e}: running {m}")
-                            res = _run_worker(m, ns.name, sc, opts.get(m, {}))
+                            res = _run_worker(m, ns.name, sc, opts.get(m.partition("@")[0], {}))
                             verdict = _verify(table, sc)
                             rows.append((sc, res, verdict))
                             print(_row(sc, res, verdict), flush=True)
@@ -281,11 +283,22 @@ def _worker(spec_json: str) -> None:
     print(json.dumps(asdict(res)))
 
 
-def _run_plugin(name: str, netns: str, sc: Scenario, options: dict[str, str]) -> RunResult:
+def _split_variant(method: str, options: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """``NAME@K=V;K=V`` -> (NAME, options with those added)."""
+    name, _, spec = method.partition("@")
+    opts = dict(options)
+    for item in filter(None, spec.split(";")):
+        k, _, v = item.partition("=")
+        opts[k.strip()] = v.strip()
+    return name, opts
+
+
+def _run_plugin(method: str, netns: str, sc: Scenario, options: dict[str, str]) -> RunResult:
     from refproxy.cleanup.api import CleanupRequest
     from refproxy.cleanup.registry import load_plugin
     from refproxy.conntrack.netlink import NetlinkConntrackTable, kernel_support
 
+    name, options = _split_variant(method, options)
     previous, current = sc.snapshots()
     plugin = load_plugin(name, options)
     request = CleanupRequest(IPFamily.IPv4, previous, current, frozenset(), now=time.monotonic())
@@ -298,7 +311,7 @@ def _run_plugin(name: str, netns: str, sc: Scenario, options: dict[str, str]) ->
     c0, t0 = time.process_time(), time.perf_counter()
     report = plugin.cleanup(request, table)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return RunResult(name, wall, cpu, _vm_hwm_mb(), base, table.requests, report.examined, report.deleted,
+    return RunResult(method, wall, cpu, _vm_hwm_mb(), base, table.requests, report.examined, report.deleted,
                      report.pending, "; ".join(report.errors)[:200])
 
 
@@ -330,14 +343,14 @@ def _children_cpu() -> float:
 
 
 def _header() -> str:
-    return (f"{'N':>9} {'E':>3} {'K':>5}  {'method':<12} {'wall_s':>8} {'cpu_s':>7} {'peak_MB':>8} {'base_MB':>8} "
+    return (f"{'N':>9} {'E':>3} {'K':>5}  {'method':<14} {'wall_s':>8} {'cpu_s':>7} {'peak_MB':>8} {'base_MB':>8} "
             f"{'requests':>8} {'examined':>9} {'deleted':>7} {'pending':>7}  verified")
 
 
 def _row(sc: Scenario, r: RunResult, verdict: str) -> str:
     if r.error and r.wall == 0:
-        return f"{sc.n:>9} {sc.keys:>3} {sc.stale:>5}  {r.method:<12} error: {r.error}"
+        return f"{sc.n:>9} {sc.keys:>3} {sc.stale:>5}  {r.method:<14} error: {r.error}"
     ex = "-" if r.examined < 0 else str(r.examined)
     tail = f"  ({r.error})" if r.error else ""
-    return (f"{sc.n:>9} {sc.keys:>3} {sc.stale:>5}  {r.method:<12} {r.wall:>8.3f} {r.cpu:>7.3f} {r.peak_rss_mb:>8.1f} "
+    return (f"{sc.n:>9} {sc.keys:>3} {sc.stale:>5}  {r.method:<14} {r.wall:>8.3f} {r.cpu:>7.3f} {r.peak_rss_mb:>8.1f} "
             f"{r.base_rss_mb:>8.1f} {r.requests:>8} {ex:>9} {r.deleted:>7} {r.pending:>7}  {verdict}{tail}")
