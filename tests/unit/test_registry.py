@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from refproxy.cleanup.api import API_VERSION, CleanupReport, OptionSpec
@@ -61,6 +63,18 @@ def test_builtins_are_discovered_through_the_entry_point_group():
 
 
 def test_discover_lists_broken_plugins_with_their_error_and_keeps_the_others(caplog):
+    # refproxy's logger stops propagation once the CLI set logging up: listen on it directly.
+    reg_log = logging.getLogger("refproxy.cleanup.registry")
+    reg_log.addHandler(caplog.handler)
+    reg_log.setLevel(logging.WARNING)
+    try:
+        _check_discover_lists_broken(caplog)
+    finally:
+        reg_log.removeHandler(caplog.handler)
+        reg_log.setLevel(logging.NOTSET)
+
+
+def _check_discover_lists_broken(caplog):
     eps = [
         FakeEntryPoint("good", make_plugin("good")),
         FakeEntryPoint("broken", ImportError("No module named 'nowhere'")),
