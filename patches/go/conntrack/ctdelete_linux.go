@@ -28,13 +28,15 @@ import (
 )
 
 const (
-	// deleteBatchBytes bounds one sendmsg of delete requests (~90 bytes each).
+	// deleteBatchBytes bounds one sendmsg of delete requests (72 bytes each
+	// for IPv4, 96 for IPv6).
 	deleteBatchBytes = 1 << 15
 	// deleteBatchRequests bounds the requests per sendmsg by count. The kernel
 	// handles the whole sendmsg before we read anything and queues one ACK
-	// skb per request; each costs ~1 KiB of the receive buffer (truesize),
-	// so with the default 208 KiB rmem a few hundred ACKs overflow it, the
-	// kernel drops the rest and recvmsg fails with ENOBUFS. Found by the
+	// skb per request; each is charged its truesize (several hundred bytes)
+	// to the receive buffer, so with the default 208 KiB a few hundred ACKs
+	// overflow it, the kernel drops the rest and recvmsg fails with ENOBUFS
+	// (the old 32 KiB-only bound allowed 456 IPv4 requests). Found by the
 	// kernel test (Linux 6.18, rmem_default 212992): 256 requests per
 	// sendmsg fit, 320 overflowed; 128 leaves a 2x margin.
 	deleteBatchRequests = 128
