@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import os
 import re
 import resource
 import subprocess
@@ -57,23 +56,29 @@ class Scenario:
     keys: int
 
     def frontend(self, i: int) -> tuple[str, int]:
+        """The ClusterIP:port of stale frontend ``i``."""
         return _ip("198.18.1.0", i), 53
 
     def old_endpoints(self, i: int) -> tuple[tuple[str, int], tuple[str, int]]:
+        """The two endpoints frontend ``i`` loses (its stale entries point at them)."""
         return (_ip("198.18.64.0", 3 * i + 1), 5353), (_ip("198.18.64.0", 3 * i + 2), 5353)
 
     def live_endpoint(self, i: int) -> tuple[str, int]:
+        """The endpoint frontend ``i`` keeps."""
         return _ip("198.18.64.0", 3 * i + 3), 5353
 
     def stale_per_key(self, i: int) -> int:
+        """How many of the K stale entries go to frontend ``i`` (spread evenly)."""
         q, r = divmod(self.stale, self.keys)
         return q + (1 if i < r else 0)
 
     @property
     def padding(self) -> int:
+        """Unrelated entries that fill the table up to N."""
         return self.n - self.stale - self.keys * LIVE_PER_KEY - KUBE_DNS_FLOWS
 
     def validate(self) -> None:
+        """Raise ``ValueError`` when N, K and E do not fit together."""
         if self.keys < 1 or self.stale < self.keys:
             raise ValueError("need 1 <= keys <= stale")
         if self.padding < 0:
@@ -343,14 +348,14 @@ def _children_cpu() -> float:
 
 
 def _header() -> str:
-    return (f"{'N':>9} {'E':>3} {'K':>5}  {'method':<14} {'wall_s':>8} {'cpu_s':>7} {'peak_MB':>8} {'base_MB':>8} "
+    return (f"{'N':>9} {'E':>3} {'K':>5}  {'method':<26} {'wall_s':>8} {'cpu_s':>7} {'peak_MB':>8} {'base_MB':>8} "
             f"{'requests':>8} {'examined':>9} {'deleted':>7} {'pending':>7}  verified")
 
 
 def _row(sc: Scenario, r: RunResult, verdict: str) -> str:
     if r.error and r.wall == 0:
-        return f"{sc.n:>9} {sc.keys:>3} {sc.stale:>5}  {r.method:<14} error: {r.error}"
+        return f"{sc.n:>9} {sc.keys:>3} {sc.stale:>5}  {r.method:<26} error: {r.error}"
     ex = "-" if r.examined < 0 else str(r.examined)
     tail = f"  ({r.error})" if r.error else ""
-    return (f"{sc.n:>9} {sc.keys:>3} {sc.stale:>5}  {r.method:<14} {r.wall:>8.3f} {r.cpu:>7.3f} {r.peak_rss_mb:>8.1f} "
+    return (f"{sc.n:>9} {sc.keys:>3} {sc.stale:>5}  {r.method:<26} {r.wall:>8.3f} {r.cpu:>7.3f} {r.peak_rss_mb:>8.1f} "
             f"{r.base_rss_mb:>8.1f} {r.requests:>8} {ex:>9} {r.deleted:>7} {r.pending:>7}  {verdict}{tail}")

@@ -97,6 +97,7 @@ class ConntrackTableContract:
         raise NotImplementedError("subclasses provide the table under test")
 
     def full_table(self, **kw) -> ConntrackTable:
+        """A table holding every entry of :data:`CONTRACT_ENTRIES`."""
         return self.make_table(CONTRACT_ENTRIES.values(), **kw)
 
     def test_is_a_conntrack_table(self):

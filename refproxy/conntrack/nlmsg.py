@@ -33,7 +33,6 @@ __all__ = [
     "IPCTNL_MSG_CT_NEW",
     "IPCTNL_MSG_CT_GET",
     "IPCTNL_MSG_CT_DELETE",
-    "IPCTNL_MSG_CT_GET_STATS",
     "msg_type",
     "attr",
     "nest",
@@ -44,6 +43,8 @@ __all__ = [
     "Decoder",
     "ack_errno",
     "PORT_PROTOS",
+    "KERNEL_PORT_FILTER_PROTOS",
+    "read_header",
 ]
 
 NETLINK_NETFILTER = 12
@@ -67,7 +68,6 @@ NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW = 0
 IPCTNL_MSG_CT_GET = 1
 IPCTNL_MSG_CT_DELETE = 2
-IPCTNL_MSG_CT_GET_STATS = 5
 
 NLA_F_NESTED = 0x8000
 
@@ -104,8 +104,6 @@ FLAG_IP_DST = 1 << 1
 FLAG_PROTO_NUM = 1 << 3
 FLAG_PROTO_SRC_PORT = 1 << 4
 FLAG_PROTO_DST_PORT = 1 << 5
-# enum ctattr_stats_global
-CTA_STATS_GLOBAL_ENTRIES = 1
 
 # Protocols whose tuples carry ports. The kernel's CTA_FILTER port match
 # (ctnetlink_filter_match_tuple) only looks at TCP and UDP ports, so a port
@@ -537,13 +535,5 @@ def _walk(buf, o: int, end: int):
         o += (alen + 3) & ~3
 
 
-def stats_entries(buf, m: int, mlen: int) -> int | None:
-    """CTA_STATS_GLOBAL_ENTRIES from an IPCTNL_MSG_CT_GET_STATS reply."""
-    for atype, start, _ in _walk(buf, m + 20, m + mlen):
-        if atype == CTA_STATS_GLOBAL_ENTRIES:
-            return _BE32.unpack_from(buf, start)[0]
-    return None
-
-
-HeaderReader = Callable[[object, int], tuple[int, int, int, int, int]]
-read_header: HeaderReader = _NLMSGHDR.unpack_from
+read_header: Callable[[object, int], tuple[int, int, int, int, int]] = _NLMSGHDR.unpack_from
+"""``read_header(buf, offset)`` -> (len, type, flags, seq, pid) of the nlmsghdr there."""
