@@ -275,7 +275,13 @@ class NetnsPlatform:
             "--min-sync-period", f"{sc.min_sync_period}s", "--sync-period", f"{sc.sync_period}s",
             "--metrics-bind-address", f"127.0.0.1:{METRICS_PORT}",
             "--healthz-bind-address", f"127.0.0.1:{HEALTHZ_PORT}",
-            "--cluster-cidr", "198.18.1.0/24",
+            # Clients count as pods (resolvers, statsd senders run in pods), so
+            # their ClusterIP traffic is not masqueraded. Masqueraded entries
+            # are flushed by the kernel when their out interface (a deleted
+            # pod's veth) goes away, which would hide the black hole
+            # (nf_nat_masquerade's device notifier); NodePort and ExternalIP
+            # traffic is still masqueraded, as kube-proxy does.
+            "--cluster-cidr", "198.18.1.0/24,198.18.2.0/24",
         ]
         for k, v in sorted(options.items()):
             argv += ["--cleanup-opt", f"{k}={v}"]

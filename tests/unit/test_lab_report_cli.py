@@ -116,3 +116,12 @@ def test_plot_without_matplotlib_fails_first(monkeypatch, capsys):
 def test_default_plugins_put_the_control_first():
     assert lab_cli._default_plugins(["thresholded", "full", "extra", "targeted"]) == [
         "none", "full", "targeted", "thresholded", "extra"]
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from refproxy.lab.plot import plot_runs
+
+    path = tmp_path / "lab.png"
+    plot_runs([summarize(result("none", None)), summarize(result("full", 0.3))], str(path), "t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
