@@ -61,3 +61,18 @@ broken_line
         "kubeproxy_sync_proxy_rules_duration_seconds_count": 4.0,
         "process_resident_memory_bytes": 25000000.0,
     }
+
+
+def test_proxy_command_line_uses_kube_proxy_flags(tmp_path):
+    from refproxy.lab.platform_netns import NetnsPlatform
+    from refproxy.lab.scenario import load_scenario
+
+    p = NetnsPlatform("rplab", workdir=str(tmp_path))  # creates nothing but the workdir
+    p.scenario = load_scenario("default")
+    argv = p.proxy_argv("thresholded", {"max-entries": "100", "a": "b"}, "/k")
+    joined = " ".join(argv)
+    assert "run --source kube --kubeconfig /k --hostname-override lab-node --cleanup thresholded" in joined
+    assert "--min-sync-period 0.2s --sync-period 2.0s" in joined
+    assert argv[-4:] == ["--cleanup-opt", "a=b", "--cleanup-opt", "max-entries=100"]
+    p.teardown()  # nothing was built: still safe, and the kept workdir stays
+    assert tmp_path.exists()
