@@ -106,6 +106,12 @@ def kube_client_config(kubeconfig: str | None, master: str | None, *, environ: d
     4. Else ``master`` alone (plain, unauthenticated).
 
     ``master`` (a URL) always overrides the server address.
+
+    Departure: kube-proxy (cmd/kube-proxy/app/server.go ``createClient``)
+    uses in-cluster config only when neither flag is set, and ``--master``
+    alone means no credentials; here ``--master`` keeps the service-account
+    credentials so a DaemonSet can name an API address that does not depend
+    on the ClusterIP it programs.
     """
     import yaml
     from kubernetes import client, config

@@ -423,6 +423,21 @@ def test_never_raises_on_arbitrary_json(services, slices, family):
     assert builder.build(services, slices)[0] == snap
 
 
+_SAFE = __import__("re").compile(r"[a-z0-9.-]*\Z")
+
+
+@settings(max_examples=300, deadline=None)
+@given(*[st.text(max_size=70) | st.from_regex(r"[a-z0-9][-a-z0-9.\n \"']{0,70}", fullmatch=True)] * 5)
+def test_names_that_reach_rules_are_always_rfc1123(ns, name, port_name, slice_port_name, slice_name):
+    """Whatever the text, a name in the snapshot cannot break iptables-restore syntax."""
+    s = svc(name=name, ns=ns, ports=[{"name": port_name, "port": 53, "protocol": "UDP"}])
+    sl = eps(service=name, ns=ns, name=slice_name, ports=[{"name": slice_port_name, "port": 53, "protocol": "UDP"}])
+    snap, _ = build([s], [sl])
+    for spn in list(snap.services) + list(snap.endpoints):
+        for part in (spn.namespace, spn.name, spn.port):
+            assert _SAFE.match(part) and len(part) <= 63
+
+
 # --- the memoising builder ----------------------------------------------------------
 
 
