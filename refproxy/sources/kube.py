@@ -224,6 +224,10 @@ class KubeSource(ObjectStore):
         for t in self._threads:
             t.join(timeout=self.connect_timeout + 5.0)
         self._threads = []
+        try:  # drop idle keep-alive connections too (pools reopen on demand)
+            self._api.rest_client.pool_manager.clear()
+        except Exception:  # noqa: BLE001 - best effort on teardown
+            pass
 
     # --- the loop ---
 
