@@ -10,7 +10,11 @@ Guarantees:
 
 1. ``submit`` never blocks on a running cleanup.
 2. Requests coalesce: while a cleanup runs, only the newest submitted snapshot
-   is kept; the superseded ones are counted.
+   is kept; the superseded ones are counted *and folded into* ``previous``
+   (:func:`fold_snapshots`), so an endpoint that existed only in a skipped
+   snapshot still counts as removed. Without this, S1={A} -> S2={A,B} ->
+   S3={A} with S2 skipped would look like "no change" and the flows DNATed to
+   B would survive.
 3. The plugin is never called concurrently with itself.
 4. ``previous`` (the snapshot of the last successful run) advances only when
    the plugin returned; an exception is logged, counted and the next
@@ -23,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Callable
 
 from refproxy.cleanup.api import CleanupPlugin, CleanupReport, CleanupRequest
@@ -31,9 +36,37 @@ from refproxy.log import kv
 from refproxy.metrics import Metrics
 from refproxy.model import Snapshot
 
-__all__ = ["CleanupWorker"]
+__all__ = ["CleanupWorker", "fold_snapshots"]
 
 log = logging.getLogger("refproxy.cleanup")
+
+
+def fold_snapshots(base: Snapshot | None, skipped: Snapshot) -> Snapshot:
+    """A snapshot whose frontends and serving endpoints are those of both (pure).
+
+    Used as the ``previous`` of a cleanup request when snapshots were skipped:
+    every frontend and serving endpoint that existed in either counts as
+    "was there", so losing it later is seen as a change. A port present in
+    both with different frontends (e.g. a changed ClusterIP) is kept twice,
+    the skipped one under a suffixed port name, so neither frontend is lost.
+    """
+    if base is None:
+        return skipped
+    services = dict(base.services)
+    endpoints = {k: tuple(v) for k, v in base.endpoints.items()}
+    for name, sp in skipped.services.items():
+        old = services.get(name)
+        if old is None or old == sp:
+            services[name] = sp
+            endpoints[name] = endpoints.get(name, ()) + tuple(skipped.endpoints_of(name))
+            continue
+        alias = replace(name, port=f"{name.port}~{skipped.generation}")
+        services[alias] = replace(sp, name=alias)
+        endpoints[alias] = tuple(skipped.endpoints_of(name))
+    for name, eps in skipped.endpoints.items():
+        if name not in skipped.services:
+            endpoints[name] = endpoints.get(name, ()) + tuple(eps)
+    return Snapshot(base.family, services, endpoints, node_name=base.node_name, generation=base.generation)
 
 
 class CleanupWorker:
@@ -54,6 +87,7 @@ class CleanupWorker:
         self._clock = clock
         self._cond = threading.Condition()
         self._pending: tuple[Snapshot, frozenset[str]] | None = None
+        self._skipped: Snapshot | None = None  # superseded snapshots, folded
         self._busy = False
         self._stopped = False
         self._thread: threading.Thread | None = None
@@ -66,6 +100,7 @@ class CleanupWorker:
         with self._cond:
             if self._pending is not None:
                 self._metrics.cleanup_superseded.inc()
+                self._skipped = fold_snapshots(self._skipped, self._pending[0])
             self._pending = (current, node_addresses)
             self._cond.notify()
 
@@ -100,18 +135,20 @@ class CleanupWorker:
             if self._pending is None:
                 return None
             current, addrs = self._pending
+            skipped, self._skipped = self._skipped, None
             self._pending = None
             self._busy = True
         try:
-            return self._run(current, addrs)
+            return self._run(current, addrs, skipped)
         finally:
             with self._cond:
                 self._busy = False
 
-    def _run(self, current: Snapshot, addrs: frozenset[str]) -> CleanupReport | None:
+    def _run(self, current: Snapshot, addrs: frozenset[str], skipped: Snapshot | None) -> CleanupReport | None:
         name = self.plugin.name
+        previous = self.previous if skipped is None else fold_snapshots(self.previous, skipped)
         request = CleanupRequest(
-            family=current.family, previous=self.previous, current=current, node_addresses=addrs, now=self._clock()
+            family=current.family, previous=previous, current=current, node_addresses=addrs, now=self._clock()
         )
         m = self._metrics
         t0, c0 = time.monotonic(), time.thread_time()
@@ -123,6 +160,9 @@ class CleanupWorker:
             m.cleanup_runs.labels(name, "exception").inc()
             m.cleanup_errors.labels(name).inc()
             log.error("cleanup plugin failed plugin=%s error=%r", name, err, exc_info=log.isEnabledFor(logging.DEBUG))
+            if skipped is not None:  # keep what the skipped snapshots showed for the retry
+                with self._cond:
+                    self._skipped = fold_snapshots(skipped, self._skipped) if self._skipped else skipped
             return None
         finally:
             m.conntrack_sync_duration.observe(time.monotonic() - t0)

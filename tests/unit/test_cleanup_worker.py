@@ -81,3 +81,43 @@ def test_exception_does_not_advance_previous():
 def test_run_once_without_pending_is_a_no_op():
     w = CleanupWorker(RecordingPlugin(), MemoryConntrackTable, Metrics(process=False))
     assert w.run_once() is None
+
+
+def test_skipped_snapshots_are_folded_into_previous_so_targeted_sees_the_loss():
+    """S1={A} -> S2={A,B} (skipped while a run is busy) -> S3={A}: B's flows are stale."""
+    from refproxy.cleanup.registry import load_plugin
+    from refproxy.conntrack.types import ConntrackEntry
+    from refproxy.model import Endpoint, Protocol, ServicePort, ServicePortName
+
+    n = ServicePortName("default", "echo", "udp", Protocol.UDP)
+    sp = ServicePort(n, "198.19.0.20", 7, Protocol.UDP)
+
+    def s(gen, *ips):
+        return Snapshot(IPFamily.IPv4, {n: sp}, {n: tuple(Endpoint(ip, 7) for ip in ips)}, generation=gen)
+
+    to_b = ConntrackEntry(IPFamily.IPv4, 17, "198.18.2.1", "198.19.0.20", 4000, 7, "198.18.1.2", "198.18.2.1", 7, 4000)
+    to_a = ConntrackEntry(IPFamily.IPv4, 17, "198.18.2.2", "198.19.0.20", 4001, 7, "198.18.1.1", "198.18.2.2", 7, 4001)
+    table = MemoryConntrackTable([to_a])
+    w = CleanupWorker(load_plugin("targeted", {}), lambda: table, Metrics(process=False))
+    w.submit(s(1, "198.18.1.1"), frozenset())
+    w.run_once()
+    table.add(to_b)  # a flow DNATed to B while S2's rules were in place
+    w.submit(s(2, "198.18.1.1", "198.18.1.2"), frozenset())  # superseded before it runs
+    w.submit(s(3, "198.18.1.1"), frozenset())
+    report = w.run_once()
+    assert report is not None and report.deleted == 1
+    assert to_b not in table and to_a in table
+
+
+def test_fold_keeps_both_frontends_of_a_changed_port():
+    from refproxy.cleanup.stale import StaleIndex
+    from refproxy.cleanup.worker import fold_snapshots
+    from refproxy.model import Endpoint, Protocol, ServicePort, ServicePortName
+
+    n = ServicePortName("default", "echo", "udp", Protocol.UDP)
+    a = Snapshot(IPFamily.IPv4, {n: ServicePort(n, "198.19.0.20", 7, Protocol.UDP)}, {n: (Endpoint("198.18.1.1", 7),)})
+    b = Snapshot(IPFamily.IPv4, {n: ServicePort(n, "198.19.0.21", 7, Protocol.UDP)}, {n: (Endpoint("198.18.1.2", 7),)},
+                 generation=5)
+    folded = fold_snapshots(a, b)
+    ips = {f.ip for f in StaleIndex(folded).serving}
+    assert ips == {"198.19.0.20", "198.19.0.21"}
