@@ -107,9 +107,9 @@ class ServicePortName:
 class ServicePort:
     """One Service port, as kube-proxy's ``BaseServicePortInfo`` sees it.
 
-    Addresses are of the snapshot's family only; a Service whose ClusterIP is
-    of the other family still appears (for its external IPs) with
-    ``cluster_ip=None``.
+    Addresses are of the snapshot's family only; a single-stack Service of
+    the other family is left out entirely, as kube-proxy's
+    ``serviceToServiceMap`` does.
     """
 
     name: ServicePortName

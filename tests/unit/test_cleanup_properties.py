@@ -116,7 +116,9 @@ def test_injected_failures_are_retried_not_forgotten(factory, options, data, dum
     k = len(table) - len(healthy)
     plugin = factory(dict(options))
     first = plugin.cleanup(request(previous, current), table)
-    if k and (dump_fails or any((e.orig_sport + salt) % 2 for e in table.entries() if index.is_stale(e))):
+    # Whatever the failures left behind must be reported (a plugin may still
+    # have finished the job, e.g. by a kernel-side flush that needs no dump).
+    if any(index.is_stale(e) for e in table.entries()):
         assert first.pending > 0
         if factory is not ThresholdedCleanup:  # a budget may stop before reaching a failing entry
             assert first.errors
