@@ -476,7 +476,8 @@ class NetnsPlatform:
                     if not idx.is_stale(e):
                         collateral += 1
                         if len(examples) < 5:
-                            examples.append(f"collateral: {e}")
+                            when = f" at {ts:.3f}" if ts is not None else ""
+                            examples.append(f"collateral{when}: {e}")
         final = indexes[-1][1]
         stale = 0
         with NetlinkConntrackTable(IPFamily.IPv4, netns=self.topo.node.name) as table:
