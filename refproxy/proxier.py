@@ -8,8 +8,10 @@ applying in ``rules/apply.py``, conntrack cleanup in ``cleanup/worker.py``.
 Guarantees:
 
 1. No rules are written before the source has completed both first lists.
-2. A failed restore leaves the previous rules in place, is counted, and
-   forces a full resync (re-reading existing chains, re-ensuring jumps) on the
+2. Syncs are partial (only changed services' chains are rewritten, like
+   kube-proxy since 1.26) except the first, one per ``sync_period``, and
+   any after a failure. A failed restore leaves the previous rules in
+   place, is counted, and forces a full resync (re-reading existing chains, re-ensuring jumps) on the
    next attempt, which is requested right away (bounded by the runner's
    minimum interval).
 3. Cleanup is handed the snapshot only after its rules were restored, and
@@ -113,6 +115,8 @@ class Proxier:
         self._chains: dict[str, set[str]] = {}
         self._seen_slices: dict[tuple[str, str], str] = {}
         self._seen_problems: set = set()
+        self._last_full = float("-inf")
+        self._addrs: frozenset[str] | None = None
 
     def sync(self) -> bool:
         """One sync; returns True when rules were applied (see module guarantees)."""
@@ -129,16 +133,24 @@ class Proxier:
 
     def _sync(self) -> bool:
         start = self.clock()
-        full = self.need_full_sync
+        # kube-proxy's partial sync: rewrite only the changed services' chains,
+        # but render everything after a failure and once per sync period.
+        full = self.need_full_sync or start - self._last_full >= self.config.sync_period
         services, slices = self.source.objects()
         self.generation += 1
         snapshot, problems = self.builder.build(services, slices, generation=self.generation)
         self._count_problems(problems)
         changes = diff(self.last_applied, snapshot)
         addrs = self.addresses()
+        if not full and changes.is_empty and addrs == self._addrs:
+            # Nothing to write; still let cleanup resume pending work.
+            if self.cleanup is not None:
+                self.cleanup.submit(snapshot, addrs)
+            return True
         if full:
             self._chains = {t: set(self.rules.existing_chains(t)) for t in TABLES}
-        rendered = render(snapshot, RenderConfig.from_proxy_config(self.config, addrs), existing_chains=self._chains)
+        rendered = render(snapshot, RenderConfig.from_proxy_config(self.config, addrs), existing_chains=self._chains,
+                          changed=None if full else changes.changed_ports())
         if log.isEnabledFor(TRACE):
             log.log(TRACE, "restore text:\n%s", rendered.text)
         try:
@@ -157,6 +169,9 @@ class Proxier:
         times, self._seen_slices = trigger_times(slices, self._seen_slices)
         self._chains = {t: set(c) for t, c in rendered.chains.items()}
         self.need_full_sync = False
+        if full:
+            self._last_full = start
+        self._addrs = addrs
         self.last_applied = snapshot
         elapsed = self.clock() - start
         now = self.wallclock()

@@ -83,9 +83,9 @@ def endpoint_slice(name="dns", ips=("198.18.1.1",), rv="1", trigger=None):
     }
 
 
-def make(source, rules, worker=None):
+def make(source, rules, worker=None, sync_period=3600.0):
     retries = []
-    p = Proxier(ProxyConfig(hostname="node-1"), source, rules, Metrics(process=False), cleanup=worker,
+    p = Proxier(ProxyConfig(hostname="node-1", sync_period=sync_period), source, rules, Metrics(process=False), cleanup=worker,
                 addresses=lambda: frozenset({"198.18.0.1"}), request_retry=lambda: retries.append(1))
     return p, retries
 
@@ -107,9 +107,22 @@ def test_success_applies_rules_then_hands_snapshot_to_cleanup():
     (snap, addrs), = worker.submitted
     assert snap is p.last_applied and addrs == {"198.18.0.1"}
     assert rules.jumps == 1 and rules.reads == 2
-    # The next sync is incremental: no iptables-save, no jump checks.
+    # Nothing changed: no restore at all, but cleanup still gets its turn.
+    assert p.sync() is True
+    assert len(rules.restores) == 1 and len(worker.submitted) == 2
+    # An endpoint change is a partial sync: no iptables-save, no jump checks,
+    # and only the changed service's chains are written.
+    other = service(name="other", ip="198.19.0.11")
+    p.source.services.append(other)
+    p.source.slices.append(endpoint_slice(name="other", ips=("198.18.1.7",)))
+    p.source.slices[0] = endpoint_slice(ips=("198.18.1.2",), rv="2")
     assert p.sync() is True
     assert rules.jumps == 1 and rules.reads == 2
+    partial = rules.restores[-1]
+    assert "198.18.1.2" in partial and "198.18.1.7" in partial
+    p.source.slices[1] = endpoint_slice(name="other", ips=("198.18.1.8",), rv="2")
+    assert p.sync() is True
+    assert "198.18.1.8" in rules.restores[-1] and "198.18.1.2" not in rules.restores[-1]
 
 
 def test_failed_restore_keeps_state_forces_full_resync_and_skips_cleanup():
@@ -141,3 +154,15 @@ def test_trigger_times_only_for_changed_slices():
     assert again == []
     changed, _ = trigger_times([endpoint_slice(rv="2", trigger=t)], seen)
     assert len(changed) == 1
+
+
+def test_periodic_full_sync_after_sync_period():
+    rules = FakeRules()
+    clock = [0.0]
+    p, _ = make(FakeSource([service()], [endpoint_slice()]), rules, sync_period=30.0)
+    p.clock = lambda: clock[0]
+    assert p.sync() and rules.reads == 2
+    clock[0] = 10.0
+    assert p.sync() and rules.reads == 2 and len(rules.restores) == 1  # no change: nothing written
+    clock[0] = 31.0
+    assert p.sync() and rules.reads == 4 and len(rules.restores) == 2  # full resync re-reads the kernel
