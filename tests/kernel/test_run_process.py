@@ -46,9 +46,10 @@ def test_run_syncs_serves_metrics_stops_on_sigterm_and_cleanup_rules_removes_all
         nat = _wait(lambda: "198.19.0.10" in (s := ns.run(["iptables-save", "-t", "nat"]).stdout) and s)
         assert nat, "rules never appeared"
         assert "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES" in nat
-        metrics = _wait(lambda: _get(ns, "http://127.0.0.1:10249/metrics"))
+        ran = 'refproxy_cleanup_runs_total{plugin="targeted",result="ok"}'
+        metrics = _wait(lambda: ran in (m := _get(ns, "http://127.0.0.1:10249/metrics")) and m, timeout=60)
+        assert metrics, "the cleanup never ran"
         assert "kubeproxy_sync_proxy_rules_last_timestamp_seconds" in metrics
-        assert 'refproxy_cleanup_runs_total{plugin="targeted",result="ok"}' in metrics
         assert '"lastUpdated"' in _wait(lambda: _get(ns, "http://127.0.0.1:10256/healthz"))
         # A manifest change is picked up and re-synced.
         (manifests / "udp-echo.yaml").unlink()
