@@ -281,7 +281,7 @@ class NetnsPlatform:
             # pod's veth) goes away, which would hide the black hole
             # (nf_nat_masquerade's device notifier); NodePort and ExternalIP
             # traffic is still masqueraded, as kube-proxy does.
-            "--cluster-cidr", "198.18.1.0/24,198.18.2.0/24",
+            "--cluster-cidr", "198.18.0.0/22",  # node, pods (198.18.1/24), clients (198.18.2/24)
         ]
         for k, v in sorted(options.items()):
             argv += ["--cleanup-opt", f"{k}={v}"]
