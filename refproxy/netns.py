@@ -15,7 +15,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import threading
 from typing import Iterator, Sequence
 
 from refproxy.errors import LabError
@@ -30,7 +29,6 @@ __all__ = [
 ]
 
 NETNS_DIR = "/run/netns"
-_lock = threading.Lock()
 
 
 def unique_name(prefix: str) -> str:
@@ -138,16 +136,43 @@ class NetNS:
 def entered(name: str) -> Iterator[None]:
     """Run the block with the calling thread inside netns ``name``.
 
-    Sockets created inside stay bound to that namespace after the block.
+    Sockets created inside stay bound to that namespace after the block. A
+    missing namespace is an error (pyroute2's ``setns`` would create it), and
+    the thread always returns to the namespace it came from. Uses ``setns(2)``
+    through libc directly, so the hot paths (the netlink conntrack table) do
+    not pay pyroute2's import (~12 MB RSS).
     """
-    from pyroute2 import netns as prnetns
-
-    with _lock:
-        prnetns.pushns(name)
+    path = os.path.join(NETNS_DIR, name)
+    if "/" in name or not os.path.exists(path):
+        raise LabError(f"network namespace {name!r} does not exist")
+    own = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(target, name)
+        finally:
+            os.close(target)
         try:
             yield
         finally:
-            prnetns.popns()
+            _setns(own, "the original namespace")
+    finally:
+        os.close(own)
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int, what: str) -> None:
+    if hasattr(os, "setns"):  # Python >= 3.12
+        os.setns(fd, _CLONE_NEWNET)
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise LabError(f"setns into {what} failed: {os.strerror(err)}")
 
 
 def _ip(*args: str) -> None:

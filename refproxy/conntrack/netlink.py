@@ -112,8 +112,8 @@ class NetlinkConntrackTable:
         if self.netns is None:
             yield
             return
-        # pyroute2's setns defaults to O_CREAT: entering a missing name would
-        # create it. Refuse instead of conjuring an empty namespace.
+        # Never conjure an empty namespace for a misspelt name (pyroute2's
+        # setns would, with its O_CREAT default); say which one is missing.
         if not os.path.exists(os.path.join(NETNS_DIR, self.netns)):
             raise ConntrackError(f"network namespace {self.netns!r} does not exist", errno=E.ENOENT)
         with entered(self.netns):
@@ -127,7 +127,7 @@ class NetlinkConntrackTable:
             raise
         except OSError as err:
             raise ConntrackError(f"opening a ctnetlink socket in netns {self.netns or '(own)'}: {err}", errno=err.errno) from err
-        except Exception as err:  # pyroute2's setns wrapper raises its own types
+        except Exception as err:  # refproxy.netns raises LabError on setns failure
             raise ConntrackError(f"entering netns {self.netns!r} to open a ctnetlink socket: {err}") from err
         _tune(s)
         s.bind((0, 0))
