@@ -49,7 +49,7 @@ class ThresholdedCleanup(TargetedCleanup):
         OptionSpec("max-seconds", "wall time per run, e.g. 50ms (empty = no limit)", ""),
         OptionSpec("full-resync-period", "a full reconcile at most this often as a safety net (0 = off), e.g. 1h", "0"),
         OptionSpec("key-walk-us", "cost model: microseconds per table entry of one kernel-filtered walk", "0.3"),
-        OptionSpec("dump-entry-us", "cost model: microseconds per entry decoded by a protocol-filtered dump", "1.4"),
+        OptionSpec("dump-entry-us", "cost model: microseconds per entry decoded by a protocol-filtered dump", "3.5"),
         OptionSpec("sctp", "also clean SCTP service ports (true/false)", "false"),
     )
 

@@ -181,17 +181,20 @@ def test_retired_nodeport_is_not_flushed_over_a_live_external_ip():
 
 
 def test_targeted_cost_model_switches_to_one_dump():
-    many = [svc(f"s{i}", f"198.19.1.{i}", 53, [EP1]) for i in range(8)]
+    many = [svc(f"s{i}", f"198.19.1.{i}", 53, [EP1]) for i in range(16)]
     s0 = snap(*many, gen=0)
-    s1 = snap(*[svc(f"s{i}", f"198.19.1.{i}", 53, [EP2]) for i in range(8)], gen=1)
-    flows = [flow(f"198.19.1.{i}", 53, EP1.ip, 53, 4000 + i) for i in range(8)]
+    s1 = snap(*[svc(f"s{i}", f"198.19.1.{i}", 53, [EP2]) for i in range(16)], gen=1)
+    flows = [flow(f"198.19.1.{i}", 53, EP1.ip, 53, 4000 + i) for i in range(16)]
     t = RecordingTable(flows)
     r = TargetedCleanup({}).cleanup(req(s0, s1), t)
-    assert t.dumped == [DumpFilter(proto=17)]  # 8 walks > 1 walk + decode
-    assert r.deleted == 8 and r.details["cost_dump_us"] < r.details["cost_per_key_us"]
+    assert t.dumped == [DumpFilter(proto=17)]  # 16 walks > 1 walk + decode
+    assert r.deleted == 16 and r.details["cost_dump_us"] < r.details["cost_per_key_us"]
     t2 = RecordingTable(flows)
     TargetedCleanup({"dump-entry-us": "100"}).cleanup(req(s0, s1), t2)
-    assert len(t2.dumped) == 8  # decoding made expensive: per-key walks win
+    assert len(t2.dumped) == 16  # decoding made expensive: per-key walks win
+    t3 = RecordingTable(flows[:8])
+    TargetedCleanup({}).cleanup(req(snap(*many[:8], gen=0), snap(*[svc(f"s{i}", f"198.19.1.{i}", 53, [EP2]) for i in range(8)], gen=1)), t3)
+    assert len(t3.dumped) == 8  # with the defaults, 8 walks are cheaper than one dump
 
 
 def test_targeted_full_resync_period_uses_the_request_clock():
