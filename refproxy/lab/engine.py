@@ -130,6 +130,7 @@ class FlowResult:
 
     @property
     def lost(self) -> int:
+        """Requests never answered over the whole run."""
         return self.sent - self.answered
 
     @property
@@ -163,6 +164,7 @@ class RunResult:
 
     @property
     def fixed_flows(self) -> tuple[FlowResult, ...]:
+        """Fixed-source-port flows to services (the flows a stale entry black-holes)."""
         return tuple(f for f in self.flows if f.fixed and not f.target.startswith("node:"))
 
     @property

@@ -200,6 +200,7 @@ class _Ctx:
         self.source = source
 
     def fail(self, where: str, msg: str) -> "ConfigError":
+        """The error for a problem at ``where`` in this file."""
         return ConfigError(f"scenario {self.source}: {where}: {msg}")
 
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from refproxy.errors import LabError
 from refproxy.netns import NetNS
 
-__all__ = ["Topology", "Pod", "Client", "echo_argv"]
+__all__ = ["Topology", "Pod", "Client", "echo_argv", "start_echo_in"]
 
 POD_NET = ipaddress.ip_network("198.18.1.0/24")
 CLIENT_NET = ipaddress.ip_network("198.18.2.0/24")
