@@ -365,7 +365,7 @@ class KindPlatform:
                                      "--rm", "-i", "--restart=Never", f"--image={self.cluster.image}",
                                      "--image-pull-policy=IfNotPresent",
                                      f"--overrides={json.dumps(_pad_overrides(node))}",
-                                     "--command", "--", "python3", "-m", "refproxy.conntrack.fill",
+                                     "--command", "--", "python3", "-m", "refproxy.conntrack.fill", "--current-namespace",
                                      "--entries", str(entries)], timeout=1800)
 
     def start_proxy(self, plugin: str, options: Mapping[str, str]) -> None:

@@ -240,3 +240,46 @@ def pad_table(netns: str, total: int, *, family: IPFamily = IPFamily.IPv4, start
         if missing <= 0:
             return FillResult()
         return insert(None, padding(missing, ClientPool(family, start)), family=family, timeout=timeout, table=t)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python3 -m refproxy.conntrack.fill``: pad a test node's table (kind suite).
+
+    Pads either a named namespace (``--netns``) or, only with the explicit
+    ``--current-namespace``, the namespace it runs in (a kind node's, from a
+    host-network pod). The entries live ``--timeout`` seconds; the global
+    ``nf_conntrack_max`` is raised when needed and left raised while they live
+    (lowering it under the count would make the node drop new flows).
+    """
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python3 -m refproxy.conntrack.fill", description=main.__doc__.split("\n")[0])
+    p.add_argument("--entries", type=int, required=True, metavar="N", help="pad the table up to N entries")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--netns", metavar="NAME", help="a named network namespace (ip netns)")
+    where.add_argument("--current-namespace", action="store_true",
+                       help="the namespace this process runs in (test nodes only)")
+    p.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT, metavar="SECONDS", help="entry lifetime")
+    p.add_argument("--ipv6", action="store_true", help="IPv6 entries (default IPv4)")
+    args = p.parse_args(argv)
+    if args.entries <= 0 or args.timeout <= 0:
+        p.error("--entries and --timeout must be positive")
+    family = IPFamily.IPv6 if args.ipv6 else IPFamily.IPv4
+    try:
+        with open(CONNTRACK_MAX) as f:
+            limit = int(f.read())
+        if limit and args.entries + 65536 > limit:
+            with open(CONNTRACK_MAX, "w") as f:
+                f.write(str(args.entries + 65536))
+            print(f"raised {CONNTRACK_MAX} from {limit} to {args.entries + 65536}", file=sys.stderr)
+        res = pad_table(args.netns, args.entries, family=family, timeout=args.timeout)  # None = this namespace
+    except (OSError, ConntrackError) as err:
+        print(f"fill: error: {err}", file=sys.stderr)
+        return 1
+    print(f"inserted {res.inserted} entries")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
