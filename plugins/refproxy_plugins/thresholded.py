@@ -44,14 +44,11 @@ class ThresholdedCleanup(TargetedCleanup):
     description: ClassVar[str] = (
         "a budget per sync (deletes and/or seconds); the rest carried over, every stale entry goes eventually"
     )
+    # targeted's options, less flush-retired (guarantee 1), after the budget.
     options: ClassVar[tuple[OptionSpec, ...]] = (
         OptionSpec("max-entries", "delete attempts per run (empty = no limit)", "5000"),
         OptionSpec("max-seconds", "wall time per run, e.g. 50ms (empty = no limit)", ""),
-        OptionSpec("full-resync-period", "a full reconcile at most this often as a safety net (0 = off), e.g. 1h", "0"),
-        OptionSpec("key-walk-us", "cost model: microseconds per table entry of one kernel-filtered walk", "0.3"),
-        OptionSpec("dump-entry-us", "cost model: microseconds per entry decoded by a protocol-filtered dump", "3.5"),
-        OptionSpec("sctp", "also clean SCTP service ports (true/false)", "false"),
-    )
+    ) + tuple(o for o in TargetedCleanup.options if o.name != "flush-retired")
 
     def __init__(self, options: Mapping[str, str] = EMPTY_MAPPING, *, clock: Callable[[], float] = time.monotonic):
         super().__init__(options, clock=clock)
