@@ -16,6 +16,20 @@ service named ``kube-dns`` in ``kube-system`` is the cluster's own CoreDNS, so
 its steps restart CoreDNS; each client is a Pod running ``refproxy-probe``;
 the proxy is the refproxy DaemonSet with the plugin as a parameter.
 
+With ``--proxy kube-proxy`` (issue 6) the proxy is kubeadm's own kube-proxy
+instead: the cluster is created with ``kubeProxyMode: iptables``
+(``kind_manifests.kind_config``), the user's kube-proxy image (built from a
+kubernetes checkout with patches/ applied) is loaded into the nodes, and each
+run re-images and rolls kube-proxy's DaemonSet instead of deploying refproxy.
+The plugin dimension becomes the cleanup-mode label (``reconcile``,
+``targeted``, ``off``); only ``reconcile`` (the series' default policy) can be
+selected without a flag or config field the user supplies for ``{mode}``,
+because patch 0005 (flags and KubeProxyConfiguration fields) is missing.
+kube-proxy's figures come from its own /metrics, read on each node with
+``docker exec NODE curl http://127.0.0.1:10249/metrics`` (kubeadm binds
+metrics to 127.0.0.1; the driver already reads conntrack through
+``docker exec``), with the same metric names as refproxy's.
+
 Usable as a command too: ``python3 e2e/kind/kind_driver.py --help``.
 """
 
@@ -27,9 +41,11 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import yaml
 
 import kind_manifests as km
 from kind_probe import parse_samples
@@ -39,6 +55,7 @@ from refproxy.errors import LabError
 __all__ = [
     "Runner",
     "KindCluster",
+    "default_plugins",
     "KindPlatform",
     "scenario_objects",
     "parse_prometheus",
@@ -53,6 +70,7 @@ APP_LABEL = "refproxy-e2e/app"
 CLIENT_LABEL = "refproxy-e2e/client"
 PROXY_SELECTOR = "app.kubernetes.io/name=refproxy"
 WAIT = "180s"
+KUBE_PROXY_METRICS_URL = "http://127.0.0.1:10249/metrics"
 
 
 class Runner:
@@ -247,12 +265,31 @@ def _is_cluster_dns(s: Any) -> bool:
 
 @dataclass
 class KindCluster:
-    """One kind cluster: created here, or an existing one found via KUBECONFIG."""
+    """One kind cluster: created here, or an existing one found via KUBECONFIG.
+
+    ``kube_proxy`` set means the suite runs kubeadm's kube-proxy with that
+    image (its ``mode`` is replaced per run) instead of refproxy;
+    ``node_image`` is passed to ``kind create cluster --image`` (match it to
+    the kubernetes version of a patched kube-proxy: kube-proxy must not be
+    newer than the API server).
+    """
 
     name: str = DEFAULT_CLUSTER
     runner: Runner = field(default_factory=Runner)
     image: str = "refproxy:e2e"
     created: bool = False
+    kube_proxy: km.KubeProxyParams | None = None
+    node_image: str | None = None
+
+    @property
+    def proxy(self) -> str:
+        """``"refproxy"`` or ``"kube-proxy"``: which proxy the suite runs."""
+        return "refproxy" if self.kube_proxy is None else "kube-proxy"
+
+    @property
+    def proxy_selector(self) -> str:
+        """Label selector of the proxy's pods."""
+        return PROXY_SELECTOR if self.kube_proxy is None else km.KUBE_PROXY_SELECTOR
 
     def kubectl(self, *args: str, **kw: Any) -> str:
         """stdout of ``kubectl ARGS`` (KUBECONFIG comes from the runner's env)."""
@@ -262,11 +299,43 @@ class KindCluster:
         """True when kind knows a cluster of this name."""
         return self.name in self.runner.out(["kind", "get", "clusters"]).split()
 
+    def kind_config_yaml(self) -> str:
+        """The kind config for this cluster's proxy, as YAML."""
+        return yaml.safe_dump(km.kind_config(self.proxy), sort_keys=False)
+
     def create(self) -> None:
-        """``kind create cluster`` with the suite's config (no kube-proxy)."""
-        self.runner.run(["kind", "create", "cluster", "--name", self.name, "--config", str(km.KIND_CONFIG)],
-                        timeout=900)
+        """``kind create cluster`` with the suite's config: the file as is for
+        refproxy (no kube-proxy), the derived iptables-mode config on stdin for
+        kube-proxy."""
+        image = ["--image", self.node_image] if self.node_image else []
+        if self.kube_proxy is None:
+            self.runner.run(["kind", "create", "cluster", "--name", self.name, "--config", str(km.KIND_CONFIG), *image],
+                            timeout=900)
+        else:
+            self.runner.run(["kind", "create", "cluster", "--name", self.name, "--config", "-", *image],
+                            input=self.kind_config_yaml(), timeout=900)
         self.created = True
+
+    def check_proxy_mode(self) -> None:
+        """Refuse a cluster whose kube-proxy DaemonSet contradicts the proxy choice.
+
+        refproxy must be the only proxy (a kube-proxy would program the same
+        Services); kube-proxy mode needs kubeadm's DaemonSet to re-image.
+        """
+        found = self.kubectl("-n", "kube-system", "get", "daemonset", km.KUBE_PROXY_DAEMONSET,
+                             "--ignore-not-found", "-o", "name").strip()
+        if self.kube_proxy is None and found:
+            raise LabError(f"cluster {self.name} runs kube-proxy ({found}); the refproxy suite needs a cluster "
+                           f"created with kubeProxyMode: none ({km.KIND_CONFIG.name})")
+        if self.kube_proxy is not None and not found:
+            raise LabError(f"cluster {self.name} has no kube-proxy DaemonSet (kubeProxyMode: none?); create it "
+                           "from `kind_driver.py --proxy kube-proxy --print-kind-config`")
+
+    def load_kube_proxy_image(self) -> None:
+        """``kind load docker-image`` of the user's kube-proxy image into every node."""
+        if self.kube_proxy is None:
+            raise LabError("no kube-proxy image: the cluster runs refproxy")
+        self.runner.run(["kind", "load", "docker-image", self.kube_proxy.image, "--name", self.name], timeout=600)
 
     def delete(self) -> None:
         """Delete the cluster, only if this object created it."""
@@ -299,18 +368,48 @@ class KindCluster:
         self.runner.run(["kubectl", "apply", "-f", "-"], input=km.to_yaml(docs))
         self.kubectl("-n", "kube-system", "rollout", "status", f"daemonset/{km.PROXY_DAEMONSET}", f"--timeout={WAIT}")
 
+    def deploy_kube_proxy(self, params: km.KubeProxyParams) -> None:
+        """Re-image kubeadm's kube-proxy for one run and wait for the rollout.
+
+        Order: the ConfigMap first (only when ``params.config`` is set), so the
+        pods the DaemonSet change creates read it; ``set image``; the
+        strategic-merge patch of the args and the run annotation (any change
+        rolls the pods, see ``kind_manifests.kube_proxy_patch``); rollout status.
+        """
+        params.validate()
+        ns = ("-n", "kube-system")
+        conf = None
+        if params.config:
+            cm = json.loads(self.kubectl(*ns, "get", "configmap", km.KUBE_PROXY_CONFIGMAP, "-o", "json"))
+            current = (cm.get("data") or {}).get(km.KUBE_PROXY_CONFIG_KEY)
+            if current is None:
+                raise LabError(f"configmap {km.KUBE_PROXY_CONFIGMAP} has no {km.KUBE_PROXY_CONFIG_KEY}")
+            conf = km.kube_proxy_config(current, params)
+            self.kubectl(*ns, "patch", "configmap", km.KUBE_PROXY_CONFIGMAP, "--type=merge",
+                         "-p", json.dumps({"data": {km.KUBE_PROXY_CONFIG_KEY: conf}}))
+        self.kubectl(*ns, "set", "image", f"daemonset/{km.KUBE_PROXY_DAEMONSET}",
+                     f"{km.KUBE_PROXY_DAEMONSET}={params.image}")
+        self.kubectl(*ns, "patch", "daemonset", km.KUBE_PROXY_DAEMONSET, "--type=strategic",
+                     "-p", json.dumps(km.kube_proxy_patch(params, conf), sort_keys=True))
+        self.kubectl(*ns, "rollout", "status", f"daemonset/{km.KUBE_PROXY_DAEMONSET}", f"--timeout={WAIT}")
+
     def wait_cluster_dns(self) -> None:
         """CoreDNS becomes ready only through the kubernetes Service, i.e. through refproxy."""
         self.kubectl("-n", "kube-system", "rollout", "status", "deployment/coredns", f"--timeout={WAIT}")
 
     def proxy_pods(self) -> list[dict[str, Any]]:
-        """The refproxy pods as JSON objects."""
-        return json.loads(self.kubectl("-n", "kube-system", "get", "pods", "-l", PROXY_SELECTOR, "-o", "json"))["items"]
+        """The proxy's pods (refproxy or kube-proxy) as JSON objects."""
+        return json.loads(self.kubectl("-n", "kube-system", "get", "pods", "-l", self.proxy_selector,
+                                       "-o", "json"))["items"]
 
     def metrics(self, pod: str) -> dict[str, float]:
         """One refproxy pod's /metrics through the API server's pod proxy."""
         return parse_prometheus(self.kubectl("get", "--raw",
                                              f"/api/v1/namespaces/kube-system/pods/{pod}:10249/proxy/metrics"))
+
+    def kube_proxy_metrics(self, node: str) -> dict[str, float]:
+        """One node's kube-proxy /metrics, read inside the node (kubeadm binds 127.0.0.1:10249)."""
+        return parse_prometheus(self.node_exec(node, "curl", "-fsS", "--max-time", "10", KUBE_PROXY_METRICS_URL))
 
     def node_exec(self, node: str, *argv: str) -> str:
         """stdout of a command in a kind node container."""
@@ -334,6 +433,7 @@ class KindPlatform:
     def __init__(self, cluster: KindCluster, *, namespace: str = km.NAMESPACE,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> None:
         self.cluster = cluster
+        self.name = "kind" if cluster.kube_proxy is None else "kind-kube-proxy"
         self.namespace = namespace
         self.clock = clock
         self.sleep = sleep
@@ -369,8 +469,22 @@ class KindPlatform:
                                      "--entries", str(entries)], timeout=1800)
 
     def start_proxy(self, plugin: str, options: Mapping[str, str]) -> None:
-        """Deploy refproxy with ``plugin``; return once every node's proxy is ready."""
+        """Deploy refproxy with ``plugin`` (or roll kube-proxy with cleanup mode
+        ``plugin``); return once every node's proxy is ready."""
         c = self.cluster
+        if c.kube_proxy is not None:
+            if options:
+                raise LabError(f"kube-proxy has no plugin options ({dict(options)}); "
+                               "use --kube-proxy-arg / --kube-proxy-config")
+            try:
+                kp = replace(c.kube_proxy, mode=plugin)
+                kp.validate()
+            except ValueError as err:
+                raise LabError(str(err)) from err
+            c.deploy_kube_proxy(kp)
+            c.wait_cluster_dns()
+            self._restarts = {p["metadata"]["name"]: _restart_count(p) for p in c.proxy_pods()}
+            return
         params = km.Params(image=c.image, plugin=plugin, plugin_options=tuple(sorted(options.items())),
                            api_server=c.api_server(), sync_period=self.scenario.sync_period)
         c.deploy_proxy(params)
@@ -435,7 +549,7 @@ class KindPlatform:
         return out
 
     def proxy_status(self) -> str | None:
-        """``None`` while every refproxy pod runs without a new restart (polled at most every 2 s)."""
+        """``None`` while every proxy pod runs without a new restart (polled at most every 2 s)."""
         now = self.clock()
         if now - self._status_at < 2.0:
             return self._status
@@ -468,14 +582,19 @@ class KindPlatform:
                               examples=tuple(" ".join(f"{k}={v}" for k, v in e.items()) for e in stale[:5]))
 
     def resources(self) -> Any:
-        """refproxy's CPU seconds and RSS (max over nodes) and summed metrics, plus conntrack sizes."""
+        """The proxy's CPU seconds (summed) and RSS (max over nodes) and summed
+        metrics, plus conntrack sizes. refproxy's come through the API server's
+        pod proxy; kube-proxy's from each node's 127.0.0.1:10249."""
         from refproxy.lab.engine import ResourceFigures
 
         c = self.cluster
         total: dict[str, float] = {}
         cpu = 0.0
-        for p in c.proxy_pods():
-            m = c.metrics(p["metadata"]["name"])
+        if c.kube_proxy is None:
+            per_proxy = [c.metrics(p["metadata"]["name"]) for p in c.proxy_pods()]
+        else:
+            per_proxy = [c.kube_proxy_metrics(node) for node in c.nodes()]
+        for m in per_proxy:
             cpu += m.get("process_cpu_seconds_total", 0.0)
             self._peak_rss = max(self._peak_rss, m.get("process_resident_memory_bytes", 0.0))
             for k, v in m.items():
@@ -559,11 +678,33 @@ def _pad_overrides(node: str) -> dict[str, Any]:
 
 # -- command line ------------------------------------------------------------------
 
+REFPROXY_PLUGINS = ("none", "full", "targeted", "thresholded")
+
+
+def default_plugins(cluster: KindCluster) -> tuple[str, ...]:
+    """The runs of a suite when none are named: every refproxy plugin and the
+    ``none`` control; for kube-proxy, ``reconcile`` only, or every cleanup
+    mode when the user's arguments or config carry ``{mode}``."""
+    if cluster.kube_proxy is None:
+        return REFPROXY_PLUGINS
+    if cluster.kube_proxy.selects_mode():
+        return tuple(km.CLEANUP_MODES)
+    return (km.DEFAULT_CLEANUP_MODE,)
+
+
 def run_suite(cluster: KindCluster, scenario: Any, plugins: Sequence[str], options: Mapping[str, Mapping[str, str]],
               *, progress: Callable[[str], None] = lambda _m: None) -> list[Any]:
-    """Run ``scenario`` once per plugin on ``cluster``; the lab engine's results."""
+    """Run ``scenario`` once per plugin (kube-proxy: per cleanup mode) on
+    ``cluster``; the lab engine's results. kube-proxy modes are checked
+    before the first run, so a mode that cannot be selected fails fast."""
     from refproxy.lab.engine import run_scenario
 
+    if cluster.kube_proxy is not None:
+        for mode in plugins:
+            try:
+                replace(cluster.kube_proxy, mode=mode).validate()
+            except ValueError as err:
+                raise LabError(str(err)) from err
     results = []
     for plugin in plugins:
         platform = KindPlatform(cluster)
@@ -586,28 +727,81 @@ def write_report(results: Sequence[Any], path: Path) -> None:
     path.write_text(json.dumps({"platform": "kind", "runs": [asdict(r) for r in results]}, indent=2, default=str))
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of ``kind_driver.py`` (defaults from ``REFPROXY_KIND_*``)."""
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="kind_driver.py", description=__doc__.split("\n")[0])
+    p.add_argument("--cluster", default=env("REFPROXY_KIND_CLUSTER", DEFAULT_CLUSTER))
+    p.add_argument("--scenario", default=str(km.HERE / "scenarios" / "kind-churn.yaml"))
+    p.add_argument("--proxy", choices=km.PROXIES, default=env("REFPROXY_KIND_PROXY", "refproxy"),
+                   help="the service proxy under test (env REFPROXY_KIND_PROXY)")
+    p.add_argument("--kube-proxy-image", default=env("REFPROXY_KIND_KUBE_PROXY_IMAGE"),
+                   help="kube-proxy image built from a patched kubernetes checkout, in the local docker "
+                        "(env REFPROXY_KIND_KUBE_PROXY_IMAGE); --proxy kube-proxy needs it")
+    p.add_argument("--kube-proxy-arg", action="append", default=[], metavar="ARG",
+                   help="append ARG to kube-proxy's command, repeatable; {mode} becomes the run's "
+                        "CleanupMode (write --kube-proxy-arg=--v=2)")
+    p.add_argument("--kube-proxy-config", action="append", default=[], metavar="PATH=VALUE",
+                   help="set a KubeProxyConfiguration field in the kube-proxy ConfigMap, repeatable; "
+                        "{mode} as above (e.g. conntrack.cleanupMode={mode})")
+    p.add_argument("--node-image", default=env("REFPROXY_KIND_NODE_IMAGE"),
+                   help="kindest/node image for a cluster this command creates")
+    p.add_argument("--plugins", default=None,
+                   help="comma-separated runs: refproxy cleanup plugins (default none,full,targeted,thresholded) "
+                        "or kube-proxy cleanup modes (default reconcile; reconcile,targeted,off with {mode})")
+    p.add_argument("--pad", type=int, default=int(env("REFPROXY_KIND_PAD", "0")))
+    p.add_argument("--json", default=env("REFPROXY_KIND_REPORT", "reports/kind-report.json"))
+    p.add_argument("--no-build", action="store_true", help="the images are already loaded in the cluster")
+    p.add_argument("--keep", action="store_true", help="keep a cluster this command created")
+    p.add_argument("--print-kind-config", action="store_true",
+                   help="print the kind config for --proxy and exit (for kind create cluster / kind-action)")
+    a = p.parse_args(argv)
+    if a.proxy == "kube-proxy" and not a.kube_proxy_image and not a.print_kind_config:
+        p.error("--proxy kube-proxy needs --kube-proxy-image (or REFPROXY_KIND_KUBE_PROXY_IMAGE)")
+    if a.proxy == "refproxy" and (a.kube_proxy_arg or a.kube_proxy_config):
+        p.error("--kube-proxy-arg / --kube-proxy-config need --proxy kube-proxy")
+    return a
+
+
+def cluster_from_args(a: argparse.Namespace, runner: Runner) -> KindCluster:
+    """The :class:`KindCluster` the parsed command line describes (validated)."""
+    kp = None
+    if a.proxy == "kube-proxy":
+        config = []
+        for item in a.kube_proxy_config:
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise LabError(f"--kube-proxy-config {item!r}: want PATH=VALUE")
+            config.append((key, value))
+        kp = km.KubeProxyParams(image=a.kube_proxy_image or "", args=tuple(a.kube_proxy_arg), config=tuple(config))
+        try:
+            kp.validate()
+        except ValueError as err:
+            raise LabError(str(err)) from err
+    return KindCluster(a.cluster, runner, kube_proxy=kp, node_image=a.node_image)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``kind_driver.py``: create or reuse a cluster, run the scenario per plugin, write the report."""
     from refproxy.lab.scenario import find_scenario, load_scenario
 
-    p = argparse.ArgumentParser(prog="kind_driver.py", description=__doc__.split("\n")[0])
-    p.add_argument("--cluster", default=os.environ.get("REFPROXY_KIND_CLUSTER", DEFAULT_CLUSTER))
-    p.add_argument("--scenario", default=str(km.HERE / "scenarios" / "kind-churn.yaml"))
-    p.add_argument("--plugins", default="none,full,targeted,thresholded")
-    p.add_argument("--pad", type=int, default=int(os.environ.get("REFPROXY_KIND_PAD", "0")))
-    p.add_argument("--json", default=os.environ.get("REFPROXY_KIND_REPORT", "reports/kind-report.json"))
-    p.add_argument("--no-build", action="store_true", help="the image is already loaded in the cluster")
-    p.add_argument("--keep", action="store_true", help="keep a cluster this command created")
-    a = p.parse_args(argv)
-    scenario = load_scenario(find_scenario(a.scenario)).with_pad(a.pad)
+    a = parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    cluster = KindCluster(a.cluster, Runner(log=log))
+    if a.print_kind_config:
+        sys.stdout.write(yaml.safe_dump(km.kind_config(a.proxy), sort_keys=False))
+        return 0
+    scenario = load_scenario(find_scenario(a.scenario)).with_pad(a.pad)
+    cluster = cluster_from_args(a, Runner(log=log))
+    plugins = [x for x in a.plugins.split(",") if x] if a.plugins else list(default_plugins(cluster))
     if not cluster.exists():
         cluster.create()
     try:
+        cluster.check_proxy_mode()
         if not a.no_build:
             cluster.build_and_load_image()
-        results = run_suite(cluster, scenario, [x for x in a.plugins.split(",") if x], {}, progress=log)
+            if cluster.kube_proxy is not None:
+                cluster.load_kube_proxy_image()
+        results = run_suite(cluster, scenario, plugins, {}, progress=log)
         write_report(results, Path(a.json))
     finally:
         if not a.keep:

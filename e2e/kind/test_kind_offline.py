@@ -193,26 +193,54 @@ _KIND_NODE = {"role", "image", "labels", "extraMounts", "extraPortMappings", "gp
               "kubeadmConfigPatches", "kubeadmConfigPatchesJSON6902"}
 
 
-def test_kind_config_is_a_v1alpha4_cluster_without_kube_proxy():
+def _check_kind_config(cfg, proxy_mode):
     # Field names from kind's pkg/apis/config/v1alpha4/types.go (kind decodes
     # strictly, so an unknown key would fail `kind create cluster`).
-    cfg = km.load_kind_config()
+    import ipaddress
+
     assert cfg["kind"] == "Cluster" and cfg["apiVersion"] == "kind.x-k8s.io/v1alpha4"
     assert set(cfg) <= _KIND_FIELDS
     assert set(cfg["networking"]) <= _KIND_NETWORKING
-    assert cfg["networking"]["kubeProxyMode"] == "none"
+    # kind accepts iptables, nftables, ipvs and none (ProxyMode constants).
+    assert cfg["networking"]["kubeProxyMode"] == proxy_mode
     roles = [n["role"] for n in cfg["nodes"]]
     assert roles == ["control-plane", "worker", "worker"]
     for n in cfg["nodes"]:
         assert set(n) <= _KIND_NODE
-    import ipaddress
-
     pods = ipaddress.ip_network(cfg["networking"]["podSubnet"])
     services = ipaddress.ip_network(cfg["networking"]["serviceSubnet"])
     assert not pods.overlaps(services)
     ds = km.find(km.load_manifests(), "DaemonSet", km.PROXY_DAEMONSET)
     env = {e["name"]: e.get("value") for e in ds["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["REFPROXY_CLUSTER_CIDR"] == str(pods) == km.Params().cluster_cidr
+
+
+def test_kind_config_is_a_v1alpha4_cluster_without_kube_proxy():
+    _check_kind_config(km.load_kind_config(), "none")
+
+
+def test_kube_proxy_kind_config_parses_and_validates_like_the_base():
+    """The kube-proxy mode's config, as the driver feeds it to kind (YAML on
+    stdin) and prints it for kind-action: the same cluster, kubeProxyMode
+    iptables, nothing else changed."""
+    import kind_driver as kd
+
+    base = km.load_kind_config()
+    text = kd.KindCluster(kube_proxy=km.KubeProxyParams(image="kube-proxy:patched")).kind_config_yaml()
+    cfg = yaml.safe_load(text)
+    _check_kind_config(cfg, "iptables")
+    cfg["networking"]["kubeProxyMode"] = "none"
+    assert cfg == base
+    assert km.kind_config("refproxy") == base == km.load_kind_config()  # pure: the file is untouched
+    assert yaml.safe_load(kd.KindCluster().kind_config_yaml()) == base
+
+
+def test_print_kind_config_is_what_create_uses(capsys):
+    import kind_driver as kd
+
+    for proxy, mode in (("kube-proxy", "iptables"), ("refproxy", "none")):
+        assert kd.main(["--proxy", proxy, "--print-kind-config"]) == 0
+        _check_kind_config(yaml.safe_load(capsys.readouterr().out), mode)
 
 
 # -- Dockerfile ----------------------------------------------------------------
