@@ -35,7 +35,7 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from refproxy.cleanup.stale import StaleIndex
 from refproxy.conntrack.types import IPPROTO_UDP, ConntrackEntry
@@ -46,7 +46,7 @@ from refproxy.lab.scenario import Action, ClientSpec, Scenario, ServiceSpec, Ste
 from refproxy.lab.topology import Pod, Topology, start_echo_in
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
 
-__all__ = ["NetnsPlatform", "parse_conntrack_line", "parse_prometheus", "NODE_NAME"]
+__all__ = ["NetnsPlatform", "parse_conntrack_line", "parse_prometheus", "judge_deletions", "NODE_NAME"]
 
 NODE_NAME = "lab-node"
 METRICS_PORT = 10249
@@ -101,6 +101,39 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return out
 
 
+def judge_deletions(lines: Iterable[str], truth: Sequence[tuple[float, StaleIndex]],
+                    max_examples: int = 5) -> tuple[int, int, list[str]]:
+    """``(deleted, collateral, examples)`` from ``conntrack -E -e DESTROY -o timestamp`` output.
+
+    Pure. ``truth`` is the stale predicate in force from each time on, in
+    time order. Only deletions count (``[USERSPACE]``: a process asked for
+    it), not expiries. A deletion is collateral when the entry was not stale
+    for the truth in force at the event's time (the earliest truth if the
+    event precedes them all; the latest if it carries no time). The event
+    time is when ``conntrack`` read it, never earlier than the deletion, and
+    the lab's truth only moves forward (addresses are never reused), so a
+    late reading cannot turn a legitimate deletion into a collateral one.
+    """
+    deleted = collateral = 0
+    examples: list[str] = []
+    for line in lines:
+        if "[USERSPACE]" not in line:
+            continue
+        got = parse_conntrack_line(line)
+        if got is None:
+            continue
+        ts, e = got
+        deleted += 1
+        idx = truth[-1][1]
+        if ts is not None:
+            idx = next((ix for t, ix in reversed(truth) if t <= ts), truth[0][1])
+        if not idx.is_stale(e):
+            collateral += 1
+            if len(examples) < max_examples:
+                examples.append(f"collateral{f' at {ts:.3f}' if ts is not None else ''}: {e}")
+    return deleted, collateral, examples
+
+
 def _rfc3339(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -146,7 +179,7 @@ class NetnsPlatform:
         self._events_log = os.path.join(self.workdir, "conntrack-events.log")
         self._clients: dict[str, tuple[subprocess.Popen, str]] = {}
         self._svcs: dict[str, _Svc] = {}
-        self._truth: list[tuple[float, Snapshot]] = []
+        self._truth: list[tuple[float, Snapshot, dict]] = []  # (time, state, frontends ever used)
         self._ever: dict = {}
         self._pod_seq = 0
         self._stack = contextlib.ExitStack()
@@ -263,7 +296,8 @@ class NetnsPlatform:
                 endpoints[name] = tuple(Endpoint(b.pod.ip, p.target_port, b.ready, b.serving, b.terminating,
                                                  NODE_NAME) for b in st.backends)
                 self._ever[name] = services[name]
-        self._truth.append((now, Snapshot(IPFamily.IPv4, services, endpoints, NODE_NAME, len(self._truth))))
+        snap = Snapshot(IPFamily.IPv4, services, endpoints, NODE_NAME, len(self._truth))
+        self._truth.append((now, snap, dict(self._ever)))
 
     # -- proxy ------------------------------------------------------------
     def proxy_argv(self, plugin: str, options: Mapping[str, str], kubeconfig: str) -> list[str]:
@@ -447,9 +481,9 @@ class NetnsPlatform:
         return t if n else None
 
     # -- judging ----------------------------------------------------------
-    def _index(self, snap: Snapshot) -> StaleIndex:
-        ever = Snapshot(IPFamily.IPv4, dict(self._ever), {})
-        return StaleIndex(snap, ever, (self.topo.node_ip, "127.0.0.1"))
+    def _index(self, snap: Snapshot, ever: Mapping) -> StaleIndex:
+        # Frontends used earlier in the run but gone now count as retired.
+        return StaleIndex(snap, Snapshot(IPFamily.IPv4, ever, {}), (self.topo.node_ip, "127.0.0.1"))
 
     def conntrack_state(self) -> ConntrackState:
         """Collateral deletions from the DESTROY events, stale entries from the final table."""
@@ -457,27 +491,12 @@ class NetnsPlatform:
         from refproxy.conntrack.types import DumpFilter
 
         self._stop(self._events, signal.SIGINT)
-        destroyed = collateral = 0
-        examples: list[str] = []
-        indexes = [(t, self._index(s)) for t, s in self._truth]
+        indexes = [(t, self._index(snap, ever)) for t, snap, ever in self._truth]
+        lines: list[str] = []
         with contextlib.suppress(OSError):
             with open(self._events_log, encoding="ascii", errors="replace") as f:
-                for line in f:
-                    got = parse_conntrack_line(line)
-                    if got is None:
-                        continue
-                    ts, e = got
-                    if "[USERSPACE]" not in line:
-                        continue  # expired, not deleted (timeouts are raised, so rare)
-                    destroyed += 1
-                    idx = indexes[-1][1]
-                    if ts is not None:
-                        idx = next((ix for t, ix in reversed(indexes) if t <= ts), indexes[0][1])
-                    if not idx.is_stale(e):
-                        collateral += 1
-                        if len(examples) < 5:
-                            when = f" at {ts:.3f}" if ts is not None else ""
-                            examples.append(f"collateral{when}: {e}")
+                lines = f.readlines()
+        destroyed, collateral, examples = judge_deletions(lines, indexes)
         final = indexes[-1][1]
         stale = 0
         with NetlinkConntrackTable(IPFamily.IPv4, netns=self.topo.node.name) as table:

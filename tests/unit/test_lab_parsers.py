@@ -1,7 +1,9 @@
 """Parsers the netns platform reads process output with (pure)."""
 
 from refproxy.lab.client import parse_log
-from refproxy.lab.platform_netns import parse_conntrack_line, parse_prometheus
+import pytest
+
+from refproxy.lab.platform_netns import judge_deletions, parse_conntrack_line, parse_prometheus
 
 
 def test_client_log_pairs_replies_with_requests():
@@ -76,3 +78,48 @@ def test_proxy_command_line_uses_kube_proxy_flags(tmp_path):
     assert argv[-4:] == ["--cleanup-opt", "a=b", "--cleanup-opt", "max-entries=100"]
     p.teardown()  # nothing was built: still safe, and the kept workdir stays
     assert tmp_path.exists()
+
+
+def _truths():
+    from refproxy.cleanup.stale import StaleIndex
+    from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
+
+    name = ServicePortName("default", "app", "u", Protocol.UDP)
+    sp = ServicePort(name, "198.19.0.20", 8125, Protocol.UDP, node_port=30125)
+
+    def snap(*ips):
+        return Snapshot(IPFamily.IPv4, {name: sp}, {name: tuple(Endpoint(ip, 8125) for ip in ips)})
+
+    ever = Snapshot(IPFamily.IPv4, {name: sp}, {})
+    nodes = ("198.18.0.1",)
+    return [
+        (100.0, StaleIndex(snap("198.18.1.11"), ever, nodes)),
+        (200.0, StaleIndex(snap("198.18.1.12"), ever, nodes)),  # .11 replaced by .12
+        (300.0, StaleIndex(Snapshot(IPFamily.IPv4), ever, nodes)),  # service deleted
+    ]
+
+
+def _event(ts, dst, dport, backend, user=True):
+    tag = " [USERSPACE] portid=1" if user else ""
+    return (f"[{ts}]\t[DESTROY] udp      17 src=198.18.2.10 dst={dst} sport=40000 dport={dport} "
+            f"src={backend} dst=198.18.2.10 sport=8125 dport=40000{tag}")
+
+
+@pytest.mark.parametrize(
+    "line,deleted,collateral",
+    [
+        (_event(250.5, "198.19.0.20", 8125, "198.18.1.11"), 1, 0),   # old endpoint after its removal: stale
+        (_event(150.5, "198.19.0.20", 8125, "198.18.1.11"), 1, 1),   # while it still served: collateral
+        (_event(250.5, "198.19.0.20", 8125, "198.18.1.12"), 1, 1),   # the serving endpoint: collateral
+        (_event(350.5, "198.19.0.20", 8125, "198.18.1.12"), 1, 0),   # frontend retired: everything stale
+        (_event(250.5, "198.18.0.1", 30125, "198.18.1.11"), 1, 0),   # NodePort on a node address
+        (_event(250.5, "198.18.0.1", 4789, "198.18.0.1"), 1, 1),     # VXLAN-like node flow: never touch
+        (_event(250.5, "198.19.0.20", 8125, "198.18.1.12", user=False), 0, 0),  # expiry, not a deletion
+        (_event(50.0, "198.19.0.20", 8125, "198.18.1.11"), 1, 1),    # before any truth: the first applies
+    ],
+    ids=["stale-old", "early-delete", "serving", "retired", "nodeport", "node-flow", "expiry", "before-truth"],
+)
+def test_deletions_are_judged_against_the_truth_in_force(line, deleted, collateral):
+    d, c, examples = judge_deletions([line, "conntrack v1.4.7: 1 flow events have been shown."], _truths())
+    assert (d, c) == (deleted, collateral)
+    assert len(examples) == c
