@@ -50,3 +50,10 @@ def test_leftovers_of_a_killed_run_are_removed_only_by_prefix():
     finally:
         mine.close()
         other.close()
+
+
+def test_proxy_that_cannot_start_is_reported_and_torn_down():
+    p = CrashingPlatform(E2E_PREFIX)
+    r = run_scenario(p, load_scenario("restart"), "targeted", {"no-such-option": "1"})
+    assert r.error is not None and "exited" in r.error, r.error
+    assert r.steps == () and not set(p.namespaces_seen) & set(list_namespaces())

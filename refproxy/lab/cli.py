@@ -14,7 +14,7 @@ import signal
 import sys
 from importlib.metadata import entry_points
 
-from refproxy.errors import ConfigError, LabError
+from refproxy.errors import ConfigError
 
 __all__ = ["add_arguments", "main", "installed_plugins", "LAB_PREFIX", "DEFAULT_PLUGIN_ORDER"]
 
@@ -108,11 +108,7 @@ def main(args: argparse.Namespace) -> int:
         for plugin in plugins:
             workdir = os.path.join(args.keep_logs, plugin) if args.keep_logs else None
             platform = NetnsPlatform(LAB_PREFIX, workdir=workdir)
-            try:
-                r = run_scenario(platform, scenario, plugin, options[plugin], progress=progress)
-            except LabError as err:
-                progress(f"[{plugin}] failed: {err}")
-                raise
+            r = run_scenario(platform, scenario, plugin, options[plugin], progress=progress)
             results.append(r)
             row = summarize(r)
             progress(f"[{plugin}] done: {verdict(row, 2 * scenario.sync_period)}")
@@ -122,6 +118,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"scenario {scenario.name}: {scenario.description}  (pad {scenario.pad}, sync period "
           f"{scenario.sync_period:g}s; recovery bound {2 * scenario.sync_period:g}s)")
     print(comparison_table(rows, markdown=args.markdown))
+    for row in rows:
+        if row["error"]:
+            print(f"{row['plugin']}: {row['error']}")
     if args.json:
         write_json(args.json, results)
         progress(f"wrote {args.json}")

@@ -12,7 +12,9 @@ guarantees around them:
    or the user presses Ctrl-C (the exception is re-raised after teardown).
 3. Every wait is bounded by the scenario's own timeline plus a fixed margin.
 4. A proxy that exits mid-scenario ends the run early, recorded as
-   ``RunResult.error`` ("refproxy exited ..."), with whatever figures exist.
+   ``RunResult.error`` ("refproxy exited ..."), with whatever figures exist;
+   any other ``RefproxyError`` (e.g. the proxy never programs its rules) is
+   recorded the same way. Other exceptions propagate after teardown.
 
 Times exchanged with a platform are wall-clock seconds (``time.time()``), the
 only clock shared by the lab's separate processes (clients, proxy, engine).
@@ -24,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol as TypingProtocol, Sequence, runtime_checkable
 
+from refproxy.errors import RefproxyError
 from refproxy.lab.scenario import ClientSpec, Scenario, StepSpec
 
 __all__ = [
@@ -283,6 +286,12 @@ def run_scenario(
         res = platform.resources()
         if error is None and (why := platform.proxy_status()) is not None:
             error = f"refproxy {why}"
+    except RefproxyError as err:
+        # A run that could not be built or measured (the proxy never came
+        # up, a kubectl wait timed out) is a result too: reported, not fatal
+        # to the runs of the other plugins.
+        error = str(err)
+        progress(f"[{plugin}] failed: {err}")
     finally:
         platform.teardown()
     flows = analyse_flows(scenario, samples, steps, end=clock())

@@ -96,3 +96,18 @@ def test_teardown_runs_when_setup_fails():
     with pytest.raises(RuntimeError):
         run_scenario(p, load_scenario("default"), "none", clock=clock, sleep=clock.sleep)
     assert p.calls == ["setup", "teardown"]
+
+
+def test_proxy_that_never_starts_is_a_failed_result_not_an_abort():
+    from refproxy.errors import LabError
+
+    class NoStart(FakePlatform):
+        def start_proxy(self, plugin, options):
+            raise LabError("refproxy exited 1 (log: bad flag)")
+
+    clock = FakeClock()
+    p = NoStart(clock)
+    r = run_scenario(p, load_scenario("default"), "full", clock=clock, sleep=clock.sleep)
+    assert r.error == "refproxy exited 1 (log: bad flag)"
+    assert r.conntrack is None and r.steps == () and p.calls[-1] == "teardown"
+    assert all(f.sent == 0 for f in r.flows)
