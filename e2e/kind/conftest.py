@@ -5,6 +5,12 @@ sequences against fake tools) run everywhere. Tests marked ``kind`` need a
 cluster: they run when KUBECONFIG names an existing cluster (REFPROXY_KIND_CLUSTER
 its kind name) or when ``kind`` and a working ``docker`` daemon are present so
 the driver can create one; otherwise they skip with the reason.
+
+The proxy under test is chosen with ``--proxy refproxy|kube-proxy`` (env
+REFPROXY_KIND_PROXY); kube-proxy needs ``--kube-proxy-image`` (env
+REFPROXY_KIND_KUBE_PROXY_IMAGE) and takes ``--kube-proxy-arg`` /
+``--kube-proxy-config`` (repeatable), as kind_driver.py does. The options are
+read when pytest starts in e2e/kind (``tox -e e2e-kind -- --proxy ...``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,20 @@ def kind_unavailable_reason() -> str | None:
     if cp.returncode != 0 or not cp.stdout.strip():
         return f"kind suite: no working docker daemon ({(cp.stderr or cp.stdout).strip()[:200]})"
     return None
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("kind", "kind e2e suite")
+    group.addoption("--proxy", dest="kind_proxy", choices=("refproxy", "kube-proxy"),
+                    default=os.environ.get("REFPROXY_KIND_PROXY", "refproxy"),
+                    help="service proxy under test (env REFPROXY_KIND_PROXY)")
+    group.addoption("--kube-proxy-image", dest="kind_kube_proxy_image",
+                    default=os.environ.get("REFPROXY_KIND_KUBE_PROXY_IMAGE"),
+                    help="patched kube-proxy image in the local docker (env REFPROXY_KIND_KUBE_PROXY_IMAGE)")
+    group.addoption("--kube-proxy-arg", dest="kind_kube_proxy_args", action="append", default=[],
+                    help="argument appended to kube-proxy's command, repeatable; {mode} = the run's CleanupMode")
+    group.addoption("--kube-proxy-config", dest="kind_kube_proxy_config", action="append", default=[],
+                    help="PATH=VALUE set in the kube-proxy ConfigMap, repeatable; {mode} as above")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -56,6 +56,9 @@ __all__ = [
     "Runner",
     "KindCluster",
     "default_plugins",
+    "proxy_argv",
+    "parse_args",
+    "cluster_from_args",
     "KindPlatform",
     "scenario_objects",
     "parse_prometheus",
@@ -761,6 +764,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.proxy == "refproxy" and (a.kube_proxy_arg or a.kube_proxy_config):
         p.error("--kube-proxy-arg / --kube-proxy-config need --proxy kube-proxy")
     return a
+
+
+def proxy_argv(proxy: str | None, image: str | None, args: Sequence[str] = (),
+               config: Sequence[str] = ()) -> list[str]:
+    """kind_driver.py arguments for a proxy choice made elsewhere (the pytest
+    options); ``None`` falls back to the REFPROXY_KIND_* environment."""
+    proxy = proxy or os.environ.get("REFPROXY_KIND_PROXY", "refproxy")
+    if proxy != "kube-proxy":
+        return ["--proxy", proxy]
+    image = image or os.environ.get("REFPROXY_KIND_KUBE_PROXY_IMAGE")
+    argv = ["--proxy", "kube-proxy"] + (["--kube-proxy-image", image] if image else [])
+    argv += [f"--kube-proxy-arg={a}" for a in args]
+    for c in config:
+        argv += ["--kube-proxy-config", c]
+    return argv
 
 
 def cluster_from_args(a: argparse.Namespace, runner: Runner) -> KindCluster:

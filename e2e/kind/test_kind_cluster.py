@@ -6,6 +6,13 @@ when it exists (KUBECONFIG points at it, e.g. the GitHub workflow's), else
 creates one from kind-config.yaml and deletes it afterwards. The image is
 built and loaded unless REFPROXY_KIND_NO_BUILD=1. Resource figures of every
 run go to REFPROXY_KIND_REPORT (default reports/kind-report.json).
+
+With ``--proxy kube-proxy`` (or REFPROXY_KIND_PROXY=kube-proxy) the same
+checks run against kubeadm's kube-proxy re-imaged with
+``--kube-proxy-image``; the runs are its cleanup modes (``reconcile``, plus
+``targeted`` when an argument or config value carries ``{mode}``; ``off`` is a
+control that must black-hole, so it is not judged here, run it with
+kind_driver.py).
 """
 
 from __future__ import annotations
@@ -21,18 +28,46 @@ import kind_manifests as km
 pytestmark = pytest.mark.kind
 
 PLUGINS = ("full", "targeted", "thresholded")
+MODES = ("reconcile", "targeted")
 RESULTS: list = []
 
 
+def kind_driver_argv(config) -> list[str]:
+    """The proxy options of conftest.py as kind_driver.py arguments."""
+    return kd.proxy_argv(config.getoption("kind_proxy", default=None),
+                         config.getoption("kind_kube_proxy_image", default=None),
+                         config.getoption("kind_kube_proxy_args", default=None) or (),
+                         config.getoption("kind_kube_proxy_config", default=None) or ())
+
+
+def _cluster_for(config) -> kd.KindCluster:
+    try:
+        args = kd.parse_args(kind_driver_argv(config))
+    except SystemExit:
+        pytest.fail("bad kind suite options (see stderr): --proxy kube-proxy needs --kube-proxy-image")
+    try:
+        return kd.cluster_from_args(args, kd.Runner(log=lambda m: print(m, flush=True)))
+    except kd.LabError as err:
+        pytest.fail(str(err))
+
+
+def _runs(c: kd.KindCluster) -> tuple[str, ...]:
+    if c.kube_proxy is None:
+        return PLUGINS
+    return tuple(m for m in kd.default_plugins(c) if m in MODES)
+
+
 @pytest.fixture(scope="module")
-def cluster():
-    c = kd.KindCluster(os.environ.get("REFPROXY_KIND_CLUSTER", kd.DEFAULT_CLUSTER),
-                       kd.Runner(log=lambda m: print(m, flush=True)))
+def cluster(request):
+    c = _cluster_for(request.config)
     if not c.exists():
         c.create()
     try:
+        c.check_proxy_mode()
         if os.environ.get("REFPROXY_KIND_NO_BUILD") != "1":
             c.build_and_load_image()
+            if c.kube_proxy is not None:
+                c.load_kube_proxy_image()
         yield c
     finally:
         if RESULTS:
@@ -48,18 +83,26 @@ def scenario():
         int(os.environ.get("REFPROXY_KIND_PAD", "0")))
 
 
-def test_cluster_dns_and_kubernetes_service_work_through_refproxy(cluster):
+def test_cluster_dns_and_kubernetes_service_work_through_the_proxy(cluster):
     # kubeProxyMode: none -- CoreDNS reaches the API server only through the
-    # kubernetes Service ClusterIP, which only refproxy programs.
-    cluster.deploy_proxy(km.Params(image=cluster.image, plugin="full", api_server=cluster.api_server()))
+    # kubernetes Service ClusterIP, which only refproxy programs. In kube-proxy
+    # mode the same holds for the patched kube-proxy once it is re-imaged.
+    if cluster.kube_proxy is None:
+        cluster.deploy_proxy(km.Params(image=cluster.image, plugin="full", api_server=cluster.api_server()))
+    else:
+        cluster.deploy_kube_proxy(cluster.kube_proxy)
     cluster.wait_cluster_dns()
     out = cluster.kubectl("-n", "kube-system", "get", "deployment", "coredns", "-o",
                           "jsonpath={.status.readyReplicas}")
     assert int(out or 0) >= 1
 
 
-@pytest.mark.parametrize("plugin", PLUGINS)
+@pytest.mark.parametrize("plugin", sorted(set(PLUGINS) | set(MODES)))
 def test_every_fixed_port_flow_recovers_within_two_sync_periods(cluster, scenario, plugin):
+    if plugin not in _runs(cluster):
+        pytest.skip(f"{plugin!r} is not a run of the {cluster.proxy} suite"
+                    + (" (kube-proxy modes other than reconcile need {mode} in an arg/config)"
+                       if cluster.kube_proxy is not None and plugin in MODES else ""))
     (result,) = kd.run_suite(cluster, scenario, [plugin], {}, progress=lambda m: print(m, flush=True))
     RESULTS.append(result)
     assert result.error is None, result.error
@@ -77,4 +120,4 @@ def test_every_fixed_port_flow_recovers_within_two_sync_periods(cluster, scenari
 
 def test_resource_figures_recorded_per_plugin(cluster):
     got = {r.plugin for r in RESULTS if r.resources.cpu_seconds is not None}
-    assert set(PLUGINS) <= got, f"missing figures for {set(PLUGINS) - got}"
+    assert set(_runs(cluster)) <= got, f"missing figures for {set(_runs(cluster)) - got}"

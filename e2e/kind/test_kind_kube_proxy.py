@@ -334,3 +334,15 @@ def test_command_line_refuses_inconsistent_proxy_options(monkeypatch, capsys):
         kd.parse_args(["--kube-proxy-arg=--v=2"])
     assert "need --proxy kube-proxy" in capsys.readouterr().err
     assert kd.cluster_from_args(kd.parse_args([]), kd.Runner()).proxy == "refproxy"
+
+
+def test_pytest_options_become_driver_arguments(monkeypatch):
+    monkeypatch.setenv("REFPROXY_KIND_PROXY", "kube-proxy")
+    monkeypatch.setenv("REFPROXY_KIND_KUBE_PROXY_IMAGE", IMAGE)
+    assert kd.proxy_argv("refproxy", None) == ["--proxy", "refproxy"]  # the option beats the environment
+    argv = kd.proxy_argv(None, None, ["--v=2"], ["conntrack.cleanupMode={mode}"])
+    assert argv == ["--proxy", "kube-proxy", "--kube-proxy-image", IMAGE, "--kube-proxy-arg=--v=2",
+                    "--kube-proxy-config", "conntrack.cleanupMode={mode}"]
+    c = kd.cluster_from_args(kd.parse_args(argv), kd.Runner())
+    assert c.kube_proxy.args == ("--v=2",) and c.kube_proxy.image == IMAGE
+    assert kd.cluster_from_args(kd.parse_args(kd.proxy_argv("refproxy", None)), kd.Runner()).kube_proxy is None
