@@ -314,3 +314,29 @@ def test_workflow_runs_tox_e2e_kind_on_kind():
     runs = "\n".join(s.get("run", "") for s in steps)
     assert "tox -e e2e-kind" in runs
     assert "kind" in runs and "KUBECONFIG" in runs
+
+
+def test_workflow_wires_the_proxy_choice_through_the_driver():
+    """kind-action gets the config the driver prints for the chosen proxy;
+    the kube-proxy image is pulled so the driver can `kind load` it; inputs
+    reach scripts only through env (no ${{ }} expansion inside run:)."""
+    wf = yaml.safe_load((ROOT / ".github" / "workflows" / "e2e-kind.yml").read_text())
+    inputs = (wf.get("on") or wf.get(True))["workflow_dispatch"]["inputs"]
+    assert tuple(inputs["proxy"]["options"]) == km.PROXIES and inputs["proxy"]["default"] == "refproxy"
+    (job,) = wf["jobs"].values()
+    env = job["env"]
+    assert "inputs.proxy" in env["REFPROXY_KIND_PROXY"]
+    assert "inputs.kube_proxy_image" in env["REFPROXY_KIND_KUBE_PROXY_IMAGE"]
+    steps = job["steps"]
+    names = [s.get("name") or s.get("uses") for s in steps]
+    gen = steps[names.index("kind config for the proxy under test")]
+    assert "e2e/kind/kind_driver.py --print-kind-config > \"$RUNNER_TEMP/kind-config.yaml\"" in gen["run"]
+    pull = steps[names.index("patched kube-proxy image")]
+    assert pull["if"] == "env.REFPROXY_KIND_PROXY == 'kube-proxy'"
+    assert 'docker pull "$REFPROXY_KIND_KUBE_PROXY_IMAGE"' in pull["run"]
+    kind = steps[names.index("kind cluster")]
+    assert kind["uses"].startswith("helm/kind-action@") and kind["with"]["config"] == "${{ runner.temp }}/kind-config.yaml"
+    assert names.index("kind config for the proxy under test") < names.index("patched kube-proxy image") \
+        < names.index("kind cluster") < names.index("tox -e e2e-kind")
+    for s in steps:
+        assert "${{" not in s.get("run", ""), s.get("name")
