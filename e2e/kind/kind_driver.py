@@ -371,13 +371,14 @@ class KindCluster:
         self.runner.run(["kubectl", "apply", "-f", "-"], input=km.to_yaml(docs))
         self.kubectl("-n", "kube-system", "rollout", "status", f"daemonset/{km.PROXY_DAEMONSET}", f"--timeout={WAIT}")
 
-    def deploy_kube_proxy(self, params: km.KubeProxyParams) -> None:
+    def deploy_kube_proxy(self, params: km.KubeProxyParams, run_id: str = "") -> None:
         """Re-image kubeadm's kube-proxy for one run and wait for the rollout.
 
         Order: the ConfigMap first (only when ``params.config`` is set), so the
         pods the DaemonSet change creates read it; ``set image``; the
         strategic-merge patch of the args and the run annotation (any change
-        rolls the pods, see ``kind_manifests.kube_proxy_patch``); rollout status.
+        rolls the pods, see ``kind_manifests.kube_proxy_patch``; a new
+        ``run_id`` always does); rollout status.
         """
         params.validate()
         ns = ("-n", "kube-system")
@@ -393,7 +394,7 @@ class KindCluster:
         self.kubectl(*ns, "set", "image", f"daemonset/{km.KUBE_PROXY_DAEMONSET}",
                      f"{km.KUBE_PROXY_DAEMONSET}={params.image}")
         self.kubectl(*ns, "patch", "daemonset", km.KUBE_PROXY_DAEMONSET, "--type=strategic",
-                     "-p", json.dumps(km.kube_proxy_patch(params, conf), sort_keys=True))
+                     "-p", json.dumps(km.kube_proxy_patch(params, conf, run_id), sort_keys=True))
         self.kubectl(*ns, "rollout", "status", f"daemonset/{km.KUBE_PROXY_DAEMONSET}", f"--timeout={WAIT}")
 
     def wait_cluster_dns(self) -> None:
@@ -484,7 +485,7 @@ class KindPlatform:
                 kp.validate()
             except ValueError as err:
                 raise LabError(str(err)) from err
-            c.deploy_kube_proxy(kp)
+            c.deploy_kube_proxy(kp, run_id=str(int(self.clock() * 1000)))
             c.wait_cluster_dns()
             self._restarts = {p["metadata"]["name"]: _restart_count(p) for p in c.proxy_pods()}
             return

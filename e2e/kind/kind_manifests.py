@@ -272,18 +272,19 @@ def kube_proxy_config(text: str, params: KubeProxyParams) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def kube_proxy_patch(params: KubeProxyParams, config_text: str | None = None) -> dict[str, Any]:
+def kube_proxy_patch(params: KubeProxyParams, config_text: str | None = None, run_id: str = "") -> dict[str, Any]:
     """Strategic-merge patch of the kube-proxy DaemonSet for ``params`` (pure).
 
     Sets the container's ``args`` (``null`` removes them) and an annotation
-    that hashes image, arguments and config, so every change of any of them
-    rolls the pods: kube-proxy reads its config file only at start (and exits
-    when it changes, cmd/kube-proxy/app/options.go ``initWatcher``), so new
-    pods are the clean way to apply it.
+    that hashes image, arguments, config and ``run_id``, so every change of
+    any of them rolls the pods: kube-proxy reads its config file only at start
+    (and exits when it changes, cmd/kube-proxy/app/options.go ``initWatcher``),
+    so new pods are the clean way to apply it; a new ``run_id`` per run gives
+    each run fresh processes, so CPU and RSS figures are that run's alone.
     """
     params.validate()
     args = params.resolved_args()
-    digest = hashlib.sha256(json.dumps([params.image, args, config_text], sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([params.image, args, config_text, run_id], sort_keys=True).encode()).hexdigest()
     return {"spec": {"template": {
         "metadata": {"annotations": {RUN_ANNOTATION: digest[:16]}},
         "spec": {"containers": [{"name": KUBE_PROXY_DAEMONSET, "args": args or None}]}}}}

@@ -143,8 +143,9 @@ def test_patch_annotation_changes_exactly_when_the_run_changes():
         km.RUN_ANNOTATION]
     assert ann(a) == ann(km.KubeProxyParams(image=IMAGE, args=("--v={mode}",)))
     others = {ann(a.__class__(image=IMAGE + "2", args=a.args)), ann(a.__class__(image=IMAGE, mode="off", args=a.args)),
-              ann(a, "conf: 1"), ann(a.__class__(image=IMAGE))}
-    assert ann(a) not in others and len(others) == 4
+              ann(a, "conf: 1"), ann(a.__class__(image=IMAGE)),
+              km.kube_proxy_patch(a, None, "run-2")["spec"]["template"]["metadata"]["annotations"][km.RUN_ANNOTATION]}
+    assert ann(a) not in others and len(others) == 5
 
 
 # -- command sequences -------------------------------------------------------------
@@ -207,7 +208,7 @@ def test_start_proxy_reconcile_reimages_kube_proxy_without_refproxy(fake_tools):
     p = _platform(fake_tools)
     assert p.name == "kind-kube-proxy"
     p.start_proxy("reconcile", {})
-    patch = km.kube_proxy_patch(km.KubeProxyParams(image=IMAGE))
+    patch = km.kube_proxy_patch(km.KubeProxyParams(image=IMAGE), None, "1000000")  # run id: the clock in ms
     assert fake_tools.calls() == [
         ["kubectl", "-n", "kube-system", "set", "image", "daemonset/kube-proxy", f"kube-proxy={IMAGE}"],
         ["kubectl", "-n", "kube-system", "patch", "daemonset", "kube-proxy", "--type=strategic",
@@ -237,7 +238,7 @@ def test_start_proxy_targeted_writes_the_user_config_then_rolls(fake_tools):
          "-p", json.dumps({"data": {"config.conf": conf}})],
         ["kubectl", "-n", "kube-system", "set", "image", "daemonset/kube-proxy", f"kube-proxy={IMAGE}"],
         ["kubectl", "-n", "kube-system", "patch", "daemonset", "kube-proxy", "--type=strategic",
-         "-p", json.dumps(km.kube_proxy_patch(kp, conf), sort_keys=True)],
+         "-p", json.dumps(km.kube_proxy_patch(kp, conf, "1000000"), sort_keys=True)],
         ["kubectl", "-n", "kube-system", "rollout", "status", "daemonset/kube-proxy", "--timeout=180s"],
     ]
     written = yaml.safe_load(json.loads(calls[1][-1])["data"]["config.conf"])
