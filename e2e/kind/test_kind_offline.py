@@ -16,7 +16,6 @@ from __future__ import annotations
 import fnmatch
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
