@@ -15,7 +15,9 @@ Guarantees:
    next attempt, which is requested right away (bounded by the runner's
    minimum interval).
 3. Cleanup is handed the snapshot only after its rules were restored, and
-   the hand-over never blocks the sync.
+   the hand-over never blocks the sync; the snapshot is announced to it
+   just before the restore, so entries the new rules serve are never
+   deleted by a cleanup still working from an older snapshot.
 4. ``sync`` never raises: every failure is logged and counted.
 """
 
@@ -153,11 +155,17 @@ class Proxier:
                           changed=None if full else changes.changed_ports())
         if log.isEnabledFor(TRACE):
             log.log(TRACE, "restore text:\n%s", rendered.text)
+        if self.cleanup is not None:
+            # New flows may follow these rules the moment the restore lands:
+            # a cleanup still working from an older snapshot must spare them.
+            self.cleanup.expect(snapshot, addrs)
         try:
             if full:
                 self.rules.ensure_jumps()
             self.rules.restore(rendered.text)
         except RestoreError as err:
+            if self.cleanup is not None:
+                self.cleanup.expect(None)
             self.metrics.restore_failures.inc()
             self.need_full_sync = True
             kv(log, logging.ERROR, "Failed to apply rules; old rules stay, full resync follows",

@@ -20,6 +20,14 @@ Guarantees:
    the plugin returned; an exception is logged, counted and the next
    submission retries from the same ``previous``.
 5. ``stop()`` lets a running cleanup finish, then returns.
+6. No delete removes an entry that is valid under the rules in the kernel
+   *now*: the plugin works from the snapshot it was handed, but rules keep
+   moving while it runs (a re-created pod gets flows before the next
+   cleanup). The table handed to the plugin (:class:`LiveRulesGuard`)
+   vetoes deleting any entry whose frontend exists in the newest applied or
+   in-flight snapshot and whose reply source is serving there; vetoed
+   entries are reported as already gone (they no longer need deleting).
+   Found by the lab: without it, 1-69 collateral deletions per loaded run.
 """
 
 from __future__ import annotations
@@ -28,17 +36,29 @@ import logging
 import threading
 import time
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from refproxy.cleanup.api import CleanupPlugin, CleanupReport, CleanupRequest
-from refproxy.conntrack.types import ConntrackTable
+from refproxy.cleanup.stale import Frontend, StaleIndex
+from refproxy.conntrack.types import (
+    IPPROTO_SCTP,
+    IPPROTO_UDP,
+    ConntrackEntry,
+    ConntrackTable,
+    DeleteResult,
+    DumpFilter,
+)
+from refproxy.errors import ConntrackError
 from refproxy.log import kv
 from refproxy.metrics import Metrics
 from refproxy.model import Snapshot
 
-__all__ = ["CleanupWorker", "fold_snapshots"]
+__all__ = ["CleanupWorker", "LiveRulesGuard", "fold_snapshots"]
 
 log = logging.getLogger("refproxy.cleanup")
+
+# The guard protects every protocol a plugin may clean.
+_GUARD_PROTOCOLS = frozenset({IPPROTO_UDP, IPPROTO_SCTP})
 
 
 def fold_snapshots(base: Snapshot | None, skipped: Snapshot) -> Snapshot:
@@ -69,6 +89,83 @@ def fold_snapshots(base: Snapshot | None, skipped: Snapshot) -> Snapshot:
     return Snapshot(base.family, services, endpoints, node_name=base.node_name, generation=base.generation)
 
 
+class LiveRulesGuard:
+    """A ``ConntrackTable`` wrapper that refuses to delete what live rules serve.
+
+    ``live()`` returns the snapshots whose rules are in the kernel or being
+    restored right now, with the node addresses. ``dump``/``count`` pass
+    through; ``delete`` drops protected entries (counted in ``vetoed`` and
+    reported as ``not_found``); a ``flush`` whose filter selects one live,
+    served frontend raises ``ConntrackError`` (the plugin retries the scope
+    later with a dump + delete, which this guard checks entry by entry).
+    """
+
+    def __init__(self, table: ConntrackTable, live: Callable[[], list[tuple[Snapshot, frozenset[str]]]]) -> None:
+        self._table = table
+        self._live = live
+        self._cache: dict[tuple[int, frozenset[str]], tuple[Snapshot, StaleIndex]] = {}
+        self.family = table.family
+        self.vetoed = 0
+
+    @property
+    def requests(self) -> int:
+        return self._table.requests
+
+    def count(self) -> int:
+        return self._table.count()
+
+    def dump(self, flt: DumpFilter | None = None) -> Iterator[ConntrackEntry]:
+        return self._table.dump(flt)
+
+    def _indexes(self) -> list[StaleIndex]:
+        out = []
+        cache: dict = {}
+        for snap, addrs in self._live():
+            key = (id(snap), addrs)
+            hit = self._cache.get(key)
+            if hit is None or hit[0] is not snap:
+                hit = (snap, StaleIndex(snap, None, addrs, _GUARD_PROTOCOLS))
+            cache[key] = hit
+            out.append(hit[1])
+        self._cache = cache
+        return out
+
+    def protects(self, e: ConntrackEntry, indexes: list[StaleIndex] | None = None) -> bool:
+        """True when ``e`` is a valid (non-stale) entry under some live snapshot."""
+        for idx in self._indexes() if indexes is None else indexes:
+            if idx.frontend_of(e) is not None and not idx.is_stale(e):
+                return True
+        return False
+
+    def delete(self, entries: Iterable[ConntrackEntry]) -> DeleteResult:
+        indexes = self._indexes()
+        vetoed = 0
+
+        def allowed() -> Iterator[ConntrackEntry]:
+            nonlocal vetoed
+            for e in entries:
+                if self.protects(e, indexes):
+                    vetoed += 1
+                else:
+                    yield e
+
+        res = self._table.delete(allowed())
+        if vetoed:
+            self.vetoed += vetoed
+            kv(log, logging.DEBUG, "Kept entries the live rules serve", vetoed=vetoed)
+            res = DeleteResult(res.deleted, res.not_found + vetoed, res.failed, res.requests)
+        return res
+
+    def flush(self, flt: DumpFilter) -> int:
+        o = flt.orig
+        if flt.proto is not None and o is not None and o.dst is not None and o.dport is not None:
+            for idx in self._indexes():
+                for f in (Frontend(flt.proto, o.dst, o.dport), Frontend(flt.proto, None, o.dport)):
+                    if idx.serving_of(f) and (f.ip is not None or o.dst in idx.node_addresses):
+                        raise ConntrackError(f"flush of {f} refused: the live rules serve it again")
+        return self._table.flush(flt)
+
+
 class CleanupWorker:
     """One thread running one cleanup plugin on the newest applied snapshot."""
 
@@ -82,12 +179,14 @@ class CleanupWorker:
     ) -> None:
         self.plugin = plugin
         self._table_factory = table_factory
-        self._table: ConntrackTable | None = None
+        self._table: LiveRulesGuard | None = None
         self._metrics = metrics
         self._clock = clock
         self._cond = threading.Condition()
         self._pending: tuple[Snapshot, frozenset[str]] | None = None
         self._skipped: Snapshot | None = None  # superseded snapshots, folded
+        self._latest: tuple[Snapshot, frozenset[str]] | None = None  # newest applied
+        self._incoming: tuple[Snapshot, frozenset[str]] | None = None  # being restored
         self._busy = False
         self._stopped = False
         self._thread: threading.Thread | None = None
@@ -95,9 +194,26 @@ class CleanupWorker:
         self.last_report: CleanupReport | None = None
         self.runs = 0
 
+    def expect(self, incoming: Snapshot | None, node_addresses: frozenset[str] = frozenset()) -> None:
+        """Announce the snapshot about to be restored (``None``: the restore failed).
+
+        Until it is submitted or withdrawn, entries it serves are protected
+        too: new flows may follow the new rules before ``submit`` is called.
+        """
+        with self._cond:
+            self._incoming = None if incoming is None else (incoming, node_addresses)
+
+    def live(self) -> list[tuple[Snapshot, frozenset[str]]]:
+        """The applied and in-flight snapshots the guard protects (newest first)."""
+        with self._cond:
+            return [x for x in (self._incoming, self._latest) if x is not None]
+
     def submit(self, current: Snapshot, node_addresses: frozenset[str]) -> None:
         """Hand over the snapshot whose rules were just applied (never blocks)."""
         with self._cond:
+            self._latest = (current, node_addresses)
+            if self._incoming is not None and self._incoming[0] is current:
+                self._incoming = None
             if self._pending is not None:
                 self._metrics.cleanup_superseded.inc()
                 self._skipped = fold_snapshots(self._skipped, self._pending[0])
@@ -154,8 +270,13 @@ class CleanupWorker:
         t0, c0 = time.monotonic(), time.thread_time()
         try:
             if self._table is None:
-                self._table = self._table_factory()
+                self._table = LiveRulesGuard(self._table_factory(), self.live)
+            vetoed = self._table.vetoed
             report = self.plugin.cleanup(request, self._table)
+            vetoed = self._table.vetoed - vetoed
+            if vetoed:  # plugins count "already gone" as deleted; these were kept
+                report = replace(report, deleted=max(0, report.deleted - vetoed),
+                                 details={**report.details, "vetoed": float(vetoed)})
         except Exception as err:  # a plugin bug must not kill the proxy
             m.cleanup_runs.labels(name, "exception").inc()
             m.cleanup_errors.labels(name).inc()

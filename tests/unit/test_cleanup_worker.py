@@ -121,3 +121,61 @@ def test_fold_keeps_both_frontends_of_a_changed_port():
     folded = fold_snapshots(a, b)
     ips = {f.ip for f in StaleIndex(folded).serving}
     assert ips == {"198.19.0.20", "198.19.0.21"}
+
+
+# -- the live-rules guard ---------------------------------------------------------
+
+from refproxy.cleanup.worker import LiveRulesGuard  # noqa: E402
+from refproxy.conntrack.types import ConntrackEntry, DumpFilter, TupleFilter  # noqa: E402
+from refproxy.model import Endpoint, Protocol, ServicePort, ServicePortName  # noqa: E402
+
+ECHO = ServicePortName("default", "echo", "udp", Protocol.UDP)
+ECHO_SP = ServicePort(ECHO, "198.19.0.20", 7, Protocol.UDP)
+
+
+def echo_snap(gen, *ips):
+    return Snapshot(IPFamily.IPv4, {ECHO: ECHO_SP}, {ECHO: tuple(Endpoint(ip, 7) for ip in ips)}, generation=gen)
+
+
+def flow(ep, sport):
+    return ConntrackEntry(IPFamily.IPv4, 17, "198.18.2.1", "198.19.0.20", sport, 7, ep, "198.18.2.1", 7, sport)
+
+
+def test_a_cleanup_from_an_older_snapshot_spares_flows_the_newer_rules_serve():
+    """S1={A} handed to the plugin; S2={A,X} applied meanwhile: flows to X stay."""
+    from refproxy.cleanup.registry import load_plugin
+
+    to_x = flow("198.18.1.9", 4000)  # stale under S1, served under S2
+    to_gone = flow("198.18.1.5", 4001)  # stale under both
+    table = MemoryConntrackTable([to_x, to_gone])
+    m = Metrics(process=False)
+    w = CleanupWorker(load_plugin("full", {}), lambda: table, m)
+    w.submit(echo_snap(1, "198.18.1.1"), frozenset())
+    w.expect(echo_snap(2, "198.18.1.1", "198.18.1.9"))  # being restored while the cleanup runs
+    report = w.run_once()
+    assert to_x in table and to_gone not in table
+    assert report.deleted == 1 and w._table.vetoed == 1
+
+
+def test_guard_protects_only_served_entries_of_live_frontends():
+    live = [(echo_snap(2, "198.18.1.1"), frozenset({"198.18.0.1"}))]
+    g = LiveRulesGuard(MemoryConntrackTable(), lambda: live)
+    assert g.protects(flow("198.18.1.1", 1))
+    assert not g.protects(flow("198.18.1.2", 2))  # not serving: stale
+    assert not g.protects(flow("198.19.0.20", 3)._replace(reply_src="198.19.0.20", reply_sport=7))  # non-DNAT
+    other = flow("198.18.1.1", 4)._replace(orig_dst="198.19.0.99")  # no live frontend: the plugin decides
+    assert not g.protects(other)
+
+
+def test_guard_refuses_a_flush_of_a_frontend_served_again():
+    import pytest
+
+    from refproxy.errors import ConntrackError
+
+    live = [(echo_snap(2, "198.18.1.1"), frozenset())]
+    table = MemoryConntrackTable([flow("198.18.1.1", 1)])
+    g = LiveRulesGuard(table, lambda: live)
+    with pytest.raises(ConntrackError):
+        g.flush(DumpFilter(proto=17, orig=TupleFilter(dst="198.19.0.20", dport=7)))
+    assert len(table) == 1
+    assert g.flush(DumpFilter(proto=17, orig=TupleFilter(dst="198.19.0.30", dport=7))) == 0

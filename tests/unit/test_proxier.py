@@ -57,6 +57,10 @@ class FakeRules:
 class FakeWorker:
     def __init__(self):
         self.submitted = []
+        self.expected = []
+
+    def expect(self, snapshot, addrs=frozenset()):
+        self.expected.append(snapshot)
 
     def submit(self, snapshot, addrs):
         self.submitted.append((snapshot, addrs))
@@ -106,6 +110,7 @@ def test_success_applies_rules_then_hands_snapshot_to_cleanup():
     assert "-X KUBE-SVC-OLDOLDOLDOLDOLD0" in text  # stale chain found by the full sync is deleted
     (snap, addrs), = worker.submitted
     assert snap is p.last_applied and addrs == {"198.18.0.1"}
+    assert worker.expected == [snap]  # announced before the restore
     assert rules.jumps == 1 and rules.reads == 2
     # Nothing changed: no restore at all, but cleanup still gets its turn.
     assert p.sync() is True
@@ -131,6 +136,7 @@ def test_failed_restore_keeps_state_forces_full_resync_and_skips_cleanup():
     assert p.sync() is False
     assert p.need_full_sync and p.last_applied is None
     assert worker.submitted == [] and retries == [1]
+    assert worker.expected[0] is not None and worker.expected[-1] is None  # announced, then withdrawn
     assert p.metrics.restore_failures._value.get() == 1
     assert p.sync() is True
     assert not p.need_full_sync and len(worker.submitted) == 1
