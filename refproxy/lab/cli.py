@@ -35,7 +35,7 @@ def _default_plugins(installed: list[str]) -> list[str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``refproxy lab`` flags."""
     p.add_argument("--scenario", default="default", metavar="NAME|FILE",
-                   help="built-in scenario name (see scenarios/) or a YAML file (default: default)")
+                   help="built-in scenario name (refproxy/lab/scenarios/: default, restart, padded) or a YAML file (default: default)")
     p.add_argument("--plugins", metavar="A,B", default="",
                    help="cleanup plugins to compare; 'none' is the no-cleanup control "
                         "(default: none plus every installed plugin)")

@@ -434,11 +434,12 @@ def parse_scenario(data: Any, source: str = "<memory>") -> Scenario:
     )
 
 
-SCENARIO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "scenarios")
+# Shipped inside the package (package data), so `refproxy lab` works from any install.
+SCENARIO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenarios")
 
 
 def builtin_scenarios() -> dict[str, str]:
-    """Scenario name -> path of every YAML file in the kit's ``scenarios/`` folder."""
+    """Scenario name -> path of every YAML file in ``refproxy/lab/scenarios/``."""
     out = {}
     try:
         names = sorted(os.listdir(SCENARIO_DIR))
