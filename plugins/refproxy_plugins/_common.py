@@ -111,6 +111,8 @@ class Scan:
     ``stopped`` is ``"entries"`` or ``"seconds"`` when the budget ended it
     early. ``seen`` (optional) de-duplicates entries across overlapping scans
     of one run, so a double-selected entry is not counted twice.
+    ``port_counts`` (optional) counts examined entries per ``(proto, orig
+    dport)`` for the keys it already holds (the cost model's port shares).
     """
 
     def __init__(
@@ -120,8 +122,10 @@ class Scan:
         tally: Tally,
         budget: Budget | None = None,
         seen: set[tuple] | None = None,
+        port_counts: dict[tuple[int, int], int] | None = None,
     ) -> None:
         self.table = table
+        self.port_counts = port_counts
         self.index = index
         self.tally = tally
         self.budget = budget
@@ -135,11 +139,15 @@ class Scan:
         return self.dump_error is None and self.stopped is None
 
     def _candidates(self, flt: DumpFilter | None) -> Iterator[ConntrackEntry]:
-        t, index, budget, seen = self.tally, self.index, self.budget, self.seen
+        t, index, budget, seen, counts = self.tally, self.index, self.budget, self.seen, self.port_counts
         it = self.table.dump(flt)
         try:
             for e in it:
                 t.examined += 1
+                if counts is not None:
+                    k = (e.proto, e.orig_dport)
+                    if k in counts:
+                        counts[k] += 1
                 if not index.is_stale(e):
                     continue
                 if seen is not None:

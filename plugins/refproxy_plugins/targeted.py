@@ -20,32 +20,36 @@ the whole table on every UDP change, kubernetes/kubernetes#129982):
 
 Cost model (constants are options; measured on this machine, DESIGN.md): one
 kernel-filtered walk costs ``key-walk-us`` per table entry whatever it
-matches; a protocol-filtered dump costs the same walk plus ``dump-entry-us``
-per entry of the scanned protocols decoded in userspace. With ``N`` entries,
-``F`` frontend filters and ``s`` the share of entries that are UDP (learned
-from the last full dump, 1.0 until then)::
+matches; a dump costs the same walk plus ``dump-entry-us`` per entry decoded
+in userspace. With ``N`` entries, ``F`` frontend filters, ``s`` the share of
+entries that are UDP and ``s(p)`` the share sent to port ``p`` (both learned
+from the last full dump; ``s`` is 1.0 and ``s(p)`` unknown until then)::
 
-    per-key  = F * key-walk-us * N
-    one dump = key-walk-us * N + dump-entry-us * s * N
+    per-key     = F * key-walk-us * N
+    per-port p  = key-walk-us * N + dump-entry-us * s(p) * N   (replaces the
+                  F(p) walks of the frontends on port p, e.g. many DNS
+                  ClusterIPs on 53, when cheaper)
+    one dump    = key-walk-us * N + dump-entry-us * s * N
 
-The cheaper one is used; ``details`` reports both estimates.
+The cheapest plan is used; ``details`` reports the estimates.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable, ClassVar, Mapping
 
 from refproxy.cleanup.api import API_VERSION, CleanupReport, CleanupRequest, OptionSpec
 from refproxy.cleanup.registry import OptionReader
 from refproxy.cleanup.stale import Frontend, StaleIndex, affected_frontends
-from refproxy.conntrack.types import ConntrackTable, DumpFilter
+from refproxy.conntrack.types import ConntrackTable, DumpFilter, TupleFilter
 from refproxy.errors import ConntrackError, ConntrackUnsupported
 from refproxy.model import EMPTY_MAPPING
 
 from refproxy_plugins._common import Budget, Meter, Scan, Tally, protocols_for
 
-__all__ = ["TargetedCleanup", "FULL", "Scope"]
+__all__ = ["TargetedCleanup", "FULL", "PortGroup", "Scope"]
 
 
 class _FullScan:
@@ -58,7 +62,24 @@ class _FullScan:
 
 
 FULL = _FullScan()
-Scope = Frontend | _FullScan
+
+
+@dataclass(frozen=True, slots=True)
+class PortGroup:
+    """The scope "every entry to orig dport ``port`` over ``proto``".
+
+    One kernel walk instead of one per frontend on that port; the stale
+    predicate then picks the frontends' entries out in userspace.
+    """
+
+    proto: int
+    port: int
+
+    def filters(self, node_addresses) -> tuple[DumpFilter, ...]:
+        return (DumpFilter(proto=self.proto, orig=TupleFilter(dport=self.port)),)
+
+
+Scope = Frontend | PortGroup | _FullScan
 
 
 def _order(f: Frontend) -> tuple:
@@ -98,6 +119,8 @@ class TargetedCleanup:
         self._last_full: float | None = None
         self._last_nodes: frozenset[str] | None = None
         self._udp_share = 1.0
+        self._port_share: dict[tuple[int, int], float] = {}
+        self._counts: dict[tuple[int, int], int] = {}
         self._flush_supported = True
 
     # -- hooks for thresholded ----------------------------------------------
@@ -130,24 +153,46 @@ class TargetedCleanup:
         return sorted(out, key=_order)
 
     def _plan(self, index: StaleIndex, table: ConntrackTable, details: dict[str, float]) -> None:
-        """Collapse the queue to one FULL scan when that is cheaper (cost model)."""
+        """Pick the cheapest way to read the queue (cost model, module docstring)."""
         if FULL in self._queue:
             self._queue = {FULL: None}  # it covers every frontend, retired ones included
             return
         if not self._queue:
             return
         n = table.count()
-        filters = sum(len(f.filters(index.node_addresses)) for f in self._queue if isinstance(f, Frontend))
-        per_key = filters * self.key_walk_us * n
-        one_dump = self.key_walk_us * n + self.dump_entry_us * self._udp_share * n
-        details.update(cost_per_key_us=per_key, cost_dump_us=one_dump, table_entries=float(n))
-        if one_dump < per_key:
+        walk = self.key_walk_us * n
+        by_port: dict[tuple[int, int], list[Frontend]] = {}
+        for f in self._queue:
+            if isinstance(f, Frontend) and not self._will_flush(f, index):
+                by_port.setdefault((f.proto, f.port), []).append(f)
+        grouped: dict[Frontend, PortGroup] = {}
+        for (proto, port), fs in by_port.items():
+            share = self._port_share.get((proto, port))
+            walks = sum(len(f.filters(index.node_addresses)) for f in fs)
+            if share is not None and walks > 1 and walk + self.dump_entry_us * share * n < walks * walk:
+                grouped.update(dict.fromkeys(fs, PortGroup(proto, port)))
+        cost = 0.0
+        for scope in dict.fromkeys(grouped.get(s, s) for s in self._queue):
+            if isinstance(scope, PortGroup):
+                cost += walk + self.dump_entry_us * self._port_share[(scope.proto, scope.port)] * n
+            else:
+                cost += len(scope.filters(index.node_addresses)) * walk
+        one_dump = walk + self.dump_entry_us * self._udp_share * n
+        details.update(cost_per_key_us=cost, cost_dump_us=one_dump, table_entries=float(n),
+                       port_groups=float(len(set(grouped.values()))))
+        if one_dump < cost:
             self._queue = {FULL: None}
+        elif grouped:
+            self._queue = dict.fromkeys(grouped.get(s, s) for s in self._queue)
 
-    def _learn_udp_share(self, udp_entries: int, table: ConntrackTable) -> None:
+    def _will_flush(self, f: Frontend, index: StaleIndex) -> bool:
+        return self.flush_retired and self._flush_supported and f not in index.serving
+
+    def _learn_shares(self, udp_entries: int, port_counts: dict[tuple[int, int], int], table: ConntrackTable) -> None:
         n = table.count()
         if n > 0:
             self._udp_share = min(1.0, max(0.01, udp_entries / n))
+            self._port_share = {k: min(1.0, c / n) for k, c in port_counts.items()}
 
     # -- execution ------------------------------------------------------------
     def _flush(self, table: ConntrackTable, flt: DumpFilter, tally: Tally, details: dict[str, float]) -> str:
@@ -188,9 +233,12 @@ class TargetedCleanup:
         details: dict[str, float],
     ) -> str | None:
         """Handle one scope; returns ``None`` when complete, else why not."""
+        counts = None
         if isinstance(scope, _FullScan):
             filters = [DumpFilter(proto=p) for p in sorted(self.protocols)]
             dedupe = None  # one dump per protocol: nothing is seen twice
+            # Learn how many entries each frontend port has, for PortGroup costs.
+            counts = self._counts = {(f.proto, f.port): 0 for f in index.frontends}
         else:
             filters = list(scope.filters(index.node_addresses))
             dedupe = seen
@@ -202,7 +250,7 @@ class TargetedCleanup:
                     outcome = "error"
                 if flushed != "fallback":
                     continue
-            scan = Scan(table, index, tally, budget, dedupe).run(flt)
+            scan = Scan(table, index, tally, budget, dedupe, counts).run(flt)
             if scan.stopped is not None:
                 return scan.stopped  # out of budget: resume this scope next run
             if scan.dump_error is not None:
@@ -238,7 +286,7 @@ class TargetedCleanup:
                 errored.append(scope)  # retry next run, after the others
             elif scope is FULL:
                 full_done = True
-                self._learn_udp_share(tally.examined - examined_before, table)
+                self._learn_shares(tally.examined - examined_before, self._counts, table)
         unvisited = work[visited:]
         # A failed delete is retried by re-reading its frontend next run (not
         # by remembering the entry: its tuple may by then belong to a new,

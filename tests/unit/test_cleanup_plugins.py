@@ -197,6 +197,31 @@ def test_targeted_cost_model_switches_to_one_dump():
     assert len(t3.dumped) == 8  # with the defaults, 8 walks are cheaper than one dump
 
 
+def test_targeted_reads_many_frontends_on_one_port_with_one_walk():
+    """Ten DNS-like ClusterIPs on :53 lose endpoints; port 53 holds few entries."""
+    before = [svc(f"d{i}", f"198.19.2.{i}", 53, [EP1]) for i in range(10)]
+    after = [svc(f"d{i}", f"198.19.2.{i}", 53, [EP2]) for i in range(10)]
+    padding = [flow(f"198.19.9.{i % 200}", 8000, f"198.19.9.{i % 200}", 8000, 2000 + i) for i in range(400)]
+    t = RecordingTable(padding)
+    p = TargetedCleanup({})
+    p.cleanup(req(None, snap(*before, gen=0)), t)  # first run: full scan, learns port shares
+    stale = [flow(f"198.19.2.{i}", 53, EP1.ip, 53, 4000 + i) for i in range(10)]
+    for e in stale:
+        t.add(e)
+    t.dumped.clear()
+    r = p.cleanup(req(snap(*before, gen=0), snap(*after, gen=1)), t)
+    assert t.dumped == [DumpFilter(proto=17, orig=TupleFilter(dport=53))]
+    assert r.deleted == 10 and r.details["port_groups"] == 1.0
+    assert all(e not in t for e in stale) and all(e in t for e in padding)
+    # When port 53 is most of the table, one walk per frontend stays cheaper.
+    busy = RecordingTable(padding + [flow("198.19.3.1", 53, "198.19.3.1", 53, 6000 + i) for i in range(4000)])
+    q = TargetedCleanup({})
+    q.cleanup(req(None, snap(*before, gen=0)), busy)
+    busy.dumped.clear()
+    q.cleanup(req(snap(*before, gen=0), snap(*after, gen=1)), busy)
+    assert DumpFilter(proto=17, orig=TupleFilter(dport=53)) not in busy.dumped
+
+
 def test_targeted_full_resync_period_uses_the_request_clock():
     s0, flows = world()
     p = TargetedCleanup({"full-resync-period": "1m"})
