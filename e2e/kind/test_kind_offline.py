@@ -103,7 +103,7 @@ def test_proxy_daemonset_is_a_kube_proxy_replacement():
     assert {"operator": "Exists"} in spec["tolerations"]
     (c,) = spec["containers"]
     sc = c["securityContext"]
-    assert sc["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW"] and sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW", "SYS_ADMIN"] and sc["capabilities"]["drop"] == ["ALL"]
     assert sc.get("privileged") is False
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     vols = {v["name"]: v for v in spec["volumes"]}

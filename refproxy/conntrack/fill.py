@@ -273,12 +273,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             with open(CONNTRACK_MAX, "w") as f:
                 f.write(str(args.entries + 65536))
             print(f"raised {CONNTRACK_MAX} from {limit} to {args.entries + 65536}", file=sys.stderr)
+    except OSError as err:  # read-only /proc/sys in a container: pad what fits
+        print(f"fill: warning: cannot raise {CONNTRACK_MAX} ({err}); inserts beyond it will fail", file=sys.stderr)
+    try:
         res = pad_table(args.netns, args.entries, family=family, timeout=args.timeout)  # None = this namespace
     except (OSError, ConntrackError) as err:
         print(f"fill: error: {err}", file=sys.stderr)
         return 1
-    print(f"inserted {res.inserted} entries")
-    return 0
+    print(f"inserted {res.inserted} entries" + (f", {res.failed} failed: {res.first_error}" if res.failed else ""))
+    return 0 if not res.failed else 1
 
 
 if __name__ == "__main__":
