@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.set_defaults(_module=module)
+        # -v works after the command too (`refproxy run -v`), like kube-proxy's flags.
+        sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more logs: -v debug per object, -vv trace (full rule dumps)")
         try:
             mod = importlib.import_module(module)
         except ImportError as err:  # keep the rest of the CLI usable
