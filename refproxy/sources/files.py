@@ -7,10 +7,20 @@ directory when a file's mtime or size changes and implements
 raises :class:`~refproxy.errors.SourceError` naming it; ``FilesSource`` then
 keeps the last good content and counts the error (a half-written file must
 not wipe every service).
+
+Manifests are not API objects: a file edited in place keeps whatever
+``metadata.resourceVersion`` it was written with (``kubectl get -o yaml``
+writes one), yet the proxier's :class:`~refproxy.snapshot.SnapshotBuilder`
+reuses its parse of an object while (uid, resourceVersion) stays the same —
+the API server's promise that the version changes on every write. So
+``FilesSource`` stamps every object it delivers with a version derived from
+its content (:func:`content_version`): an edit always yields a new version,
+an unchanged object keeps its own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -23,7 +33,7 @@ from refproxy.errors import SourceError
 from refproxy.log import get_logger, kv
 from refproxy.sources.base import ENDPOINT_SLICES, SERVICES, ObjectStore
 
-__all__ = ["load_manifests", "FilesSource", "MANIFEST_SUFFIXES"]
+__all__ = ["load_manifests", "FilesSource", "MANIFEST_SUFFIXES", "content_version", "stamp_version"]
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 log = get_logger("refproxy.sources.files")
@@ -85,6 +95,32 @@ def load_manifests(directory: str | os.PathLike) -> tuple[list[dict], list[dict]
     return services, slices
 
 
+def content_version(obj: dict) -> str:
+    """A resourceVersion standing for ``obj``'s content (its own version excluded).
+
+    Deterministic: the same content always gives the same string, any other
+    content (in practice) another, so the API server's "new version on every
+    write" holds for files too.
+    """
+    meta = obj.get("metadata")
+    if isinstance(meta, dict) and "resourceVersion" in meta:
+        obj = {**obj, "metadata": {k: v for k, v in meta.items() if k != "resourceVersion"}}
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return "files-" + hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def stamp_version(obj: dict) -> dict:
+    """``obj`` with ``metadata.resourceVersion`` set to :func:`content_version` (a shallow copy).
+
+    Objects without a usable ``metadata`` mapping are returned unchanged (the
+    snapshot reports them as problems).
+    """
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict):
+        return obj
+    return {**obj, "metadata": {**meta, "resourceVersion": content_version(obj)}}
+
+
 def _fingerprint(directory: Path) -> tuple:
     out = []
     for p in _files(directory):
@@ -108,6 +144,8 @@ class FilesSource(ObjectStore):
     3. A failed read is counted in ``errors``/``last_error`` and retried at
        the next poll; the previous content stays.
     4. ``stop()`` returns within about one ``poll_interval``.
+    5. Every delivered object carries ``metadata.resourceVersion`` =
+       :func:`content_version` of it, whatever version the file holds.
     """
 
     def __init__(self, directory: str | os.PathLike, poll_interval: float = 1.0) -> None:
@@ -146,8 +184,10 @@ class FilesSource(ObjectStore):
             kv(log, 40, "Failed to read manifests", dir=self.directory, err=err)
             return False
         self._seen = fp
-        self.replace(SERVICES, services)
-        self.replace(ENDPOINT_SLICES, slices)
+        # A version kept from ``kubectl get -o yaml`` would survive an edit and
+        # make the snapshot memo reuse the old parse (see the module docstring).
+        self.replace(SERVICES, [stamp_version(o) for o in services])
+        self.replace(ENDPOINT_SLICES, [stamp_version(o) for o in slices])
         self.mark_synced(SERVICES)
         self.mark_synced(ENDPOINT_SLICES)
         kv(log, 10, "Read manifests", dir=self.directory, services=len(services), slices=len(slices))

@@ -131,3 +131,39 @@ def test_not_synced_until_first_good_read(tmp_path):
     (tmp_path / "m.yaml").write_text("a: [")
     src = FilesSource(tmp_path)
     assert src.poll_once() is False and not src.synced() and src.errors == 1
+
+
+def test_edit_in_place_keeping_resource_version_is_picked_up(tmp_path):
+    """``kubectl get -o yaml`` output keeps metadata.resourceVersion; an edit must still count.
+
+    The proxier parses through a SnapshotBuilder that memoizes per (uid,
+    resourceVersion): with the file's own version kept, the edited Service
+    was served from the memo and the new ClusterIP never reached the rules.
+    """
+    from refproxy.snapshot import SnapshotBuilder
+
+    exported = {**SVC, "metadata": {**SVC["metadata"], "uid": "u-1", "resourceVersion": "4711"}}
+    f = tmp_path / "svc.json"
+    _write(f, [exported])
+    src = FilesSource(tmp_path)
+    builder = SnapshotBuilder(IPFamily.IPv4, "node-a")
+    assert src.poll_once()
+    snap, _ = builder.build(*src.objects())
+    assert [str(p.cluster_ip) for p in snap.services.values()] == ["198.19.0.1"]
+
+    edited = {**exported, "spec": {**exported["spec"], "clusterIP": "198.19.0.9"}}
+    _write(f, [edited], mtime_bump=1)
+    assert src.poll_once()
+    services, _ = src.objects()
+    assert services[0]["spec"]["clusterIP"] == "198.19.0.9"
+    snap, _ = builder.build(*src.objects())
+    assert [str(p.cluster_ip) for p in snap.services.values()] == ["198.19.0.9"]
+
+    # An unchanged re-read keeps the version, so the memo still hits.
+    rv = services[0]["metadata"]["resourceVersion"]
+    _write(f, [edited], mtime_bump=2)
+    assert src.poll_once()
+    assert src.objects()[0][0]["metadata"]["resourceVersion"] == rv
+    hits = builder.hits
+    builder.build(*src.objects())
+    assert builder.hits == hits + 1
