@@ -2,7 +2,15 @@
 
 Contract: thin HTTP edge. Handlers are plain callables returning
 ``(status, content_type, body)``, so what they answer is testable without a
-socket; the server runs each endpoint set on its own daemon thread.
+socket; the server runs each endpoint set on its own daemon thread, one
+thread per connection, and drops a connection idle for ``timeout`` seconds
+(a slow or silent client cannot pin a thread). Every answer carries
+``X-Content-Type-Options: nosniff`` as kube-proxy's handlers do.
+
+The :10256 routes come from ``refproxy.healthcheck.ProxyHealth.routes``; the
+:10249 routes from :func:`metrics_routes` (``cmd/kube-proxy/app/server.go``
+``serveMetrics``: ``/metrics``, ``/proxyMode``, and the apiserver healthz
+handler's ``/healthz`` and ``/healthz/ping``).
 """
 
 from __future__ import annotations
@@ -13,10 +21,26 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Mapping
 
-__all__ = ["Response", "HTTPEndpoint", "healthz_handler"]
+__all__ = ["Response", "HTTPEndpoint", "healthz_handler", "metrics_routes", "DEFAULT_TIMEOUT"]
 
 Response = tuple[int, str, bytes]
 Handler = Callable[[], Response]
+
+DEFAULT_TIMEOUT = 10.0
+_TEXT = "text/plain; charset=utf-8"
+
+
+def metrics_routes(render: Callable[[], bytes], proxy_mode: str = "iptables") -> dict[str, Handler]:
+    """The metrics port's routes as kube-proxy serves them (``render``: e.g. ``Metrics.render``)."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    ok: Handler = lambda: (200, _TEXT, b"ok")
+    return {
+        "/metrics": lambda: (200, CONTENT_TYPE_LATEST, render()),
+        "/proxyMode": lambda: (200, _TEXT, proxy_mode.encode()),
+        "/healthz": ok,
+        "/healthz/ping": ok,
+    }
 
 
 def healthz_handler(
@@ -26,10 +50,12 @@ def healthz_handler(
     *,
     clock: Callable[[], float] = time.time,
 ) -> Handler:
-    """kube-proxy's healthz semantics (``pkg/proxy/healthcheck/proxy_health.go``).
+    """The former healthz answer; superseded by ``refproxy.healthcheck.ProxyHealth``.
 
-    Healthy once a sync has succeeded, unless an update has been queued for
-    longer than ``timeout`` without a successful sync since.
+    Kept only until ``cmd_run`` is wired to :class:`~refproxy.healthcheck.ProxyHealth`
+    (upstream is healthy at start-up, this one is not). Healthy once a sync
+    has succeeded, unless an update has been queued for longer than
+    ``timeout`` without a successful sync since.
     """
 
     def handle() -> Response:
@@ -53,10 +79,16 @@ def _iso(t: float) -> str:
 class HTTPEndpoint:
     """A small threaded HTTP server serving fixed paths."""
 
-    def __init__(self, bind: tuple[str, int], routes: Mapping[str, Handler]) -> None:
+    def __init__(self, bind: tuple[str, int], routes: Mapping[str, Handler], *,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
         routes = dict(routes)
+        idle_timeout = timeout
 
-        class _H(BaseHTTPRequestHandler):
+        class _Handler(BaseHTTPRequestHandler):
+            # StreamRequestHandler.setup applies it to the socket: a client
+            # that stalls mid-request (or keeps a connection idle) is dropped.
+            timeout = idle_timeout
+
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
                 handler = routes.get(self.path.split("?", 1)[0])
                 if handler is None:
@@ -68,6 +100,7 @@ class HTTPEndpoint:
                         status, ctype, body = 500, "text/plain", f"{err}\n".encode()
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
+                self.send_header("X-Content-Type-Options", "nosniff")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -83,7 +116,7 @@ class HTTPEndpoint:
                 address_family = socket.AF_INET6
 
             family_server = _V6
-        self._server = family_server(bind, _H)
+        self._server = family_server(bind, _Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name=f"http-{bind[1]}", daemon=True)
 

@@ -19,12 +19,24 @@ Guarantees:
    just before the restore, so entries the new rules serve are never
    deleted by a cleanup still working from an older snapshot.
 4. ``sync`` never raises: every failure is logged and counted.
+5. Metrics and health follow ``pkg/proxy/iptables/proxier.go``: every sync
+   attempt observes ``sync_proxy_rules_duration_seconds`` and the full or
+   partial histogram; a failed partial sync counts
+   ``sync_proxy_rules_iptables_partial_restore_failures_total``; a successful
+   one (also one with nothing to write) sets the rule gauges, the
+   no-local-endpoints gauges, ``sync_proxy_rules_last_timestamp_seconds`` and
+   tells the :class:`~refproxy.healthcheck.ProxyHealth` the family is
+   updated. Family-specific series carry ``ip_family=config.family.name``.
+   Change counters follow upstream's change trackers through
+   :meth:`Proxier.on_source_change` (events) and the start of each sync
+   (pending reset to 0, upstream's ``checkoutChanges``).
 """
 
 from __future__ import annotations
 
 import calendar
 import logging
+import threading
 import time
 from typing import Callable, Iterable, Mapping, Protocol as TypingProtocol
 
@@ -32,14 +44,15 @@ from refproxy.changes import diff
 from refproxy.cleanup.worker import CleanupWorker
 from refproxy.config import ProxyConfig
 from refproxy.errors import RestoreError
+from refproxy.healthcheck import ProxyHealth
 from refproxy.log import TRACE, kv
 from refproxy.metrics import Metrics
 from refproxy.model import Snapshot
-from refproxy.rules.render import RenderConfig, render
+from refproxy.rules.render import RenderConfig, categorize_endpoints, render
 from refproxy.snapshot import SnapshotBuilder
 from refproxy.sources.base import Source
 
-__all__ = ["Proxier", "RulesBackend", "trigger_times"]
+__all__ = ["Proxier", "RulesBackend", "trigger_times", "no_local_endpoints", "changed_keys"]
 
 log = logging.getLogger("refproxy.proxier")
 
@@ -84,6 +97,40 @@ def trigger_times(slices: Iterable[Mapping], seen: Mapping[tuple[str, str], str]
     return times, now_seen
 
 
+def no_local_endpoints(snapshot: Snapshot, hostname: str = "") -> tuple[int, int]:
+    """Service ports with endpoints but none usable here under a Local policy (pure).
+
+    Returns ``(internal, external)`` as upstream counts
+    ``sync_proxy_rules_no_local_endpoints_total``: only ports that have some
+    usable endpoint; internal for ``internalTrafficPolicy: Local``, external
+    for an externally reachable port with ``externalTrafficPolicy: Local``.
+    """
+    internal = external = 0
+    for sp in snapshot.ports():
+        _cluster, local, _all, has_any = categorize_endpoints(snapshot.endpoints_of(sp.name), sp, hostname)
+        if not has_any or local:
+            continue
+        if sp.internal_policy_local:
+            internal += 1
+        if sp.external_policy_local and (sp.node_port or sp.external_ips or sp.load_balancer_ips):
+            external += 1
+    return internal, external
+
+
+def changed_keys(objects: Iterable[Mapping], seen: Mapping[tuple[str, str], str]) -> tuple[set, dict]:
+    """Keys of objects added, changed (resourceVersion) or removed since ``seen`` (pure).
+
+    Returns the keys and the new key -> resourceVersion map.
+    """
+    now: dict[tuple[str, str], str] = {}
+    for o in objects:
+        meta = o.get("metadata") or {}
+        now[(str(meta.get("namespace", "")), str(meta.get("name", "")))] = str(meta.get("resourceVersion", ""))
+    changed = {k for k, rv in now.items() if seen.get(k) != rv}
+    changed.update(k for k in seen if k not in now)
+    return changed, now
+
+
 class Proxier:
     """Owns the sync state; ``sync`` is what the bounded-frequency runner calls."""
 
@@ -95,6 +142,7 @@ class Proxier:
         metrics: Metrics,
         *,
         cleanup: CleanupWorker | None = None,
+        health: ProxyHealth | None = None,
         addresses: Callable[[], frozenset[str]] = frozenset,
         request_retry: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
@@ -105,6 +153,9 @@ class Proxier:
         self.rules = rules
         self.metrics = metrics
         self.cleanup = cleanup
+        self.health = health
+        self.family = config.family.name  # the ip_family label value ("IPv4"/"IPv6")
+        metrics.init_family(self.family)
         self.addresses = addresses
         self.request_retry = request_retry
         self.clock = clock
@@ -119,6 +170,53 @@ class Proxier:
         self._seen_problems: set = set()
         self._last_full = float("-inf")
         self._addrs: frozenset[str] | None = None
+        # Change tracking (events since the last observation; pending since the last sync).
+        self._changes_lock = threading.Lock()
+        self._observed: tuple[dict, dict] = ({}, {})
+        self._checked_out: tuple[dict, dict] = ({}, {})
+
+    def starting(self) -> None:
+        """The sync loop starts (upstream ``SyncLoop``): healthy until an update is overdue."""
+        if self.health is not None:
+            self.health.updated(self.family)
+        self.metrics.sync_queued_timestamp.labels(self.family).set(self.wallclock())
+
+    def queued(self) -> None:
+        """A sync was requested because something changed (upstream ``Sync``)."""
+        if self.health is not None:
+            self.health.queued_update(self.family)
+        self.metrics.sync_queued_timestamp.labels(self.family).set(self.wallclock())
+
+    def on_source_change(self) -> None:
+        """The source reported a change: count it as upstream's change trackers do, then :meth:`queued`.
+
+        Call it from the source's ``on_change`` callback (before asking the
+        runner for a sync). Each Service or EndpointSlice (of this family's
+        address type) that changed since the last call counts one event in
+        ``*_changes_total``; ``service_changes_pending`` is the number of
+        distinct Services changed since the last sync, ``endpoint_changes_pending``
+        the EndpointSlice events since then.
+        """
+        services, slices = self.source.objects()
+        slices = [s for s in slices if s.get("addressType", self.family) == self.family]
+        with self._changes_lock:
+            svc_changed, svc_now = changed_keys(services, self._observed[0])
+            eps_changed, eps_now = changed_keys(slices, self._observed[1])
+            self._observed = (svc_now, eps_now)
+            svc_pending, _ = changed_keys(services, self._checked_out[0])
+            for _ in svc_changed:
+                self.metrics.service_changed(len(svc_pending))
+            for _ in eps_changed:
+                self.metrics.endpoint_slice_changed()
+        if svc_changed or eps_changed:
+            self.queued()
+
+    def _checkout(self, services: list, slices: list) -> None:
+        with self._changes_lock:
+            _, svc = changed_keys(services, {})
+            _, eps = changed_keys([s for s in slices if s.get("addressType", self.family) == self.family], {})
+            self._checked_out = (svc, eps)
+            self.metrics.changes_checked_out()
 
     def sync(self) -> bool:
         """One sync; returns True when rules were applied (see module guarantees)."""
@@ -138,14 +236,40 @@ class Proxier:
         # kube-proxy's partial sync: rewrite only the changed services' chains,
         # but render everything after a failure and once per sync period.
         full = self.need_full_sync or start - self._last_full >= self.config.sync_period
+        ok = False
+        try:
+            ok = self._sync_once(start, full)
+            return ok
+        finally:
+            # Upstream's deferred latency observation: every attempt counts.
+            m, fam = self.metrics, self.family
+            elapsed = self.clock() - start
+            m.sync_duration.labels(fam).observe(elapsed)
+            (m.sync_full_duration if full else m.sync_partial_duration).labels(fam).observe(elapsed)
+            if not ok and not full:
+                m.partial_restore_failures.labels(fam).inc()
+
+    def _succeeded(self, snapshot: Snapshot) -> None:
+        m, fam = self.metrics, self.family
+        internal, external = no_local_endpoints(snapshot, self.config.hostname)
+        m.no_local_endpoints.labels("internal", fam).set(internal)
+        m.no_local_endpoints.labels("external", fam).set(external)
+        if self.health is not None:
+            self.health.updated(fam)
+        m.sync_last_timestamp.labels(fam).set(self.wallclock())
+
+    def _sync_once(self, start: float, full: bool) -> bool:
         services, slices = self.source.objects()
+        self._checkout(services, slices)
         self.generation += 1
         snapshot, problems = self.builder.build(services, slices, generation=self.generation)
         self._count_problems(problems)
         changes = diff(self.last_applied, snapshot)
         addrs = self.addresses()
         if not full and changes.is_empty and addrs == self._addrs:
-            # Nothing to write; still let cleanup resume pending work.
+            # Nothing to write: the rules are current, a successful sync.
+            self._succeeded(snapshot)
+            # Still let cleanup resume pending work.
             if self.cleanup is not None:
                 self.cleanup.submit(snapshot, addrs)
             return True
@@ -166,7 +290,7 @@ class Proxier:
         except RestoreError as err:
             if self.cleanup is not None:
                 self.cleanup.expect(None)
-            self.metrics.restore_failures.inc()
+            self.metrics.restore_failures.labels(self.family).inc()
             self.need_full_sync = True
             kv(log, logging.ERROR, "Failed to apply rules; old rules stay, full resync follows",
                error=str(err), line=err.line if err.line is not None else "?")
@@ -184,18 +308,22 @@ class Proxier:
         elapsed = self.clock() - start
         now = self.wallclock()
         self.last_sync_wall = now
-        m = self.metrics
-        (m.sync_full_duration if full else m.sync_duration).observe(elapsed)
-        if full:
-            m.sync_duration.observe(elapsed)
-        m.sync_last_timestamp.set(now)
-        m.endpoint_changes.inc(len(changes.endpoints_changed))
-        m.service_changes.inc(len(changes.services_added) + len(changes.services_removed) + len(changes.services_updated))
+        m, fam = self.metrics, self.family
+        # rule_counts are the rules written (nat without the -X lines), i.e.
+        # upstream's IPTablesRulesLastSync; the total also counts the rules of
+        # services a partial sync left alone, which the renderer reports as
+        # skipped_nat_rules when it provides it.
+        skipped = getattr(rendered, "skipped_nat_rules", None)
         for table, n in rendered.rule_counts.items():
-            m.rules_total.labels(table).set(n)
+            m.rules_last.labels(table, fam).set(n)
+            if full or table != "nat":
+                m.rules_total.labels(table, fam).set(n)
+            elif skipped is not None:
+                m.rules_total.labels(table, fam).set(n + skipped)
         for t in times:
             if now >= t:
-                m.network_programming.observe(now - t)
+                m.network_programming.labels(fam).observe(now - t)
+        self._succeeded(snapshot)
         kv(log, logging.INFO if (full or not changes.is_empty) else logging.DEBUG, "Synced rules",
            full=full, services=len(snapshot.services), seconds=f"{elapsed:.4f}",
            endpoint_changes=len(changes.endpoints_changed), bytes=len(rendered.text))

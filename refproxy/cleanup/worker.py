@@ -286,13 +286,13 @@ class CleanupWorker:
                     self._skipped = fold_snapshots(skipped, self._skipped) if self._skipped else skipped
             return None
         finally:
-            m.conntrack_sync_duration.observe(time.monotonic() - t0)
+            m.conntrack_sync_duration.labels(current.family.name).observe(time.monotonic() - t0)
             m.cleanup_cpu.labels(name).inc(max(0.0, time.thread_time() - c0))
         self.runs += 1
         self.previous = current
         self.last_report = report
         m.cleanup_runs.labels(name, "ok" if report.ok else "error").inc()
-        m.conntrack_deleted.inc(report.deleted)
+        m.conntrack_deleted.labels(current.family.name).inc(report.deleted)
         m.cleanup_deleted.labels(name).inc(report.deleted)
         m.cleanup_examined.labels(name).inc(report.examined)
         m.cleanup_requests.labels(name).inc(report.requests)

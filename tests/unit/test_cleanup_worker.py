@@ -60,7 +60,7 @@ def test_submit_never_blocks_and_requests_coalesce():
     assert plugin.requests[1].previous.generation == 1
     assert plugin.requests[1].node_addresses == {"198.18.0.1"}
     assert m.cleanup_superseded._value.get() == 2
-    assert m.conntrack_deleted._value.get() == 4
+    assert m.registry.get_sample_value("kubeproxy_conntrack_reconciler_deleted_entries_total", {"ip_family": "IPv4"}) == 4
 
 
 def test_exception_does_not_advance_previous():

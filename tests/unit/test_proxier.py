@@ -137,7 +137,8 @@ def test_failed_restore_keeps_state_forces_full_resync_and_skips_cleanup():
     assert p.need_full_sync and p.last_applied is None
     assert worker.submitted == [] and retries == [1]
     assert worker.expected[0] is not None and worker.expected[-1] is None  # announced, then withdrawn
-    assert p.metrics.restore_failures._value.get() == 1
+    assert p.metrics.registry.get_sample_value(
+        "kubeproxy_sync_proxy_rules_iptables_restore_failures_total", {"ip_family": "IPv4"}) == 1
     assert p.sync() is True
     assert not p.need_full_sync and len(worker.submitted) == 1
     assert rules.reads == 4  # the retry re-read existing chains
