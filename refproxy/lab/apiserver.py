@@ -1,4 +1,4 @@
-"""A fake kube-apiserver for Services and EndpointSlices (unit tests and the lab).
+"""A fake kube-apiserver for Services, EndpointSlices and Nodes (unit tests and the lab).
 
 Contract: stands in for kube-apiserver where none is available (no cluster,
 no container engine), so refproxy's *production* kube source — the official
@@ -9,8 +9,19 @@ refproxy's source and a lab controller need, over plain HTTP/1.1:
 * ``GET /api/v1/services``, ``/api/v1/namespaces/NS/services[/NAME]``,
   ``/apis/discovery.k8s.io/v1/endpointslices``,
   ``/apis/discovery.k8s.io/v1/namespaces/NS/endpointslices[/NAME]``:
+  ``GET /api/v1/nodes[/NAME]`` (cluster-scoped):
   lists carry ``metadata.resourceVersion``; ``labelSelector`` supports
-  ``key``, ``!key``, ``key=value``, ``key==value``, ``key!=value``.
+  ``key``, ``!key``, ``key=value``, ``key==value``, ``key!=value``;
+  ``fieldSelector`` supports ``metadata.name`` and ``metadata.namespace``
+  with ``=``, ``==``, ``!=`` (kube-proxy watches its own Node with
+  ``metadata.name=<node>``); other fields are refused with 400.
+* Paged lists (``limit``/``continue``), as kube-apiserver serves them from
+  etcd: the first page fixes a consistent snapshot at the list's
+  resourceVersion, every page carries it, ``metadata.continue`` and
+  ``metadata.remainingItemCount`` while more remain. Snapshots are retained
+  for the ``max_paged_lists`` most recent lists; a ``continue`` token whose
+  snapshot is gone (evicted, :meth:`APIServer.expire_continues` or
+  :meth:`APIServer.compact`) gets ``410 Expired``, as etcd compaction gives.
 * ``?watch=true``: newline-delimited JSON events ADDED / MODIFIED / DELETED,
   BOOKMARK (with ``allowWatchBookmarks=true``, every ``bookmark_interval``
   seconds, carrying the current resourceVersion), and ``ERROR`` with a
@@ -19,22 +30,25 @@ refproxy's source and a lab controller need, over plain HTTP/1.1:
   ``resourceVersion`` empty or ``0`` starts with synthetic ADDED events.
   A label change that moves an object into or out of the selector is sent
   as ADDED or DELETED, as the real watch cache does.
-* ``POST``/``PUT``/``DELETE`` on the namespaced paths, so a controller can
+* ``POST``/``PUT``/``DELETE`` on the namespaced paths (and ``/api/v1/nodes``), so a controller can
   drive it like a real API server (409 on create of an existing object, 404
   on update/delete of a missing one).
 * Fault injection from Python: :meth:`APIServer.compact` (410 on the next
-  watch), :meth:`APIServer.drop_watches`, :meth:`APIServer.fail_next`
-  (answer the next GETs of a kind with an HTTP error).
+  watch), :meth:`APIServer.expire_continues` (410 on the next ``continue``),
+  :meth:`APIServer.drop_watches`, :meth:`APIServer.fail_next`
+  (answer the next GETs of a kind with an HTTP error). :attr:`APIServer.requests`
+  records the latest GETs (resource, query) so tests can see page sizes.
 * ``GET /version``, ``/healthz``, ``/readyz``, ``/api``, ``/apis``,
   ``/api/v1``, ``/apis/discovery.k8s.io/v1``: minimal discovery.
 
 It does NOT implement: authentication or authorization (any client is
 admin; no TLS), admission, validation or defaulting (bad objects are stored
 as sent — that is how the bad-input tests feed refproxy garbage), field
-selectors, pagination (``limit``/``continue``), server-side apply, PATCH,
+selectors beyond metadata.name/namespace, server-side apply, PATCH,
 ``resourceVersionMatch``, optimistic concurrency on PUT, other resources,
-protobuf, watch list / initial-events-end bookmarks, and ClusterIP or
-EndpointSlice controllers (clients write slices themselves).
+protobuf, watch list / initial-events-end bookmarks, Node status
+subresources or heartbeats, and ClusterIP or EndpointSlice controllers
+(clients write slices and nodes themselves).
 
 Resource versions are one global integer counter, as with etcd: every write
 gets the next number; a list's version is the counter at list time.
@@ -43,6 +57,7 @@ gets the next number; a list's version is the counter at list time.
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import copy
 import json
@@ -57,17 +72,68 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterable
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["APIServer", "parse_label_selector", "main"]
+__all__ = ["APIServer", "parse_label_selector", "parse_field_selector", "main"]
 
 SERVICES = "services"
 ENDPOINT_SLICES = "endpointslices"
+NODES = "nodes"
 
 # resource -> (group-version path prefix, apiVersion, kind, list kind)
 _RESOURCES = {
     SERVICES: ("/api/v1", "v1", "Service", "ServiceList"),
     ENDPOINT_SLICES: ("/apis/discovery.k8s.io/v1", "discovery.k8s.io/v1", "EndpointSlice", "EndpointSliceList"),
+    NODES: ("/api/v1", "v1", "Node", "NodeList"),
 }
+_CLUSTER_SCOPED = frozenset({NODES})
 _KIND_TO_RESOURCE = {v[2]: k for k, v in _RESOURCES.items()}
+_FIELDS = ("metadata.name", "metadata.namespace")
+
+
+def _resource_of(kind: str) -> str:
+    resource = _KIND_TO_RESOURCE.get(kind) or (kind if kind in _RESOURCES else None)
+    if resource is None:
+        raise ValueError(f"unsupported kind {kind!r}")
+    return resource
+
+
+def _key(resource: str, ns: str | None, name: str) -> tuple[str, str]:
+    """Store key: cluster-scoped objects have no namespace."""
+    return ("" if resource in _CLUSTER_SCOPED else str(ns or "default")), name
+
+
+def parse_field_selector(text: str) -> list[tuple[str, str, str]]:
+    """Parse a field selector into (op, field, value) terms; ops: =, !=.
+
+    Only ``metadata.name`` and ``metadata.namespace`` are served (what a
+    proxy asks for); anything else raises ``ValueError``, as kube-apiserver
+    refuses fields a resource does not index.
+    """
+    terms: list[tuple[str, str, str]] = []
+    for raw in (t.strip() for t in text.split(",")):
+        if not raw:
+            continue
+        if "!=" in raw:
+            op, (k, v) = "!=", raw.split("!=", 1)
+        elif "==" in raw:
+            op, (k, v) = "=", raw.split("==", 1)
+        elif "=" in raw:
+            op, (k, v) = "=", raw.split("=", 1)
+        else:
+            raise ValueError(f"invalid field selector term {raw!r}")
+        if k.strip() not in _FIELDS:
+            raise ValueError(f"field label not supported: {k.strip()}")
+        terms.append((op, k.strip(), v.strip()))
+    return terms
+
+
+def _fields_match(obj: dict, terms: list[tuple[str, str, str]]) -> bool:
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    for op, field, value in terms:
+        have = str(meta.get(field.split(".", 1)[1]) or "")
+        if (have == value) != (op == "="):
+            return False
+    return True
 
 
 def parse_label_selector(text: str) -> list[tuple[str, str, str | None]]:
@@ -121,7 +187,7 @@ class _Gone(Exception):
 class _Store:
     """Objects, a global resource version and a bounded event history."""
 
-    def __init__(self, history: int) -> None:
+    def __init__(self, history: int, max_paged_lists: int = 32) -> None:
         self.cond = threading.Condition()
         self.rv = 0
         self.objects: dict[str, dict[tuple[str, str], dict]] = {r: {} for r in _RESOURCES}
@@ -132,6 +198,10 @@ class _Store:
         self.drop_generation = 0
         self.closing = False
         self.failures: dict[str, list[int]] = {}  # resource -> status codes to answer next
+        # Paged lists: id -> (resourceVersion, the whole consistent result).
+        self.paged: collections.OrderedDict[str, tuple[int, list[dict]]] = collections.OrderedDict()
+        self.max_paged_lists = max(1, max_paged_lists)
+        self.requests: collections.deque[tuple[str, dict[str, str]]] = collections.deque(maxlen=1000)
 
     def _record(self, resource: str, etype: str, obj: dict, prev: dict | None = None) -> None:
         if len(self.events) == self.events.maxlen:
@@ -145,7 +215,7 @@ class _Store:
         if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
             return 422, _status(422, "Invalid", "metadata.name is required")
         prefix, api_version, kind, _ = _RESOURCES[resource]
-        key = (str(meta.get("namespace") or "default"), meta["name"])
+        key = _key(resource, meta.get("namespace"), meta["name"])
         with self.cond:
             existing = self.objects[resource].get(key)
             if mode == "create" and existing is not None:
@@ -157,7 +227,10 @@ class _Store:
             stored.setdefault("kind", kind)
             stored.setdefault("apiVersion", api_version)
             m = stored["metadata"]
-            m["namespace"] = key[0]
+            if resource in _CLUSTER_SCOPED:
+                m.pop("namespace", None)
+            else:
+                m["namespace"] = key[0]
             m["resourceVersion"] = str(self.rv)
             m["uid"] = existing["metadata"]["uid"] if existing else str(uuid.uuid4())
             m.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -167,7 +240,7 @@ class _Store:
 
     def delete(self, resource: str, ns: str, name: str) -> tuple[int, dict]:
         with self.cond:
-            existing = self.objects[resource].pop((ns, name), None)
+            existing = self.objects[resource].pop(_key(resource, ns, name), None)
             if existing is None:
                 return 404, _status(404, "NotFound", f"{resource} {name!r} not found")
             self.rv += 1
@@ -176,13 +249,44 @@ class _Store:
             self._record(resource, "DELETED", gone)
             return 200, gone
 
-    def list(self, resource: str, ns: str | None, terms) -> tuple[int, list[dict]]:
+    def list(self, resource: str, ns: str | None, terms, fields=()) -> tuple[int, list[dict]]:
         with self.cond:
             items = [
                 o for (ons, _), o in sorted(self.objects[resource].items())
-                if (ns is None or ons == ns) and _matches(o, terms)
+                if (ns is None or ons == ns) and _matches(o, terms) and _fields_match(o, list(fields))
             ]
             return self.rv, copy.deepcopy(items)
+
+    def page(self, resource: str, ns: str | None, terms, fields, limit: int, token: str
+             ) -> tuple[int, list[dict], str, int]:
+        """One page of a list: (resourceVersion, items, continue token, remaining count).
+
+        Raises _Gone when ``token``'s snapshot is no longer retained.
+        """
+        with self.cond:
+            if token:
+                try:
+                    ref = json.loads(base64.urlsafe_b64decode(token.encode()))
+                    pid, start = str(ref["id"]), int(ref["start"])
+                except (ValueError, KeyError, TypeError) as err:
+                    raise ValueError(f"invalid continue token: {err}") from err
+                if pid not in self.paged:
+                    raise _Gone()
+                rv, items = self.paged[pid]
+            else:
+                rv, items = self.list(resource, ns, terms, fields)
+                pid, start = uuid.uuid4().hex, 0
+            chunk = items[start:start + limit]
+            nxt = start + len(chunk)
+            if nxt >= len(items):
+                self.paged.pop(pid, None)
+                return rv, chunk, "", 0
+            self.paged[pid] = (rv, items)
+            self.paged.move_to_end(pid)
+            while len(self.paged) > self.max_paged_lists:
+                self.paged.popitem(last=False)
+            ref = json.dumps({"v": "meta.k8s.io/v1", "rv": rv, "id": pid, "start": nxt}).encode()
+            return rv, chunk, base64.urlsafe_b64encode(ref).decode(), len(items) - nxt
 
     def events_after(self, rv: int, resource: str) -> list[tuple[int, str, dict, dict | None]]:
         """Events of ``resource`` newer than ``rv``; raises _Gone when not retained."""
@@ -211,6 +315,10 @@ def _route(path: str) -> tuple[str, str | None, str | None] | None:
         parts = path[len(prefix) + 1 :].strip("/").split("/")
         if parts == [resource]:
             return resource, None, None
+        if resource in _CLUSTER_SCOPED:
+            if len(parts) == 2 and parts[0] == resource:
+                return resource, None, parts[1]
+            continue
         if len(parts) in (3, 4) and parts[0] == "namespaces" and parts[2] == resource:
             return resource, parts[1], parts[3] if len(parts) == 4 else None
     return None
@@ -227,6 +335,9 @@ _DISCOVERY = {
     "/api/v1": {"kind": "APIResourceList", "groupVersion": "v1", "resources": [{
         "name": "services", "singularName": "service", "namespaced": True, "kind": "Service",
         "verbs": ["create", "delete", "get", "list", "update", "watch"], "shortNames": ["svc"],
+    }, {
+        "name": "nodes", "singularName": "node", "namespaced": False, "kind": "Node",
+        "verbs": ["create", "delete", "get", "list", "update", "watch"], "shortNames": ["no"],
     }]},
     "/apis/discovery.k8s.io/v1": {"kind": "APIResourceList", "apiVersion": "v1",
                                   "groupVersion": "discovery.k8s.io/v1", "resources": [{
@@ -284,11 +395,14 @@ class _Handler(BaseHTTPRequestHandler):
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
         try:
             terms = parse_label_selector(q.get("labelSelector", ""))
+            fields = parse_field_selector(q.get("fieldSelector", ""))
+            limit = int(q.get("limit") or 0)
         except ValueError as err:
             self._send_status(400, "BadRequest", str(err))
             return
         store = self.server.store
         with store.cond:
+            store.requests.append((resource, dict(q)))
             pending = store.failures.get(resource)
             code = pending.pop(0) if pending else None
         if code is not None:
@@ -297,7 +411,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if name is not None:
             with store.cond:
-                obj = store.objects[resource].get((ns, name))
+                obj = store.objects[resource].get(_key(resource, ns, name))
                 obj = copy.deepcopy(obj)
             if obj is None:
                 self._send_status(404, "NotFound", f"{resource} {name!r} not found")
@@ -305,12 +419,28 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_json(200, obj)
             return
         if q.get("watch") in ("true", "1"):
-            self._watch(resource, ns, terms, q)
+            self._watch(resource, ns, (terms, fields), q)
             return
-        rv, items = store.list(resource, ns, terms)
+        list_meta: dict[str, Any] = {}
+        if limit > 0 or q.get("continue"):
+            try:
+                rv, items, token, remaining = store.page(resource, ns, terms, fields, limit if limit > 0 else 1 << 30,
+                                                         q.get("continue", ""))
+            except ValueError as err:
+                self._send_status(400, "BadRequest", str(err))
+                return
+            except _Gone:
+                # kube-apiserver's words when etcd compacted the list's revision.
+                self._send_status(410, "Expired", "The provided continue parameter is too old to display a "
+                                  "consistent list result. You can start a new list without the continue parameter.")
+                return
+            if token:
+                list_meta = {"continue": token, "remainingItemCount": remaining}
+        else:
+            rv, items = store.list(resource, ns, terms, fields)
         _, api_version, _, list_kind = _RESOURCES[resource]
         self._send_json(200, {"kind": list_kind, "apiVersion": api_version,
-                              "metadata": {"resourceVersion": str(rv)}, "items": items})
+                              "metadata": {"resourceVersion": str(rv), **list_meta}, "items": items})
 
     def _watch(self, resource: str, ns: str | None, terms, q: dict[str, str]) -> None:
         store = self.server.store
@@ -381,16 +511,17 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.close_connection = True
 
-    def _emit(self, events: Iterable[tuple[int, str, dict, dict | None]], ns: str | None, terms) -> None:
+    def _emit(self, events: Iterable[tuple[int, str, dict, dict | None]], ns: str | None, selectors) -> None:
+        terms, fields = selectors
         for _, etype, obj, prev in events:
             meta = obj.get("metadata") or {}
             if ns is not None and meta.get("namespace") != ns:
                 continue
-            now = _matches(obj, terms)
+            now = _matches(obj, terms) and _fields_match(obj, fields)
             if etype == "MODIFIED" and prev is not None:
                 # As the real watch cache does: a label change that moves an
                 # object into or out of the selector is an ADDED or DELETED.
-                before = _matches(prev, terms)
+                before = _matches(prev, terms) and _fields_match(prev, fields)
                 if before != now:
                     etype = "ADDED" if now else "DELETED"
                     now = True
@@ -408,7 +539,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _write(self, method: str) -> None:
         route = _route(urlsplit(self.path).path.rstrip("/"))
-        if route is None or route[1] is None:
+        if route is None or (route[1] is None and route[0] not in _CLUSTER_SCOPED):
             self._send_status(405 if route else 404, "MethodNotAllowed" if route else "NotFound",
                               f"{method} is only served on namespaced resource paths")
             return
@@ -433,10 +564,13 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(meta, dict):
             self._send_status(422, "Invalid", "metadata is not an object")
             return
-        if meta.get("namespace", ns) != ns:
+        if resource in _CLUSTER_SCOPED:
+            meta.pop("namespace", None)
+        elif meta.get("namespace", ns) != ns:
             self._send_status(400, "BadRequest", "namespace in body does not match the path")
             return
-        meta["namespace"] = ns
+        else:
+            meta["namespace"] = ns
         if method == "PUT":
             if name is None or meta.get("name") != name:
                 self._send_status(400, "BadRequest", "name in body does not match the path")
@@ -481,8 +615,8 @@ class APIServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, sock: socket.socket | None = None,
                  history: int = 1000, bookmark_interval: float = 1.0,
-                 default_watch_timeout: float = 1800.0) -> None:
-        self.store = _Store(history)
+                 default_watch_timeout: float = 1800.0, max_paged_lists: int = 32) -> None:
+        self.store = _Store(history, max_paged_lists)
         if sock is not None:
             srv = _HTTPServer(sock.getsockname()[:2], _Handler, bind_and_activate=False)
             srv.socket.close()
@@ -538,21 +672,23 @@ class APIServer:
         """The current global resource version."""
         return self.store.rv
 
+    @property
+    def requests(self) -> list[tuple[str, dict[str, str]]]:
+        """The latest GET requests as (resource, query parameters), oldest first (bounded)."""
+        with self.store.cond:
+            return list(self.store.requests)
+
     def apply(self, obj: dict) -> dict:
-        """Create or replace a Service or EndpointSlice (by ``kind``); returns the stored copy."""
-        resource = _KIND_TO_RESOURCE.get(obj.get("kind", ""))
-        if resource is None:
-            raise ValueError(f"unsupported kind {obj.get('kind')!r}")
+        """Create or replace a Service, EndpointSlice or Node (by ``kind``); returns the stored copy."""
+        resource = _resource_of(str(obj.get("kind", "")))
         code, stored = self.store.write(resource, obj, mode="apply")
         if code >= 400:
             raise ValueError(stored["message"])
         return stored
 
-    def delete(self, kind: str, namespace: str, name: str) -> bool:
-        """Delete a Service or EndpointSlice; False when it did not exist."""
-        resource = _KIND_TO_RESOURCE.get(kind) or (kind if kind in _RESOURCES else None)
-        if resource is None:
-            raise ValueError(f"unsupported kind {kind!r}")
+    def delete(self, kind: str, namespace: str | None, name: str) -> bool:
+        """Delete a Service, EndpointSlice or Node (namespace ignored); False when it did not exist."""
+        resource = _resource_of(kind)
         code, _ = self.store.delete(resource, namespace, name)
         return code == 200
 
@@ -561,13 +697,17 @@ class APIServer:
         with self.store.cond:
             self.store.events.clear()
             self.store.compacted = self.store.rv
+            self.store.paged.clear()  # etcd compaction invalidates continue tokens too
             self.store.cond.notify_all()
+
+    def expire_continues(self) -> None:
+        """Forget every paged list: the next ``continue`` request gets 410 Expired."""
+        with self.store.cond:
+            self.store.paged.clear()
 
     def fail_next(self, kind: str, code: int = 500, times: int = 1) -> None:
         """Answer the next ``times`` GETs (list, watch or get) of ``kind`` with ``code`` (fault injection)."""
-        resource = _KIND_TO_RESOURCE.get(kind) or (kind if kind in _RESOURCES else None)
-        if resource is None:
-            raise ValueError(f"unsupported kind {kind!r}")
+        resource = _resource_of(kind)
         with self.store.cond:
             self.store.failures.setdefault(resource, []).extend([code] * times)
 
@@ -597,18 +737,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m refproxy.lab.apiserver", description=__doc__.split("\n")[0])
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to listen on (default 127.0.0.1:0)")
     p.add_argument("--kubeconfig-out", metavar="FILE", help="write a kubeconfig for this server here")
-    p.add_argument("--manifests", metavar="DIR", help="preload Services/EndpointSlices from a manifest dir")
+    p.add_argument("--manifests", metavar="DIR", help="preload Services/EndpointSlices/Nodes from a manifest dir")
     p.add_argument("--history", type=int, default=1000, help="watch events retained (older -> 410)")
     p.add_argument("--bookmark-interval", type=float, default=1.0, help="seconds between BOOKMARK events")
+    p.add_argument("--max-paged-lists", type=int, default=32,
+                   help="paged lists whose continue tokens stay valid (older -> 410)")
     args = p.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
-    server = APIServer(host, int(port or 0), history=args.history, bookmark_interval=args.bookmark_interval)
+    server = APIServer(host, int(port or 0), history=args.history, bookmark_interval=args.bookmark_interval,
+                       max_paged_lists=args.max_paged_lists)
     if args.manifests:
-        from refproxy.sources.files import load_manifests
+        from refproxy.sources.files import load_all_manifests
 
-        services, slices = load_manifests(args.manifests)
-        for obj in services + slices:
+        services, slices, nodes = load_all_manifests(args.manifests)
+        for obj in services + slices + nodes:
             server.apply(obj)
     server.start()
     if args.kubeconfig_out:

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from refproxy.lab.apiserver import APIServer, parse_label_selector
+from refproxy.lab.apiserver import APIServer, parse_field_selector, parse_label_selector
 
 
 def svc(name, ns="ns", labels=None, ip="198.19.0.1"):
@@ -256,3 +256,134 @@ def test_label_change_moves_object_in_and_out_of_a_selector(server):
     sel = urllib.request.quote("!service.kubernetes.io/service-proxy-name")
     events = watch(server, f"/api/v1/services?watch=true&resourceVersion={rv}&labelSelector={sel}&timeoutSeconds=1")
     assert [e["type"] for e in events] == ["DELETED", "ADDED"]
+
+
+# --- paging (limit/continue) ----------------------------------------------------------
+
+
+def pages(server, path, limit):
+    """Follow continue tokens; returns the list bodies (bounded)."""
+    out, token = [], ""
+    for _ in range(100):
+        sep = "&" if "?" in path else "?"
+        body = get(server, f"{path}{sep}limit={limit}" + (f"&continue={token}" if token else ""))
+        out.append(body)
+        token = body["metadata"].get("continue", "")
+        if not token:
+            return out
+    raise AssertionError("list did not end")
+
+
+def test_paged_list_is_a_consistent_snapshot(server):
+    for i in range(5):
+        server.apply(svc(f"s{i}"))
+    rv = str(server.resource_version)
+    first = get(server, "/api/v1/services?limit=2")
+    assert [o["metadata"]["name"] for o in first["items"]] == ["s0", "s1"]
+    assert first["metadata"]["resourceVersion"] == rv and first["metadata"]["remainingItemCount"] == 3
+    server.delete("Service", "ns", "s3")  # writes after the first page do not show
+    server.apply(svc("s9"))
+    rest, token = [], first["metadata"]["continue"]
+    for _ in range(5):
+        body = get(server, f"/api/v1/services?limit=2&continue={token}")
+        assert body["metadata"]["resourceVersion"] == rv
+        rest += [o["metadata"]["name"] for o in body["items"]]
+        token = body["metadata"].get("continue")
+        if not token:
+            break
+    assert rest == ["s2", "s3", "s4"] and "remainingItemCount" not in body["metadata"]
+    assert [o["metadata"]["name"] for o in get(server, "/api/v1/services")["items"]] == ["s0", "s1", "s2", "s4", "s9"]
+
+
+def test_paged_list_fits_one_page_has_no_token(server):
+    server.apply(svc("a"))
+    body = get(server, "/api/v1/services?limit=500")
+    assert len(body["items"]) == 1 and "continue" not in body["metadata"]
+    assert server.requests[-1] == ("services", {"limit": "500"})
+
+
+@pytest.mark.parametrize("expire", ["expire_continues", "compact"])
+def test_expired_continue_gives_410(server, expire):
+    for i in range(3):
+        server.apply(svc(f"s{i}"))
+    token = get(server, "/api/v1/services?limit=1")["metadata"]["continue"]
+    getattr(server, expire)()
+    code, body = request(server, "GET", f"/api/v1/services?limit=1&continue={token}")
+    assert code == 410 and body["reason"] == "Expired" and "continue" in body["message"]
+    code, body = request(server, "GET", "/api/v1/services?limit=1&continue=not-a-token")
+    assert code == 400
+
+
+def test_only_the_latest_paged_lists_are_retained():
+    with APIServer(max_paged_lists=2) as s:
+        for i in range(3):
+            s.apply(svc(f"s{i}"))
+        tokens = [get(s, "/api/v1/services?limit=1")["metadata"]["continue"] for _ in range(3)]
+        assert request(s, "GET", f"/api/v1/services?limit=1&continue={tokens[0]}")[0] == 410
+        assert request(s, "GET", f"/api/v1/services?limit=1&continue={tokens[2]}")[0] == 200
+
+
+def test_paging_with_selectors_and_namespaces(server):
+    for i in range(4):
+        server.apply(svc(f"s{i}", labels={"x": "1"} if i % 2 else None))
+    server.apply(svc("o", ns="other", labels={"x": "1"}))
+    bodies = pages(server, "/api/v1/namespaces/ns/services?labelSelector=x", 1)
+    assert [o["metadata"]["name"] for b in bodies for o in b["items"]] == ["s1", "s3"]
+
+
+# --- nodes and field selectors ---------------------------------------------------------
+
+
+def node(name, cidr="10.244.1.0/24", ip="198.18.0.1"):
+    return {"kind": "Node", "apiVersion": "v1", "metadata": {"name": name},
+            "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}
+
+
+@pytest.mark.parametrize("text,terms", [
+    ("", []),
+    ("metadata.name=n1", [("=", "metadata.name", "n1")]),
+    ("metadata.name==n1,metadata.namespace!=x", [("=", "metadata.name", "n1"), ("!=", "metadata.namespace", "x")]),
+])
+def test_parse_field_selector(text, terms):
+    assert parse_field_selector(text) == terms
+
+
+@pytest.mark.parametrize("text", ["spec.podCIDR=x", "metadata.name"])
+def test_unsupported_field_selector_refused(server, text):
+    with pytest.raises(ValueError):
+        parse_field_selector(text)
+    code, body = request(server, "GET", f"/api/v1/nodes?fieldSelector={text}")
+    assert code == 400 and body["kind"] == "Status"
+
+
+def test_nodes_list_get_and_field_selector(server):
+    server.apply(node("n1"))
+    server.apply(node("n2", ip="198.18.0.2"))
+    assert [o["metadata"]["name"] for o in get(server, "/api/v1/nodes")["items"]] == ["n1", "n2"]
+    only = get(server, "/api/v1/nodes?fieldSelector=metadata.name%3Dn2")["items"]
+    assert [o["metadata"]["name"] for o in only] == ["n2"] and "namespace" not in only[0]["metadata"]
+    assert get(server, "/api/v1/nodes/n1")["status"]["addresses"][0]["address"] == "198.18.0.1"
+    assert request(server, "GET", "/api/v1/nodes/nope")[0] == 404
+    assert get(server, "/api/v1/nodes?fieldSelector=metadata.name%3Dnope")["items"] == []
+    svcs = get(server, "/api/v1/services?fieldSelector=metadata.namespace%3Dns")["items"]
+    assert svcs == []  # no services yet; the selector is accepted on every resource
+    assert any(r["name"] == "nodes" and not r["namespaced"] for r in get(server, "/api/v1")["resources"])
+
+
+def test_nodes_writes_and_field_selected_watch(server):
+    code, created = request(server, "POST", "/api/v1/nodes", node("n1"))
+    assert code == 201 and "namespace" not in created["metadata"]
+    rv = created["metadata"]["resourceVersion"]
+    assert request(server, "POST", "/api/v1/nodes", node("n1"))[0] == 409
+    request(server, "POST", "/api/v1/nodes", node("n2"))
+    code, _ = request(server, "PUT", "/api/v1/nodes/n1", node("n1", cidr="10.244.9.0/24"))
+    assert code == 200
+    assert request(server, "DELETE", "/api/v1/nodes/n1")[0] == 200
+    assert not server.delete("Node", None, "n1")
+    events = watch(server, f"/api/v1/nodes?watch=true&resourceVersion={rv}"
+                           "&fieldSelector=metadata.name%3Dn1&timeoutSeconds=0.5")
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [("MODIFIED", "n1"), ("DELETED", "n1")]
+    assert events[0]["object"]["spec"]["podCIDRs"] == ["10.244.9.0/24"]
+    initial = watch(server, "/api/v1/nodes?watch=true&fieldSelector=metadata.name%3Dn2&timeoutSeconds=0.3")
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in initial] == [("ADDED", "n2")]
