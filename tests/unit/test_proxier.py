@@ -173,3 +173,148 @@ def test_periodic_full_sync_after_sync_period():
     assert p.sync() and rules.reads == 2 and len(rules.restores) == 1  # no change: nothing written
     clock[0] = 31.0
     assert p.sync() and rules.reads == 4 and len(rules.restores) == 2  # full resync re-reads the kernel
+
+
+# -- metrics and health (pkg/proxy/iptables/proxier.go bookkeeping) --
+
+from refproxy.healthcheck import ProxyHealth  # noqa: E402
+from refproxy.model import IPFamily  # noqa: E402
+from refproxy.proxier import changed_keys  # noqa: E402
+
+
+def sample(p, name, **labels):
+    return p.metrics.registry.get_sample_value(name, labels)
+
+
+def local_service(name, internal=False, external=False, node_port=0):
+    s = service(name=name, ip="198.19.0.20" if name == "loc" else "198.19.0.21")
+    spec = s["spec"]
+    if internal:
+        spec["internalTrafficPolicy"] = "Local"
+    if external:
+        spec["type"] = "NodePort"
+        spec["externalTrafficPolicy"] = "Local"
+        spec["ports"][0]["nodePort"] = node_port
+    return s
+
+
+def remote_slice(name, rv="1"):
+    s = endpoint_slice(name=name, ips=("198.18.2.1",), rv=rv)
+    for ep in s["endpoints"]:
+        ep["nodeName"] = "node-2"
+    return s
+
+
+def test_sync_metrics_carry_the_family_and_split_full_and_partial():
+    rules = FakeRules()
+    p, _ = make(FakeSource([service()], [endpoint_slice()]), rules)
+    assert p.family == "IPv4"
+    assert p.sync()
+    f = {"ip_family": "IPv4"}
+    assert sample(p, "kubeproxy_sync_proxy_rules_duration_seconds_count", **f) == 1
+    assert sample(p, "kubeproxy_sync_full_proxy_rules_duration_seconds_count", **f) == 1
+    assert sample(p, "kubeproxy_sync_partial_proxy_rules_duration_seconds_count", **f) is None
+    assert sample(p, "kubeproxy_sync_proxy_rules_last_timestamp_seconds", **f) > 0
+    nat_written = sample(p, "kubeproxy_sync_proxy_rules_iptables_last", table="nat", **f)
+    assert nat_written > 0
+    assert sample(p, "kubeproxy_sync_proxy_rules_iptables_total", table="nat", **f) == nat_written
+    p.source.slices[0] = endpoint_slice(ips=("198.18.1.2",), rv="2")
+    assert p.sync()  # partial
+    assert sample(p, "kubeproxy_sync_proxy_rules_duration_seconds_count", **f) == 2
+    assert sample(p, "kubeproxy_sync_partial_proxy_rules_duration_seconds_count", **f) == 1
+    assert sample(p, "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total", **f) == 0
+    assert p.sync()  # nothing changed: still a (partial) successful sync
+    assert sample(p, "kubeproxy_sync_partial_proxy_rules_duration_seconds_count", **f) == 2
+
+
+def test_failed_partial_restore_counts_partial_and_restore_failures():
+    rules = FakeRules()
+    p, _ = make(FakeSource([service()], [endpoint_slice()]), rules)
+    assert p.sync()
+    p.source.slices[0] = endpoint_slice(ips=("198.18.1.2",), rv="2")
+    rules.fail = 1
+    assert not p.sync()
+    f = {"ip_family": "IPv4"}
+    assert sample(p, "kubeproxy_sync_proxy_rules_iptables_restore_failures_total", **f) == 1
+    assert sample(p, "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total", **f) == 1
+    assert p.need_full_sync  # a full resync follows
+    rules.fail = 1
+    assert not p.sync()  # a failed full sync is not a partial failure
+    assert sample(p, "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total", **f) == 1
+    assert sample(p, "kubeproxy_sync_proxy_rules_iptables_restore_failures_total", **f) == 2
+
+
+def test_ipv6_proxier_labels_ipv6():
+    p = Proxier(ProxyConfig(family=IPFamily.IPv6, hostname="node-1"), FakeSource(), FakeRules(), Metrics(process=False))
+    assert p.sync()
+    assert sample(p, "kubeproxy_sync_proxy_rules_duration_seconds_count", ip_family="IPv6") == 1
+    assert sample(p, "kubeproxy_sync_proxy_rules_duration_seconds_count", ip_family="IPv4") is None
+
+
+def test_no_local_endpoints_by_traffic_policy():
+    services = [service(), local_service("loc", internal=True), local_service("ext", external=True, node_port=30053)]
+    slices = [endpoint_slice(), remote_slice("loc"), remote_slice("ext")]
+    p, _ = make(FakeSource(services, slices), FakeRules())
+    assert p.sync()
+    f = {"ip_family": "IPv4"}
+    assert sample(p, "kubeproxy_sync_proxy_rules_no_local_endpoints_total", traffic_policy="internal", **f) == 1
+    assert sample(p, "kubeproxy_sync_proxy_rules_no_local_endpoints_total", traffic_policy="external", **f) == 1
+    # A local endpoint appears for "loc": it no longer counts.
+    s = endpoint_slice(name="loc", ips=("198.18.1.9",), rv="2")
+    s["endpoints"][0]["nodeName"] = "node-1"
+    p.source.slices[1] = s
+    assert p.sync()
+    assert sample(p, "kubeproxy_sync_proxy_rules_no_local_endpoints_total", traffic_policy="internal", **f) == 0
+    # No endpoints at all is REJECT, not "no local endpoints".
+    p.source.slices[2] = {**remote_slice("ext", rv="2"), "endpoints": []}
+    assert p.sync()
+    assert sample(p, "kubeproxy_sync_proxy_rules_no_local_endpoints_total", traffic_policy="external", **f) == 0
+
+
+def test_changes_are_counted_per_event_and_pending_until_the_sync():
+    now = [100.0]
+    src = FakeSource([service()], [endpoint_slice()])
+    health = ProxyHealth(60, clock=lambda: now[0])
+    p = Proxier(ProxyConfig(hostname="node-1"), src, FakeRules(), Metrics(process=False), health=health,
+                wallclock=lambda: now[0])
+    p.starting()
+    assert sample(p, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", ip_family="IPv4") == 100.0
+    p.on_source_change()  # the first lists: one Service, one IPv4 slice
+    assert sample(p, "kubeproxy_sync_proxy_rules_service_changes_total") == 1
+    assert sample(p, "kubeproxy_sync_proxy_rules_endpoint_changes_total") == 1
+    assert sample(p, "kubeproxy_sync_proxy_rules_service_changes_pending") == 1
+    assert sample(p, "kubeproxy_sync_proxy_rules_endpoint_changes_pending") == 1
+    now[0] = 200.0  # the queued update is overdue
+    assert health.healthz()[0] == 503
+    assert p.sync()
+    assert health.healthz()[0] == 200  # the sync marked the family updated
+    assert sample(p, "kubeproxy_sync_proxy_rules_service_changes_pending") == 0
+    assert sample(p, "kubeproxy_sync_proxy_rules_endpoint_changes_pending") == 0
+    # Two slice updates, plus an IPv6 slice this IPv4 proxier's tracker ignores (as upstream's does).
+    v6 = {**endpoint_slice(name="v6"), "addressType": "IPv6"}
+    src.slices = [endpoint_slice(ips=("198.18.1.2",), rv="2"), v6]
+    p.on_source_change()
+    src.slices[0] = endpoint_slice(ips=("198.18.1.3",), rv="3")
+    p.on_source_change()
+    p.on_source_change()  # nothing new: not an event
+    assert sample(p, "kubeproxy_sync_proxy_rules_endpoint_changes_total") == 3
+    assert sample(p, "kubeproxy_sync_proxy_rules_endpoint_changes_pending") == 2
+    assert sample(p, "kubeproxy_sync_proxy_rules_service_changes_total") == 1
+    # A Service updated twice is one pending Service, two events.
+    src.services = [{**service(), "metadata": {**service()["metadata"], "resourceVersion": "2"}}]
+    p.on_source_change()
+    src.services = [{**service(), "metadata": {**service()["metadata"], "resourceVersion": "3"}}]
+    p.on_source_change()
+    assert sample(p, "kubeproxy_sync_proxy_rules_service_changes_total") == 3
+    assert sample(p, "kubeproxy_sync_proxy_rules_service_changes_pending") == 1
+
+
+def test_changed_keys_sees_adds_updates_and_deletes():
+    a = {"metadata": {"namespace": "n", "name": "a", "resourceVersion": "1"}}
+    b = {"metadata": {"namespace": "n", "name": "b", "resourceVersion": "1"}}
+    changed, seen = changed_keys([a, b], {})
+    assert changed == {("n", "a"), ("n", "b")}
+    b2 = {"metadata": {**b["metadata"], "resourceVersion": "2"}}
+    changed, seen = changed_keys([b2], seen)
+    assert changed == {("n", "a"), ("n", "b")}  # a deleted, b updated
+    assert changed_keys([b2], seen)[0] == set()
