@@ -10,6 +10,14 @@ Mirrors kube-proxy's informer wiring (cmd/kube-proxy/app/server.go,
 pkg/proxy/config/config.go): no rules are programmed until *both* the
 Service and the EndpointSlice caches have synced once, otherwise the first
 sync would install services with no endpoints (REJECT) for a moment.
+
+Optionally a source also delivers the proxy's own Node (kube-proxy watches
+it with the field selector ``metadata.name=<hostname>``, cmd/kube-proxy/app/
+server.go, pkg/proxy/node.go): ``set_node_callback(node_name, on_node)``
+before ``start``; ``on_node(node)`` then gets the raw Node dict, or ``None``
+when there is none. Sources without it keep working: owners call
+:func:`watch_node`, which reports that the source cannot. Pure readers of
+the Node are in ``refproxy.sources.node``.
 """
 
 from __future__ import annotations
@@ -19,10 +27,14 @@ from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 from refproxy.log import get_logger
 
-__all__ = ["Source", "ObjectStore", "SERVICES", "ENDPOINT_SLICES", "object_key"]
+__all__ = ["Source", "ObjectStore", "SERVICES", "ENDPOINT_SLICES", "NODES", "object_key", "watch_node",
+           "NodeCallback"]
 
 SERVICES = "services"
 ENDPOINT_SLICES = "endpointslices"
+NODES = "nodes"
+
+NodeCallback = Callable[["dict | None"], None]
 
 log = get_logger("refproxy.sources")
 
@@ -41,6 +53,18 @@ class Source(Protocol):
        True; ``objects()`` before that may be partial.
     4. ``stop`` ends every thread promptly (bounded by short timeouts) and
        is idempotent.
+
+    Optional members (not part of the protocol check, so third-party
+    sources without them still satisfy ``Source``; see :func:`watch_node`):
+
+    * ``set_node_callback(node_name: str, on_node: Callable[[dict | None], None]) -> None``,
+      called before ``start``: the source follows the Node named
+      ``node_name`` and calls ``on_node`` (from a source thread, cheap) with
+      its raw dict after the first successful read — ``None`` when the Node
+      does not exist — and after every change; ``None`` when it is deleted.
+      Node failures (missing RBAC, no Node API) are logged and retried with
+      backoff and never hold back Services/EndpointSlices or ``synced()``.
+    * ``node() -> dict | None``: the Node as last delivered.
     """
 
     errors: int
@@ -68,6 +92,20 @@ class Source(Protocol):
     def objects(self) -> tuple[list[dict], list[dict]]:
         """Copies of the current (Services, EndpointSlices), sorted by namespace/name."""
         ...
+
+
+def watch_node(source: Any, node_name: str, on_node: NodeCallback) -> bool:
+    """Ask ``source`` (before its ``start``) to deliver ``node_name``'s Node to ``on_node``.
+
+    Returns False, and does nothing, when the source has no
+    ``set_node_callback`` (a third-party source written before Nodes): the
+    owner then runs without Node information, as with no Node at all.
+    """
+    fn = getattr(source, "set_node_callback", None)
+    if not callable(fn):
+        return False
+    fn(node_name, on_node)
+    return True
 
 
 def object_key(obj: Any) -> tuple[str, str] | None:
@@ -98,6 +136,11 @@ class ObjectStore:
         self._on_change: Callable[[], None] | None = None
         self.errors = 0
         self.last_error: str | None = None
+        self.node_name: str | None = None
+        self._on_node: NodeCallback | None = None
+        self._node: dict | None = None
+        self._node_known = False
+        self._node_lock = threading.Lock()  # serialises deliveries, keeps their order
 
     # --- the Source surface ---
 
@@ -117,7 +160,46 @@ class ObjectStore:
                 [self._objs[ENDPOINT_SLICES][k] for k in sorted(self._objs[ENDPOINT_SLICES])],
             )
 
+    def set_node_callback(self, node_name: str, on_node: NodeCallback) -> None:
+        """Follow the Node ``node_name`` and deliver it to ``on_node`` (call before ``start``)."""
+        self.node_name = node_name
+        self._on_node = on_node
+
+    def node(self) -> dict | None:
+        """The Node as last delivered (``None`` before the first read or when there is none)."""
+        return self._node
+
     # --- for implementations ---
+
+    def intern(self, kind: str, obj: dict) -> dict:
+        """The stored object when it equals ``obj``, else ``obj``.
+
+        A relist keeps references to unchanged stored objects instead of the
+        freshly decoded copies, so a list being assembled costs memory only
+        for what changed (see ``refproxy.sources.kube`` paging).
+        """
+        key = object_key(obj)
+        with self._lock:
+            old = self._objs[kind].get(key) if key is not None else None
+        return old if old is not None and old == obj else obj
+
+    def deliver_node(self, node: dict | None) -> bool:
+        """Record the current Node (``None``: none); calls ``on_node`` on the first call and on change.
+
+        Returns True when ``on_node`` was called.
+        """
+        with self._node_lock:
+            if self._node_known and self._node == node:
+                return False
+            self._node, self._node_known = node, True
+            cb = self._on_node
+            if cb is None:
+                return False
+            try:
+                cb(node)
+            except Exception:  # the owner's bug must not kill our watch thread
+                log.exception("source on_node callback failed")
+            return True
 
     def set_callback(self, on_change: Callable[[], None] | None) -> None:
         """Set the function called after each change."""

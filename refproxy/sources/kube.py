@@ -22,6 +22,22 @@ server.go informers, k8s.io/client-go/tools/cache/reflector.go):
    normally (``timeoutSeconds``) is re-opened at once.
 5. ``stop()`` closes open streams and returns within a few seconds: watch
    reads have a socket timeout and every sleep waits on the stop event.
+6. Lists are paged as client-go's pager does (k8s.io/client-go/tools/pager/
+   pager.go): ``limit=page_size`` (500 by default; 0 disables paging) and
+   ``continue`` until the server gives no token; the store is replaced only
+   after the last page, so a failure mid-list leaves the previous content.
+   Each page's objects that equal the stored ones are kept as references to
+   the stored dicts (``ObjectStore.intern``), so a relist holds the store
+   plus one decoded page plus what changed — not two copies of the cluster.
+   A ``410 Expired`` on a later page (the continue token outlived the
+   server's compaction) falls back to one full unpaged list, as the pager's
+   ``FullListIfExpired`` does; a 410 on the first page is an ordinary failure.
+7. With ``set_node_callback(name, on_node)`` before ``start``, a third loop
+   lists and watches the one Node ``metadata.name=<name>`` (kube-proxy's
+   node informer, pkg/proxy/node.go) and delivers it through
+   ``ObjectStore.deliver_node``: ``None`` when absent or deleted. The Node
+   loop has its own backoff; a 403 (no RBAC for nodes) or 404 is logged and
+   retried and never touches Services, EndpointSlices or ``synced()``.
 """
 
 from __future__ import annotations
@@ -37,7 +53,7 @@ from typing import Any, Callable, Iterator
 
 from refproxy.errors import ConfigError
 from refproxy.log import get_logger, kv
-from refproxy.sources.base import ENDPOINT_SLICES, SERVICES, ObjectStore
+from refproxy.sources.base import ENDPOINT_SLICES, NODES, SERVICES, ObjectStore, object_key
 
 __all__ = [
     "KubeSource",
@@ -46,7 +62,13 @@ __all__ = [
     "SERVICE_SELECTOR",
     "SLICE_SELECTOR",
     "ENV_API_SERVER",
+    "DEFAULT_PAGE_SIZE",
 ]
+
+# k8s.io/client-go/tools/pager/pager.go defaultPageSize.
+DEFAULT_PAGE_SIZE = 500
+# A server handing out continue tokens forever must not keep us listing.
+_MAX_PAGES = 100_000
 
 # cmd/kube-proxy/app/server.go: services of another proxy, and slices of
 # headless services, are filtered on the server side.
@@ -60,6 +82,7 @@ log = get_logger("refproxy.sources.kube")
 _KINDS = {
     SERVICES: ("v1", "Service", SERVICE_SELECTOR),
     ENDPOINT_SLICES: ("discovery.k8s.io/v1", "EndpointSlice", SLICE_SELECTOR),
+    NODES: ("v1", "Node", None),
 }
 
 
@@ -174,6 +197,7 @@ class KubeSource(ObjectStore):
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         min_watch_seconds: float = 1.0,
+        page_size: int = DEFAULT_PAGE_SIZE,
         sleep: Callable[[float], Any] | None = None,
         rand: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
@@ -190,6 +214,7 @@ class KubeSource(ObjectStore):
         self.read_margin = read_margin
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self.min_watch_seconds = min_watch_seconds
+        self.page_size = max(0, int(page_size))
         self._stop = threading.Event()
         self._sleep = sleep or self._stop.wait
         self._rand = rand
@@ -200,6 +225,8 @@ class KubeSource(ObjectStore):
         self.resource_versions: dict[str, str] = {}
         self.relists = 0
         self.watches = 0
+        self.pages = 0  # list pages fetched (metrics, tests)
+        self.list_fallbacks = 0  # expired continue tokens answered by one full list
 
     # --- Source ---
 
@@ -209,13 +236,14 @@ class KubeSource(ObjectStore):
             return
         self.set_callback(on_change)
         self._stop.clear()
-        for kind in (SERVICES, ENDPOINT_SLICES):
+        kinds = [SERVICES, ENDPOINT_SLICES] + ([NODES] if self.node_name and self._on_node else [])
+        for kind in kinds:
             t = threading.Thread(target=self._run, args=(kind,), name=f"refproxy-kube-{kind}", daemon=True)
             self._threads.append(t)
             t.start()
 
     def stop(self) -> None:
-        """Close open streams, stop both threads and join them (bounded)."""
+        """Close open streams, stop every thread and join them (bounded)."""
         self._stop.set()
         with self._open_lock:
             open_now = list(self._open)
@@ -266,7 +294,10 @@ class KubeSource(ObjectStore):
         if isinstance(err, ApiException):
             hint = ""
             if err.status in (401, 403):
-                hint = " (check the kubeconfig credentials and RBAC: list/watch services, endpointslices)"
+                what = "get/list/watch nodes" if kind == NODES else "list/watch services, endpointslices"
+                hint = f" (check the kubeconfig credentials and RBAC: {what})"
+            elif err.status == 404 and kind == NODES:
+                hint = " (the server serves no nodes; continuing without Node information)"
             elif err.status == 404:
                 hint = " (is the server a kube-apiserver with discovery.k8s.io/v1?)"
             return f"{kind}: HTTP {err.status} {err.reason}{hint}"
@@ -276,6 +307,10 @@ class KubeSource(ObjectStore):
         return f"{kind}: {name}: {err}"
 
     def _call(self, kind: str, **kw: Any) -> Any:
+        if kind == NODES:
+            # kube-proxy's node informer: only our own Node, selected by the server.
+            return self._core.list_node(field_selector=f"metadata.name={self.node_name}",
+                                        _preload_content=False, **kw)
         fn = (self._core.list_service_for_all_namespaces if kind == SERVICES
               else self._discovery.list_endpoint_slice_for_all_namespaces)
         return fn(label_selector=_KINDS[kind][2], _preload_content=False, **kw)
@@ -284,12 +319,14 @@ class KubeSource(ObjectStore):
         with self._open_lock:
             (self._open.add if add else self._open.discard)(resp)
 
-    def _list(self, kind: str) -> str:
-        resp = self._call(kind, _request_timeout=(self.connect_timeout, 60.0))
+    def _page(self, kind: str, **kw: Any) -> tuple[list[dict], str, str]:
+        """One list request: (items normalised, resourceVersion, continue token)."""
+        resp = self._call(kind, _request_timeout=(self.connect_timeout, 60.0), **kw)
         try:
             body = json.loads(resp.data)
         finally:
             resp.release_conn()
+        self.pages += 1
         if not isinstance(body, dict) or not isinstance(body.get("items"), list):
             raise ValueError("list response is not a List object")
         api_version, obj_kind, _ = _KINDS[kind]
@@ -300,11 +337,54 @@ class KubeSource(ObjectStore):
                 item.setdefault("kind", obj_kind)
                 item.setdefault("apiVersion", api_version)
                 items.append(item)
-        rv = str((body.get("metadata") or {}).get("resourceVersion") or "")
-        added, updated, deleted = self.replace(kind, items)
+        meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+        return items, str(meta.get("resourceVersion") or ""), str(meta.get("continue") or "")
+
+    def _list(self, kind: str) -> str:
+        from kubernetes.client.exceptions import ApiException
+
+        if kind == NODES:
+            items, rv, _ = self._page(kind)  # at most one object: never paged
+            mine = [o for o in items if (o.get("metadata") or {}).get("name") == self.node_name]
+            self.resource_versions[kind] = rv
+            if self.deliver_node(mine[0] if mine else None) or not mine:
+                kv(log, logging.INFO, "Listed node", node=self.node_name, found=bool(mine), resourceVersion=rv)
+            return rv
+        # key -> object; unchanged objects are the store's own dicts (intern).
+        new: dict[tuple[str, str], dict] = {}
+        token, rv, pages = "", "", 0
+        while True:
+            kw: dict[str, Any] = {"limit": self.page_size} if self.page_size else {}
+            if token:
+                kw["_continue"] = token
+            try:
+                items, rv, nxt = self._page(kind, **kw)
+            except ApiException as err:
+                if err.status != 410 or not token:
+                    raise
+                # pager.go FullListIfExpired: the list's snapshot was
+                # compacted between pages; one full list, no paging.
+                self.list_fallbacks += 1
+                kv(log, logging.INFO, "List continue token expired, listing in full", resource=kind,
+                   pages=pages)
+                new = {}
+                items, rv, nxt = self._page(kind)
+                nxt = ""
+            pages += 1
+            for item in items:
+                key = object_key(item)
+                if key is not None:
+                    new[key] = self.intern(kind, item)
+            del items
+            if not nxt:
+                break
+            if nxt == token or pages >= _MAX_PAGES:
+                raise ValueError(f"list of {kind} does not end (page {pages}, same continue token: {nxt == token})")
+            token = nxt
+        added, updated, deleted = self.replace(kind, new.values())
         self.resource_versions[kind] = rv
         self.mark_synced(kind)
-        kv(log, logging.INFO, "Listed", resource=kind, items=len(items), resourceVersion=rv,
+        kv(log, logging.INFO, "Listed", resource=kind, items=len(new), pages=pages, resourceVersion=rv,
            added=added, updated=updated, deleted=deleted)
         return rv
 
@@ -337,7 +417,11 @@ class KubeSource(ObjectStore):
                         raise _Relist()
                     raise ValueError(f"watch error {obj.get('code')}: {obj.get('message')}")
                 new_rv = (obj.get("metadata") or {}).get("resourceVersion")
-                if etype in ("ADDED", "MODIFIED"):
+                if kind == NODES and etype in ("ADDED", "MODIFIED", "DELETED"):
+                    if (obj.get("metadata") or {}).get("name") == self.node_name:
+                        self.deliver_node(None if etype == "DELETED" else obj)
+                        kv(log, logging.DEBUG, "Node event", type=etype, node=self.node_name)
+                elif etype in ("ADDED", "MODIFIED"):
                     self.upsert(kind, obj)
                 elif etype == "DELETED":
                     self.remove(kind, obj)

@@ -62,14 +62,17 @@ def server():
 class Harness:
     """A started KubeSource with recorded backoff delays and a gated sleep."""
 
-    def __init__(self, server_url: str, **kw):
+    def __init__(self, server_url: str, node_name: str | None = None, **kw):
         self.delays: list[float] = []
         self.gate = threading.Event()
         self.gate.set()
         self.changes = 0
+        self.nodes: list[dict | None] = []
         cfg = kube_client_config(None, server_url, environ={})
         kw.setdefault("watch_timeout", 5)
         self.src = KubeSource(cfg, sleep=self._sleep, rand=lambda: 0.0, **kw)
+        if node_name is not None:
+            self.src.set_node_callback(node_name, self.nodes.append)
 
     def _sleep(self, d):
         self.delays.append(d)
@@ -304,3 +307,196 @@ def test_against_the_standalone_server_process(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0
+
+
+# --- paging ---------------------------------------------------------------------------
+
+
+def _relist(server, h):
+    """Force a relist: history gone, watches dropped; returns once one happened (bounded)."""
+    before = h.src.relists
+    server.compact()
+    assert until(lambda: _drop(server) or h.src.relists > before)
+
+
+def test_default_page_size_is_client_gos(server):
+    server.apply(svc("a"))
+    with Harness(server.url) as h:
+        assert h.src.wait_synced(5)
+    lists = [q for r, q in server.requests if r == "services" and "watch" not in q]
+    assert lists and lists[0]["limit"] == "500" and "continue" not in lists[0]
+
+
+def test_paged_list_follows_continue_tokens(server):
+    for i in range(7):
+        server.apply(svc(f"s{i}"))
+    server.apply(sl("s0-1", "s0"))
+    with Harness(server.url, page_size=3) as h:
+        assert h.src.wait_synced(5)
+        assert names(h.src.objects()[0]) == [f"s{i}" for i in range(7)]
+        assert h.src.resource_versions["services"] == "8"
+    lists = [q for r, q in server.requests if r == "services" and "watch" not in q]
+    assert [q["limit"] for q in lists] == ["3", "3", "3"]
+    assert [bool(q.get("continue")) for q in lists] == [False, True, True]
+    assert h.src.pages >= 4 and h.src.list_fallbacks == 0
+
+
+def test_unpaged_when_page_size_is_zero(server):
+    for i in range(3):
+        server.apply(svc(f"s{i}"))
+    with Harness(server.url, page_size=0) as h:
+        assert h.src.wait_synced(5)
+        assert len(h.src.objects()[0]) == 3
+    assert all("limit" not in q for r, q in server.requests if r == "services")
+
+
+class PageHook:
+    """Wraps KubeSource._page to run ``before_continue(src)`` ahead of every later page."""
+
+    def __init__(self, src, before_continue):
+        self.orig, self.src, self.before = src._page, src, before_continue
+        self.seen: list[list[str]] = []
+        src._page = self
+
+    def __call__(self, kind, **kw):
+        if kind == "services" and kw.get("_continue"):
+            self.seen.append(names(self.src.objects()[0]))
+            self.before(self.src)
+        return self.orig(kind, **kw)
+
+
+def test_store_replaced_only_after_the_last_page(server):
+    for i in range(6):
+        server.apply(svc(f"s{i}"))
+    with Harness(server.url, page_size=2, min_watch_seconds=0) as h:
+        assert h.src.wait_synced(5)
+        old = names(h.src.objects()[0])
+        hook = PageHook(h.src, lambda src: None)
+        server.delete("Service", "ns", "s0")
+        server.apply(svc("s9"))
+        _relist(server, h)
+        assert until(lambda: names(h.src.objects()[0]) == ["s1", "s2", "s3", "s4", "s5", "s9"])
+        assert hook.seen and all(seen == old for seen in hook.seen)  # never a half-new store
+
+
+def test_failure_mid_list_keeps_the_previous_content(server):
+    for i in range(6):
+        server.apply(svc(f"s{i}"))
+    with Harness(server.url, page_size=2, min_watch_seconds=0) as h:
+        assert h.src.wait_synced(5)
+        failed = []
+
+        def fail_once(src):
+            if not failed:
+                failed.append(1)
+                server.fail_next("Service", 500)
+
+        hook = PageHook(h.src, fail_once)
+        server.delete("Service", "ns", "s5")
+        _relist(server, h)
+        assert until(lambda: names(h.src.objects()[0]) == [f"s{i}" for i in range(5)])
+        assert hook.seen[0] == [f"s{i}" for i in range(6)]
+        assert h.src.errors == 1 and "HTTP 500" in h.src.last_error
+        assert h.src.list_fallbacks == 0
+
+
+def test_expired_continue_falls_back_to_one_full_list(server):
+    for i in range(5):
+        server.apply(svc(f"s{i}"))
+    with Harness(server.url, page_size=2) as h:
+        PageHook(h.src, lambda src: server.expire_continues())
+        assert h.src.wait_synced(5)
+        assert names(h.src.objects()[0]) == [f"s{i}" for i in range(5)]
+        assert h.src.list_fallbacks == 1 and h.src.errors == 0
+    lists = [q for r, q in server.requests if r == "services" and "watch" not in q]
+    assert [("limit" in q, bool(q.get("continue"))) for q in lists] == [(True, False), (True, True), (False, False)]
+
+
+def test_relist_keeps_unchanged_objects_as_the_stored_dicts(server):
+    """Memory: a relist adds only what changed to the store, never a second copy of the rest."""
+    for i in range(5):
+        server.apply(svc(f"s{i}"))
+    with Harness(server.url, page_size=2, min_watch_seconds=0) as h:
+        assert h.src.wait_synced(5)
+        before = {o["metadata"]["name"]: o for o in h.src.objects()[0]}
+        server.apply(svc("s1", ip="198.19.0.7"))
+        _relist(server, h)
+        assert until(lambda: h.src.objects()[0][1]["spec"]["clusterIP"] == "198.19.0.7")
+        after = {o["metadata"]["name"]: o for o in h.src.objects()[0]}
+        assert all(after[n] is before[n] for n in ("s0", "s2", "s3", "s4"))
+        assert after["s1"] is not before["s1"]
+
+
+# --- the Node -------------------------------------------------------------------------
+
+
+def node(name, cidrs=("10.244.1.0/24",), ip="198.18.0.1", taints=None):
+    return {"kind": "Node", "apiVersion": "v1", "metadata": {"name": name},
+            "spec": {"podCIDRs": list(cidrs), **({"taints": taints} if taints else {})},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}
+
+
+def cidrs_of(n):
+    return None if n is None else n["spec"]["podCIDRs"]
+
+
+def test_node_watch_delivers_own_node_changes_and_deletion(server):
+    server.apply(node("n1"))
+    server.apply(node("n2"))
+    with Harness(server.url, node_name="n1") as h:
+        assert h.src.wait_synced(5)
+        assert until(lambda: len(h.nodes) == 1)
+        assert h.nodes[0]["metadata"]["name"] == "n1" and h.nodes[0]["kind"] == "Node"
+        server.apply(node("n2", cidrs=("10.244.7.0/24",)))  # another node: nothing for us
+        server.apply(node("n1", cidrs=("10.244.2.0/24",)))
+        assert until(lambda: len(h.nodes) == 2)
+        assert cidrs_of(h.nodes[1]) == ["10.244.2.0/24"]
+        server.delete("Node", None, "n1")
+        assert until(lambda: len(h.nodes) == 3) and h.nodes[2] is None and h.src.node() is None
+        server.apply(node("n1", cidrs=("10.244.3.0/24",)))
+        assert until(lambda: len(h.nodes) == 4) and cidrs_of(h.src.node()) == ["10.244.3.0/24"]
+        assert h.src.errors == 0
+    assert all(q.get("fieldSelector") == "metadata.name=n1" for r, q in server.requests if r == "nodes")
+
+
+def test_missing_node_is_delivered_as_none_then_created(server):
+    with Harness(server.url, node_name="n1") as h:
+        assert until(lambda: h.nodes == [None])
+        assert h.src.wait_synced(5)  # services and slices do not wait for a Node
+        server.apply(node("n1"))
+        assert until(lambda: len(h.nodes) == 2) and h.nodes[1]["metadata"]["name"] == "n1"
+
+
+def test_node_relist_after_410_finds_a_change_made_in_the_gap(server):
+    server.apply(node("n1"))
+    with Harness(server.url, node_name="n1", min_watch_seconds=0) as h:
+        assert until(lambda: len(h.nodes) == 1)
+        h.gate.clear()
+        server.fail_next("Node", 500)
+        assert until(lambda: _drop(server) or h.delays)
+        server.apply(node("n1", taints=[{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]))
+        server.compact()
+        h.gate.set()
+        assert until(lambda: len(h.nodes) == 2) and h.nodes[1]["spec"]["taints"][0]["key"].startswith("ToBe")
+
+
+@pytest.mark.parametrize("code,hint", [(403, "get/list/watch nodes"), (404, "serves no nodes")])
+def test_node_forbidden_or_missing_api_degrades_gracefully(server, code, hint):
+    server.apply(svc("a"))
+    server.apply(node("n1"))
+    server.fail_next("Node", code, times=3)
+    with Harness(server.url, node_name="n1", backoff_initial=0.5, backoff_max=4.0) as h:
+        assert h.src.wait_synced(5)
+        assert names(h.src.objects()[0]) == ["a"]
+        assert until(lambda: len(h.nodes) == 1)  # retried with backoff until allowed
+        assert h.src.errors == 3 and f"HTTP {code}" in h.src.last_error and hint in h.src.last_error
+        assert sorted(h.delays) == [0.5, 1.0, 2.0]
+        server.apply(svc("b"))  # the other watches kept going
+        assert until(lambda: names(h.src.objects()[0]) == ["a", "b"])
+
+
+def test_no_node_thread_without_a_callback(server):
+    with Harness(server.url) as h:
+        assert h.src.wait_synced(5)
+        assert len(h.src._threads) == 2
+    assert not any(r == "nodes" for r, _ in server.requests)
