@@ -33,7 +33,8 @@ from refproxy.errors import SourceError
 from refproxy.log import get_logger, kv
 from refproxy.sources.base import ENDPOINT_SLICES, SERVICES, ObjectStore
 
-__all__ = ["load_manifests", "FilesSource", "MANIFEST_SUFFIXES", "content_version", "stamp_version"]
+__all__ = ["load_manifests", "load_all_manifests", "FilesSource", "MANIFEST_SUFFIXES", "content_version",
+           "stamp_version"]
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 log = get_logger("refproxy.sources.files")
@@ -41,24 +42,25 @@ log = get_logger("refproxy.sources.files")
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def _classify(doc: Any, services: list[dict], slices: list[dict]) -> None:
+_TYPED_LISTS = {"ServiceList": "Service", "EndpointSliceList": "EndpointSlice", "NodeList": "Node"}
+
+
+def _classify(doc: Any, out: dict[str, list[dict]]) -> None:
     if not isinstance(doc, dict):
         return
     kind = doc.get("kind")
-    if kind == "Service":
-        services.append(doc)
-    elif kind == "EndpointSlice":
-        slices.append(doc)
-    elif kind in ("List", "ServiceList", "EndpointSliceList"):
+    if kind in out:
+        out[kind].append(doc)
+    elif kind == "List" or kind in _TYPED_LISTS:
         items = doc.get("items")
         if not isinstance(items, list):
             return
         # Items of a typed list carry no kind (as the API returns them).
-        implied = {"ServiceList": "Service", "EndpointSliceList": "EndpointSlice"}.get(kind)
+        implied = _TYPED_LISTS.get(kind)
         for item in items:
             if implied and isinstance(item, dict) and "kind" not in item:
                 item = {"kind": implied, **item}
-            _classify(item, services, slices)
+            _classify(item, out)
 
 
 def _files(directory: Path) -> list[Path]:
@@ -76,8 +78,18 @@ def load_manifests(directory: str | os.PathLike) -> tuple[list[dict], list[dict]
     other kinds are ignored. Raises ``SourceError`` naming the file when a
     file cannot be read or is not valid YAML/JSON.
     """
-    services: list[dict] = []
-    slices: list[dict] = []
+    services, slices, _ = load_all_manifests(directory)
+    return services, slices
+
+
+def load_all_manifests(directory: str | os.PathLike) -> tuple[list[dict], list[dict], list[dict]]:
+    """:func:`load_manifests` plus the Nodes: (Services, EndpointSlices, Nodes).
+
+    ``kind: Node`` documents and ``NodeList`` items are returned in file then
+    document order, so kernel tests without an API server can give the
+    proxy its Node (pod CIDRs, addresses, taints).
+    """
+    out: dict[str, list[dict]] = {"Service": [], "EndpointSlice": [], "Node": []}
     for path in _files(Path(directory)):
         try:
             text = path.read_text(encoding="utf-8")
@@ -91,8 +103,8 @@ def load_manifests(directory: str | os.PathLike) -> tuple[list[dict], list[dict]
         except (ValueError, yaml.YAMLError) as err:
             raise SourceError(f"invalid manifest {path}: {err}") from err
         for doc in docs:
-            _classify(doc, services, slices)
-    return services, slices
+            _classify(doc, out)
+    return out["Service"], out["EndpointSlice"], out["Node"]
 
 
 def content_version(obj: dict) -> str:
@@ -146,6 +158,11 @@ class FilesSource(ObjectStore):
     4. ``stop()`` returns within about one ``poll_interval``.
     5. Every delivered object carries ``metadata.resourceVersion`` =
        :func:`content_version` of it, whatever version the file holds.
+    6. With ``set_node_callback(name, on_node)``, the first ``kind: Node``
+       named ``name`` in the directory (file then document order, as for
+       duplicates elsewhere) is delivered after each successful read that
+       changes it — ``None`` when there is none — through the same
+       ``ObjectStore.deliver_node`` the kube source uses.
     """
 
     def __init__(self, directory: str | os.PathLike, poll_interval: float = 1.0) -> None:
@@ -178,7 +195,7 @@ class FilesSource(ObjectStore):
             fp = _fingerprint(self.directory)
             if fp == self._seen and self.synced():
                 return False
-            services, slices = load_manifests(self.directory)
+            services, slices, nodes = load_all_manifests(self.directory)
         except SourceError as err:
             self.record_error(str(err))
             kv(log, 40, "Failed to read manifests", dir=self.directory, err=err)
@@ -190,7 +207,12 @@ class FilesSource(ObjectStore):
         self.replace(ENDPOINT_SLICES, [stamp_version(o) for o in slices])
         self.mark_synced(SERVICES)
         self.mark_synced(ENDPOINT_SLICES)
-        kv(log, 10, "Read manifests", dir=self.directory, services=len(services), slices=len(slices))
+        if self.node_name is not None:
+            mine = [n for n in nodes if isinstance(n.get("metadata"), dict)
+                    and n["metadata"].get("name") == self.node_name]
+            self.deliver_node(stamp_version(mine[0]) if mine else None)
+        kv(log, 10, "Read manifests", dir=self.directory, services=len(services), slices=len(slices),
+           nodes=len(nodes))
         return True
 
     def _run(self) -> None:

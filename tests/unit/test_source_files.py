@@ -167,3 +167,87 @@ def test_edit_in_place_keeping_resource_version_is_picked_up(tmp_path):
     hits = builder.hits
     builder.build(*src.objects())
     assert builder.hits == hits + 1
+
+
+NODE_YAML = """\
+apiVersion: v1
+kind: Node
+metadata: {name: node-a, resourceVersion: "12"}
+spec: {podCIDRs: [%s]}
+status:
+  addresses: [{type: InternalIP, address: 198.18.0.1}]
+---
+apiVersion: v1
+kind: NodeList
+items:
+- metadata: {name: node-b}
+  spec: {podCIDRs: [10.244.9.0/24]}
+"""
+
+
+def test_node_manifests_are_delivered_like_the_kube_source(tmp_path):
+    f = tmp_path / "node.yaml"
+    f.write_text(NODE_YAML % "10.244.1.0/24")
+    src = FilesSource(tmp_path)
+    got: list = []
+    src.set_node_callback("node-a", got.append)
+    assert src.poll_once()
+    assert len(got) == 1 and got[0]["kind"] == "Node" and got[0]["spec"]["podCIDRs"] == ["10.244.1.0/24"]
+    assert src.node() is got[0]
+
+    f.write_text(NODE_YAML % "10.244.2.0/24")  # edited in place, same resourceVersion in the file
+    os.utime(f, ns=(0, f.stat().st_mtime_ns + 1_000_000_000))
+    assert src.poll_once()
+    assert [n["spec"]["podCIDRs"] for n in got] == [["10.244.1.0/24"], ["10.244.2.0/24"]]
+    assert got[0]["metadata"]["resourceVersion"] != got[1]["metadata"]["resourceVersion"]
+
+    (tmp_path / "svc.json").write_text(json.dumps(SVC))  # other files change: the Node did not
+    assert src.poll_once() and len(got) == 2
+
+    f.unlink()
+    assert src.poll_once()
+    assert got[-1] is None and src.node() is None and len(got) == 3
+
+
+def test_no_node_manifest_delivers_none_once(tmp_path):
+    (tmp_path / "svc.json").write_text(json.dumps(SVC))
+    src = FilesSource(tmp_path)
+    got: list = []
+    src.set_node_callback("node-z", got.append)
+    assert src.poll_once()
+    assert got == [None]
+    (tmp_path / "svc.json").write_text(json.dumps({**SVC, "spec": {**SVC["spec"], "clusterIP": "198.19.0.2"}}))
+    os.utime(tmp_path / "svc.json", ns=(0, (tmp_path / "svc.json").stat().st_mtime_ns + 1_000_000_000))
+    assert src.poll_once() and got == [None]
+
+
+def test_load_all_manifests_returns_nodes_and_load_manifests_ignores_them(tmp_path):
+    from refproxy.sources.files import load_all_manifests
+
+    (tmp_path / "node.yaml").write_text(NODE_YAML % "10.244.1.0/24")
+    services, slices, nodes = load_all_manifests(tmp_path)
+    assert (services, slices) == ([], []) and [n["metadata"]["name"] for n in nodes] == ["node-a", "node-b"]
+    assert nodes[1]["kind"] == "Node"  # implied by the NodeList
+    assert load_manifests(tmp_path) == ([], [])
+
+
+def test_watch_node_helper_and_third_party_sources(tmp_path):
+    from refproxy.sources.base import watch_node
+
+    class Legacy:  # a Source written before Nodes: no set_node_callback
+        errors, last_error = 0, None
+
+        def start(self, on_change): ...
+
+        def stop(self): ...
+
+        def synced(self): return True
+
+        def wait_synced(self, timeout): return True
+
+        def objects(self): return [], []
+
+    assert isinstance(Legacy(), Source)
+    assert watch_node(Legacy(), "node-a", lambda n: None) is False
+    src = FilesSource(tmp_path)
+    assert watch_node(src, "node-a", lambda n: None) is True and src.node_name == "node-a"

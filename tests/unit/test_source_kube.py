@@ -403,8 +403,9 @@ def test_failure_mid_list_keeps_the_previous_content(server):
 def test_expired_continue_falls_back_to_one_full_list(server):
     for i in range(5):
         server.apply(svc(f"s{i}"))
-    with Harness(server.url, page_size=2) as h:
-        PageHook(h.src, lambda src: server.expire_continues())
+    h = Harness(server.url, page_size=2)
+    PageHook(h.src, lambda src: server.expire_continues())  # before start: the first list is paged
+    with h:
         assert h.src.wait_synced(5)
         assert names(h.src.objects()[0]) == [f"s{i}" for i in range(5)]
         assert h.src.list_fallbacks == 1 and h.src.errors == 0
