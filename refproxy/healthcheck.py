@@ -155,3 +155,13 @@ class ProxyHealth:
     def routes(self) -> dict[str, Callable[[], Response]]:
         """The :10256 routes (upstream's ``ProxyHealthServer.Run`` mux)."""
         return {"/healthz": self.healthz, "/livez": self.livez}
+
+    @staticmethod
+    def metrics_port_routes() -> dict[str, Callable[[], Response]]:
+        """The metrics port's ``/healthz`` and ``/healthz/ping``.
+
+        Upstream installs the generic apiserver healthz handler there (no
+        checks but ping): always ``200 ok``, independent of the proxy's health.
+        """
+        ok: Callable[[], Response] = lambda: (200, "text/plain; charset=utf-8", b"ok")
+        return {"/healthz": ok, "/healthz/ping": ok}

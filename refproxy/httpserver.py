@@ -34,12 +34,12 @@ def metrics_routes(render: Callable[[], bytes], proxy_mode: str = "iptables") ->
     """The metrics port's routes as kube-proxy serves them (``render``: e.g. ``Metrics.render``)."""
     from prometheus_client import CONTENT_TYPE_LATEST
 
-    ok: Handler = lambda: (200, _TEXT, b"ok")
+    from refproxy.healthcheck import ProxyHealth
+
     return {
         "/metrics": lambda: (200, CONTENT_TYPE_LATEST, render()),
         "/proxyMode": lambda: (200, _TEXT, proxy_mode.encode()),
-        "/healthz": ok,
-        "/healthz/ping": ok,
+        **ProxyHealth.metrics_port_routes(),
     }
 
 
