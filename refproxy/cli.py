@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from refproxy import __version__
@@ -37,15 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
         "UDP conntrack-cleanup plugins.",
     )
     p.add_argument("--version", action="version", version=f"refproxy {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="more logs: -v debug per object, -vv trace (full rule dumps)")
+    _verbosity_flags(p, default=0)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_, description=help_)
+        # No abbreviations: kube-proxy's flags are exact, and a drop-in must not
+        # read `--cluster` as `--cluster-cidr`.
+        sp = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False)
         sp.set_defaults(_module=module)
-        # -v works after the command too (`refproxy run -v`), like kube-proxy's flags.
-        sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
-                        help="more logs: -v debug per object, -vv trace (full rule dumps)")
+        # -v/--v work after the command too (`refproxy run --v=4`), like kube-proxy's flags.
+        _verbosity_flags(sp, default=argparse.SUPPRESS)
         try:
             mod = importlib.import_module(module)
         except ImportError as err:  # keep the rest of the CLI usable
@@ -55,7 +56,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _verbosity_flags(p: argparse.ArgumentParser, *, default: object) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=default,
+                   help="more logs: -v debug per object, -vv trace (full rule dumps)")
+    p.add_argument("--v", dest="klog_v", type=int, metavar="N", default=default if default is argparse.SUPPRESS
+                   else None, help="kube-proxy's log level: 0-3 per-sync info, 4 debug per object, 5+ trace")
+
+
+def verbosity_level(verbose: int, klog_v: int | None) -> int:
+    """refproxy's level (0 info, 1 debug, 2 trace) from ``-v`` counts and kube-proxy's ``--v=N``."""
+    from_klog = 0 if klog_v is None else (2 if klog_v >= 5 else 1 if klog_v >= 4 else 0)
+    return max(verbose or 0, from_klog)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+        # Installed as /usr/local/bin/kube-proxy (the drop-in image), the
+        # process is `refproxy run` with kube-proxy's command line.
+        if os.path.basename(sys.argv[0]) == "kube-proxy":
+            argv = ["run", *argv]
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -63,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from refproxy.log import setup_logging
 
-    setup_logging(args.verbose)
+    setup_logging(verbosity_level(args.verbose, getattr(args, "klog_v", None)))
     err = getattr(args, "_import_error", None)
     if err is not None:
         print(f"refproxy {args.command}: unavailable: {err}", file=sys.stderr)

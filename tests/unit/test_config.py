@@ -52,10 +52,10 @@ def test_defaults_follow_kube_proxy():
 
 
 def test_cleanup_options_and_cidrs():
-    c = parse("--cleanup", "thresholded", "--cleanup-opt", "max-entries=10", "--cluster-cidr",
-              "198.18.1.0/24,198.18.2.0/24", "--nodeport-addresses", "198.18.0.1/32")
+    c = parse("--cleanup-plugin", "thresholded", "--cleanup-opt", "max-entries=10", "--cluster-cidr",
+              "198.18.1.0/24,fd00:1::/64", "--nodeport-addresses", "198.18.0.1/32")
     assert c.cleanup_options == (("max-entries", "10"),)
-    assert c.cluster_cidrs == ("198.18.1.0/24", "198.18.2.0/24")
+    assert c.cluster_cidrs == ("198.18.1.0/24", "fd00:1::/64")
     assert c.nodeport_addresses == ("198.18.0.1/32",)
 
 
@@ -64,11 +64,12 @@ def test_cleanup_options_and_cidrs():
     [
         ["--cleanup-opt", "novalue"],
         ["--cluster-cidr", "nonsense"],
+        ["--cluster-cidr", "198.18.1.0/24,198.18.2.0/24"],
         ["--min-sync-period", "1m", "--sync-period", "1s"],
         ["--source", "files"],
         ["--iptables-masquerade-bit", "40"],
     ],
-    ids=["opt-without-equals", "bad-cidr", "min-above-max", "files-without-dir", "bad-mark-bit"],
+    ids=["opt-without-equals", "bad-cidr", "two-cidrs-one-family", "min-above-max", "files-without-dir", "bad-mark-bit"],
 )
 def test_bad_flags(argv):
     with pytest.raises(ConfigError):
