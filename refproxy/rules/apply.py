@@ -30,6 +30,7 @@ from refproxy.rules.hashing import is_service_chain
 from refproxy.rules.render import (
     FILTER_CHAINS,
     KUBE_EXTERNAL_SERVICES,
+    KUBE_FIREWALL,
     KUBE_FORWARD,
     KUBE_NODEPORTS,
     KUBE_POSTROUTING,
@@ -38,7 +39,7 @@ from refproxy.rules.render import (
     NAT_CHAINS,
 )
 
-__all__ = ["IptablesRunner", "JumpRule", "JUMP_RULES", "parse_error_line", "blame_line", "extract_lines"]
+__all__ = ["IptablesRunner", "JumpRule", "JUMP_RULES", "KUBELET_JUMP_RULES", "parse_error_line", "blame_line", "extract_lines"]
 
 log = get_logger("rules.apply")
 
@@ -53,7 +54,8 @@ class JumpRule:
 
     def args(self) -> list[str]:
         """The rule specification after the chain name (for ``-C``/``-I``/``-D``)."""
-        return [*self.extra, "-m", "comment", "--comment", self.comment, "-j", self.dst]
+        comment = ["-m", "comment", "--comment", self.comment] if self.comment else []
+        return [*self.extra, *comment, "-j", self.dst]
 
     def __repr__(self) -> str:
         return f"JumpRule({self.table} {self.src} -> {self.dst})"
@@ -75,9 +77,16 @@ JUMP_RULES: tuple[JumpRule, ...] = (
     JumpRule("nat", "PREROUTING", KUBE_SERVICES, "kubernetes service portals"),
     JumpRule("nat", "POSTROUTING", KUBE_POSTROUTING, "kubernetes postrouting rules"),
 )
+#: kube-proxy also makes sure kubelet's KUBE-FIREWALL is jumped to, and never
+#: removes these (proxier.go ``iptablesKubeletJumpChains``).
+KUBELET_JUMP_RULES: tuple[JumpRule, ...] = (
+    JumpRule("filter", "INPUT", KUBE_FIREWALL, ""),
+    JumpRule("filter", "OUTPUT", KUBE_FIREWALL, ""),
+)
 
 # Top-level chains we own per table (cleanup removes exactly these plus the
-# per-service ones); KUBE-FIREWALL / KUBE-KUBELET-CANARY belong to kubelet.
+# per-service ones); KUBE-FIREWALL / KUBE-KUBELET-CANARY belong to kubelet and
+# stay, as kube-proxy's CleanupLeftovers leaves them.
 _OWN_CHAINS = {"filter": frozenset(FILTER_CHAINS), "nat": frozenset(NAT_CHAINS)}
 
 _LINE_RES = (
@@ -147,6 +156,7 @@ class IptablesRunner:
 
     def __init__(self, family: IPFamily = IPFamily.IPv4, argv_prefix: Sequence[str] = (), *, timeout: float = 60) -> None:
         self.family = family
+        self.jump_rules = JUMP_RULES + KUBELET_JUMP_RULES
         self.argv_prefix = tuple(argv_prefix)
         self.timeout = timeout
         six = family is IPFamily.IPv6
@@ -219,9 +229,9 @@ class IptablesRunner:
         """
         for table in ("filter", "nat"):
             present = _chains_in_save(self.save(table))
-            for dst in sorted({j.dst for j in JUMP_RULES if j.table == table} - present):
+            for dst in sorted({j.dst for j in self.jump_rules if j.table == table} - present):
                 self._checked([self._iptables, "-w", "-t", table, "-N", dst], f"creating chain {table}/{dst}")
-        for j in JUMP_RULES:
+        for j in self.jump_rules:
             check = self._run([self._iptables, "-w", "-t", j.table, "-C", j.src, *j.args()], f"checking {j!r}")
             if check.returncode == 0:
                 continue

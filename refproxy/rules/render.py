@@ -87,6 +87,8 @@ _NODEPORTS_COMMENT = '"kubernetes service nodeports; NOTE: this must be the last
 # becomes "_": no space, quote, backslash, "#" or newline can reach the
 # restore input. Real names (DNS labels) pass unchanged.
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._:/\-]")
+_IFNAME = re.compile(r"[A-Za-z0-9_.@-]{1,15}")  # a Linux interface name, nothing iptables could misread
+KUBE_FIREWALL = "KUBE-FIREWALL"  # kubelet's chain; kube-proxy writes it too (IPv4, localhost NodePorts on)
 _NAME_MAX = 200  # the longest suffix still fits xt_comment's 255 characters
 
 
@@ -101,6 +103,12 @@ class RenderConfig:
 
     family: IPFamily = IPFamily.IPv4
     cluster_cidrs: tuple[str, ...] = ()
+    # kube-proxy's --detect-local-mode and its inputs (pkg/proxy/util/localdetector.go)
+    detect_local_mode: str = "ClusterCIDR"
+    node_pod_cidrs: tuple[str, ...] = ()
+    bridge_interface: str = ""
+    interface_name_prefix: str = ""
+    localhost_nodeports: bool = False
     masquerade_all: bool = False
     masquerade_bit: int = 14
     nodeport_addresses: tuple[str, ...] = ()
@@ -115,17 +123,65 @@ class RenderConfig:
         object.__setattr__(self, "node_addresses", frozenset(self.node_addresses))
 
     @classmethod
-    def from_proxy_config(cls, cfg, node_addresses: Iterable[str] = ()) -> "RenderConfig":
-        """Build from a :class:`refproxy.config.ProxyConfig` plus the node's addresses."""
+    def from_proxy_config(cls, cfg, node_addresses: Iterable[str] = (), *, primary_cidrs: Iterable[str] = (),
+                          node_pod_cidrs: Iterable[str] = ()) -> "RenderConfig":
+        """Build from a :class:`refproxy.config.ProxyConfig` plus what the node says.
+
+        ``primary_cidrs`` expand ``--nodeport-addresses primary``;
+        ``node_pod_cidrs`` are the Node's podCIDRs (``--detect-local-mode NodeCIDR``).
+        """
+        from refproxy.config import nodeport_cidrs
+
         return cls(
             family=cfg.family,
             cluster_cidrs=tuple(cfg.cluster_cidrs),
+            detect_local_mode=cfg.detect_local_mode.value,
+            node_pod_cidrs=tuple(node_pod_cidrs),
+            bridge_interface=cfg.bridge_interface,
+            interface_name_prefix=cfg.interface_name_prefix,
+            localhost_nodeports=cfg.localhost_nodeports,
             masquerade_all=cfg.masquerade_all,
             masquerade_bit=cfg.masquerade_bit,
-            nodeport_addresses=tuple(cfg.nodeport_addresses),
+            nodeport_addresses=nodeport_cidrs(cfg.nodeport_addresses, cfg.family, primary_cidrs),
             node_addresses=frozenset(node_addresses),
             hostname=cfg.hostname,
         )
+
+    def local_detector(self) -> tuple[str, str] | None:
+        """The (if-local, if-not-local) match of ``detect_local_mode``, or None (no detection).
+
+        kube-proxy's ``NewDetectLocalByCIDR`` / ``ByBridgeInterface`` /
+        ``ByInterfaceNamePrefix``: one CIDR per family, else no detection.
+        """
+        v = self.family.value
+        if self.detect_local_mode in ("ClusterCIDR", "NodeCIDR"):
+            cidrs = self.cluster_cidrs if self.detect_local_mode == "ClusterCIDR" else self.node_pod_cidrs
+            for c in cidrs:
+                local = _canon_cidr(c, v)
+                if local:
+                    return f"-s {local}", f"! -s {local}"
+            return None
+        if self.detect_local_mode == "BridgeInterface" and _IFNAME.fullmatch(self.bridge_interface):
+            return f"-i {self.bridge_interface}", f"! -i {self.bridge_interface}"
+        if self.detect_local_mode == "InterfaceNamePrefix" and _IFNAME.fullmatch(self.interface_name_prefix):
+            return f"-i {self.interface_name_prefix}+", f"! -i {self.interface_name_prefix}+"
+        return None
+
+    @property
+    def localhost_nodeports_active(self) -> bool:
+        """IPv4 with ``localhostNodePorts``: loopback NodePorts allowed, KUBE-FIREWALL written (proxier.go)."""
+        return self.localhost_nodeports and self.family is IPFamily.IPv4
+
+    @property
+    def route_localnet_needed(self) -> bool:
+        """kube-proxy sets route_localnet only when the NodePort addresses include IPv4 loopback."""
+        if not self.localhost_nodeports_active:
+            return False
+        if not self.nodeport_addresses:
+            return True
+        nets = [n for n in (_canon_cidr(c, 4) for c in self.nodeport_addresses) if n]
+        loop = ipaddress.ip_network("127.0.0.0/8")
+        return any(ipaddress.ip_network(n).overlaps(loop) for n in nets)
 
     @property
     def masquerade_mark(self) -> str:
@@ -322,11 +378,7 @@ def render(
     t = _Tables()
     mark = config.masquerade_mark
 
-    local_cidr = None
-    for c in config.cluster_cidrs:
-        local_cidr = _canon_cidr(c, v)
-        if local_cidr:
-            break  # kube-proxy's detect-local-mode ClusterCIDR takes one CIDR per family
+    local = config.local_detector()
 
     t.filter_chains.extend(f":{c} - [0:0]" for c in FILTER_CHAINS)
     t.nat_chains.extend(f":{c} - [0:0]" for c in NAT_CHAINS)
@@ -349,12 +401,20 @@ def render(
     only = None if changed is None else frozenset(changed)
     for sp in ports:
         t.skip = only is not None and sp.name not in only
-        sep_count += _render_port(t, sp, snapshot.endpoints_of(sp.name), config, v, local_cidr, large, node_ips)
+        sep_count += _render_port(t, sp, snapshot.endpoints_of(sp.name), config, v, local, large, node_ips)
     t.skip = False
 
     _render_nodeports_tail(t, config, fam, node_ips)
 
     fr = t.filter_rules
+    if config.localhost_nodeports_active:
+        # route_localnet opens 127.0.0.0/8 to other hosts (kubernetes#90259):
+        # kube-proxy then writes kubelet's mitigation rule itself.
+        t.filter_chains.append(f":{KUBE_FIREWALL} - [0:0]")
+        fr.append(
+            f'-A {KUBE_FIREWALL} -m comment --comment "block incoming localnet connections" '
+            "-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+        )
     # Drop INVALID packets that would otherwise reset connections
     # (kubernetes#74839, #117924); kube-proxy skips this only when
     # nf_conntrack_tcp_be_liberal is set.
@@ -413,18 +473,19 @@ def _render_nodeports_tail(t: _Tables, config: RenderConfig, fam: IPFamily, node
     cidrs = [c for c in (_canon_cidr(x, v) for x in config.nodeport_addresses) if c]
     match_all = not config.nodeport_addresses or fam.any_cidr in cidrs
     if match_all:
-        # No route_localnet here, so localhost NodePorts never work: exclude
-        # loopback like kube-proxy does with --iptables-localhost-nodeports=false.
-        loop = "127.0.0.0/8" if fam is IPFamily.IPv4 else "::1/128"
-        t.nat_rules.append(
-            f"-A {KUBE_SERVICES} -m comment --comment {_NODEPORTS_COMMENT} "
-            f"-m addrtype --dst-type LOCAL ! -d {loop} -j {KUBE_NODEPORTS}"
-        )
+        # Loopback NodePorts only work with route_localnet (IPv4, and only
+        # when --iptables-localhost-nodeports is on): exclude loopback otherwise.
+        dst = "-m addrtype --dst-type LOCAL"
+        if fam is IPFamily.IPv6:
+            dst += " ! -d ::1/128"
+        elif not config.localhost_nodeports_active:
+            dst += " ! -d 127.0.0.0/8"
+        t.nat_rules.append(f"-A {KUBE_SERVICES} -m comment --comment {_NODEPORTS_COMMENT} {dst} -j {KUBE_NODEPORTS}")
         return
     nets = [ipaddress.ip_network(c) for c in cidrs]
     for ip in node_ips:
         a = ipaddress.ip_address(ip)
-        if a.is_loopback or not any(a in n for n in nets):
+        if (a.is_loopback and not config.localhost_nodeports_active) or not any(a in n for n in nets):
             continue
         t.nat_rules.append(f"-A {KUBE_SERVICES} -m comment --comment {_NODEPORTS_COMMENT} -d {ip} -j {KUBE_NODEPORTS}")
 
@@ -435,7 +496,7 @@ def _render_port(
     raw_endpoints: Sequence[Endpoint],
     config: RenderConfig,
     v: int,
-    local_cidr: str | None,
+    local: tuple[str, str] | None,
     large: bool,
     node_ips: list[str],
 ) -> int:
@@ -588,10 +649,10 @@ def _render_port(
         base = f'-A {internal_chain} -m comment --comment "{name} cluster IP" {pm} -d {cluster_ip} --dport {port}'
         if config.masquerade_all:
             nr.append(f"{base} -j {KUBE_MARK_MASQ}")
-        elif local_cidr is not None:
+        elif local is not None:
             # Masquerade off-cluster clients of the VIP: they may be routed to
             # any node, and the reply must come back through this one.
-            nr.append(f"{base} ! -s {local_cidr} -j {KUBE_MARK_MASQ}")
+            nr.append(f"{base} {local[1]} -j {KUBE_MARK_MASQ}")
 
     if uses_ext_chain:
         t.nat_chain(ext_chain)
@@ -602,12 +663,12 @@ def _render_port(
                 f"-j {KUBE_MARK_MASQ}"
             )
         else:
-            if local_cidr is not None:
+            if local is not None:
                 # Pod -> external IP short-circuits to Cluster policy, as if it
                 # had gone out to the load balancer and come back.
                 nr.append(
                     f'-A {ext_chain} -m comment --comment "pod traffic for {name} external destinations" '
-                    f"-s {local_cidr} -j {ch.svc}"
+                    f"{local[0]} -j {ch.svc}"
                 )
             nr.append(
                 f'-A {ext_chain} -m comment --comment "masquerade LOCAL traffic for {name} external destinations" '

@@ -11,7 +11,7 @@ import pytest
 
 from refproxy.errors import RestoreError
 from refproxy.model import IPFamily
-from refproxy.rules.apply import JUMP_RULES, IptablesRunner, blame_line, extract_lines, parse_error_line
+from refproxy.rules.apply import JUMP_RULES, KUBELET_JUMP_RULES, IptablesRunner, blame_line, extract_lines, parse_error_line
 
 TEXT = "\n".join(["*filter", ":KUBE-SERVICES - [0:0]", "COMMIT", "*nat", ":KUBE-SERVICES - [0:0]",
                   ":KUBE-SVC-X - [0:0]", "-A KUBE-SERVICES -j KUBE-SVC-X", "-A KUBE-SVC-X -j KUBE-NOPE",
@@ -120,11 +120,13 @@ def test_ensure_jumps_creates_missing_chains_and_inserts_missing_jumps(fake):
     IptablesRunner(IPFamily.IPv4, prefix).ensure_jumps()
     argvs = [c["argv"] for c in calls()]
     created = {(a[3], a[5]) for a in argvs if "-N" in a}
-    assert created == {(j.table, j.dst) for j in JUMP_RULES}
+    assert created == {(j.table, j.dst) for j in JUMP_RULES + KUBELET_JUMP_RULES}
     inserted = [a for a in argvs if "-I" in a]
-    assert len(inserted) == len(JUMP_RULES)
-    assert inserted[-1] == ["iptables", "-w", "-t", "nat", "-I", "POSTROUTING", "1", "-m", "comment", "--comment",
-                            "kubernetes postrouting rules", "-j", "KUBE-POSTROUTING"]
+    assert len(inserted) == len(JUMP_RULES) + len(KUBELET_JUMP_RULES)
+    assert inserted[len(JUMP_RULES) - 1] == ["iptables", "-w", "-t", "nat", "-I", "POSTROUTING", "1", "-m", "comment",
+                                             "--comment", "kubernetes postrouting rules", "-j", "KUBE-POSTROUTING"]
+    # kubelet's KUBE-FIREWALL, jumped to without a comment, as kube-proxy ensures it
+    assert inserted[-1] == ["iptables", "-w", "-t", "filter", "-I", "OUTPUT", "1", "-j", "KUBE-FIREWALL"]
 
 
 def test_ensure_jumps_is_idempotent_when_rules_exist(fake, monkeypatch):
