@@ -32,10 +32,10 @@ import time
 from typing import Any, Callable, Mapping
 
 from refproxy.metrics import Metrics
+from refproxy.sources.node import TO_BE_DELETED_TAINT, node_eligible  # the one eligibility rule (pure)
 
 __all__ = ["ProxyHealth", "TO_BE_DELETED_TAINT", "node_eligible", "go_time"]
 
-TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 _JSON = "application/json"
 
 Response = tuple[int, str, bytes]
@@ -56,20 +56,6 @@ def go_time(t: float | None) -> str:
     base = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(sec))
     frac = f".{nanos:09d}".rstrip("0") if nanos else ""
     return f"{base}{frac} +0000 UTC"
-
-
-def node_eligible(node: Mapping[str, Any]) -> bool:
-    """Upstream's ``SyncNode`` rule: not being deleted and not tainted ``ToBeDeletedByClusterAutoscaler``."""
-    meta = node.get("metadata") if isinstance(node.get("metadata"), Mapping) else {}
-    if meta.get("deletionTimestamp"):
-        return False
-    spec = node.get("spec") if isinstance(node.get("spec"), Mapping) else {}
-    taints = spec.get("taints") or ()
-    if isinstance(taints, list):
-        for taint in taints:
-            if isinstance(taint, Mapping) and taint.get("key") == TO_BE_DELETED_TAINT:
-                return False
-    return True
 
 
 class ProxyHealth:

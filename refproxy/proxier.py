@@ -38,7 +38,7 @@ import calendar
 import logging
 import threading
 import time
-from typing import Callable, Iterable, Mapping, Protocol as TypingProtocol
+from typing import Any, Callable, Iterable, Mapping, Protocol as TypingProtocol
 
 from refproxy.changes import diff
 from refproxy.cleanup.worker import CleanupWorker
@@ -144,6 +144,7 @@ class Proxier:
         cleanup: CleanupWorker | None = None,
         health: ProxyHealth | None = None,
         addresses: Callable[[], frozenset[str]] = frozenset,
+        render_inputs: Callable[[], Mapping[str, Any]] = dict,
         request_retry: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
@@ -157,6 +158,9 @@ class Proxier:
         self.family = config.family.name  # the ip_family label value ("IPv4"/"IPv6")
         metrics.init_family(self.family)
         self.addresses = addresses
+        # What the Node says (primary IPs, podCIDRs): keyword arguments of
+        # RenderConfig.from_proxy_config; a change re-renders like an address change.
+        self.render_inputs = render_inputs
         self.request_retry = request_retry
         self.clock = clock
         self.wallclock = wallclock
@@ -169,7 +173,7 @@ class Proxier:
         self._seen_slices: dict[tuple[str, str], str] = {}
         self._seen_problems: set = set()
         self._last_full = float("-inf")
-        self._addrs: frozenset[str] | None = None
+        self._addrs: tuple[frozenset[str], dict] | None = None
         # Change tracking (events since the last observation; pending since the last sync).
         self._changes_lock = threading.Lock()
         self._observed: tuple[dict, dict] = ({}, {})
@@ -266,7 +270,8 @@ class Proxier:
         self._count_problems(problems)
         changes = diff(self.last_applied, snapshot)
         addrs = self.addresses()
-        if not full and changes.is_empty and addrs == self._addrs:
+        inputs = dict(self.render_inputs())
+        if not full and changes.is_empty and (addrs, inputs) == self._addrs:
             # Nothing to write: the rules are current, a successful sync.
             self._succeeded(snapshot)
             # Still let cleanup resume pending work.
@@ -275,7 +280,7 @@ class Proxier:
             return True
         if full:
             self._chains = {t: set(self.rules.existing_chains(t)) for t in TABLES}
-        rendered = render(snapshot, RenderConfig.from_proxy_config(self.config, addrs), existing_chains=self._chains,
+        rendered = render(snapshot, RenderConfig.from_proxy_config(self.config, addrs, **inputs), existing_chains=self._chains,
                           changed=None if full else changes.changed_ports())
         if log.isEnabledFor(TRACE):
             log.log(TRACE, "restore text:\n%s", rendered.text)
@@ -303,7 +308,7 @@ class Proxier:
         self.need_full_sync = False
         if full:
             self._last_full = start
-        self._addrs = addrs
+        self._addrs = (addrs, inputs)
         self.last_applied = snapshot
         elapsed = self.clock() - start
         now = self.wallclock()
@@ -325,7 +330,7 @@ class Proxier:
                 m.network_programming.labels(fam).observe(now - t)
         self._succeeded(snapshot)
         kv(log, logging.INFO if (full or not changes.is_empty) else logging.DEBUG, "Synced rules",
-           full=full, services=len(snapshot.services), seconds=f"{elapsed:.4f}",
+           family=self.family, full=full, services=len(snapshot.services), seconds=f"{elapsed:.4f}",
            endpoint_changes=len(changes.endpoints_changed), bytes=len(rendered.text))
         if self.cleanup is not None:
             self.cleanup.submit(snapshot, addrs)

@@ -103,7 +103,7 @@ class CleanupPlugin(TypingProtocol):
     """
 
     name: ClassVar[str]
-    """The name users type after ``--cleanup``."""
+    """The name users type after ``--cleanup-plugin``."""
 
     api_version: ClassVar[int]
     """The plugin API version this plugin was written for (``API_VERSION``)."""

@@ -58,7 +58,7 @@ def format_text(infos: list[PluginInfo]) -> str:
                 kv = f"{o.name}={o.default or ''}"
                 lines.append(f"{'':<{width}}    {kv:<{ow}}  {o.help}")
     lines.append("")
-    lines.append("use: refproxy run --cleanup NAME [--cleanup-opt KEY=VALUE ...]")
+    lines.append("use: refproxy run --cleanup-plugin NAME [--cleanup-plugin-opt KEY=VALUE ...]")
     return "\n".join(lines) + "\n"
 
 

@@ -305,7 +305,7 @@ class NetnsPlatform:
         sc = self.scenario
         argv = [sys.executable, "-m", "refproxy"] + ["-v"] * self.proxy_verbosity + [
             "run", "--source", "kube", "--kubeconfig", kubeconfig, "--hostname-override", NODE_NAME,
-            "--cleanup", plugin,
+            "--cleanup-plugin", plugin, "--ip-family", "4",
             "--min-sync-period", f"{sc.min_sync_period}s", "--sync-period", f"{sc.sync_period}s",
             "--metrics-bind-address", f"127.0.0.1:{METRICS_PORT}",
             "--healthz-bind-address", f"127.0.0.1:{HEALTHZ_PORT}",

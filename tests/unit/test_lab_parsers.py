@@ -73,7 +73,7 @@ def test_proxy_command_line_uses_kube_proxy_flags(tmp_path):
     p.scenario = load_scenario("default")
     argv = p.proxy_argv("thresholded", {"max-entries": "100", "a": "b"}, "/k")
     joined = " ".join(argv)
-    assert "run --source kube --kubeconfig /k --hostname-override lab-node --cleanup thresholded" in joined
+    assert "run --source kube --kubeconfig /k --hostname-override lab-node --cleanup-plugin thresholded" in joined
     assert "--min-sync-period 0.2s --sync-period 2.0s" in joined
     assert argv[-4:] == ["--cleanup-opt", "a=b", "--cleanup-opt", "max-entries=100"]
     p.teardown()  # nothing was built: still safe, and the kept workdir stays

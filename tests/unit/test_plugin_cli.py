@@ -23,7 +23,7 @@ def test_text_lists_every_builtin_with_api_version_and_option_defaults(capsys):
         assert any(line.startswith(f"{name} ") and "api 1" in line for line in lines), out
     assert "max-entries=5000" in out
     assert "full-resync-period=0" in out
-    assert "use: refproxy run --cleanup NAME" in out
+    assert "use: refproxy run --cleanup-plugin NAME" in out
 
 
 def test_json_is_parseable_and_complete(capsys):

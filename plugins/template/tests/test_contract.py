@@ -29,7 +29,7 @@ def test_bad_option_names_the_plugin():
 
 def test_registered_under_its_name():
     # Passes once the package is installed (`pip install -e .`): refproxy
-    # finds it through the entry point, like `refproxy run --cleanup per-frontend`.
+    # finds it through the entry point, like `refproxy run --cleanup-plugin per-frontend`.
     try:
         plugin = load_plugin("per-frontend", {})
     except PluginError as err:
