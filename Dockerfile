@@ -1,10 +1,11 @@
-# refproxy container image: the proxy (DaemonSet in place of kube-proxy), and
-# the UDP echo server and fixed-source-port probes of the kind e2e suite, so
-# the suite needs no other image.
+# refproxy container image: a drop-in kube-proxy image (set it as the image of
+# kubeadm's kube-proxy DaemonSet and nothing else), and the UDP echo server and
+# fixed-source-port probes of the kind e2e suite, so the suite needs no other
+# image.
 #   docker build -t refproxy:e2e .
 # Base: Debian bookworm's Python 3.11, matching requires-python; Debian's
-# iptables ships both the nft and legacy backends (the entrypoint picks the
-# node's), conntrack-tools gives `conntrack` for inspection and the suite's
+# iptables ships both the nft and legacy backends (/usr/local/bin/kube-proxy
+# picks the node's), conntrack-tools gives `conntrack` for inspection and the suite's
 # padding, iproute2 gives `ip`.
 FROM python:3.11-slim-bookworm
 
@@ -22,14 +23,17 @@ COPY plugins ./plugins
 RUN pip install --no-cache-dir . \
  && rm -rf /src/build
 
-COPY e2e/kind/image/refproxy-entrypoint /usr/local/bin/refproxy-entrypoint
+# kubeadm's DaemonSet runs /usr/local/bin/kube-proxy --config=... : this one
+# picks the node's iptables backend, then execs `refproxy run` with those args.
+COPY e2e/kind/image/kube-proxy /usr/local/bin/kube-proxy
 COPY e2e/kind/kind_probe.py /usr/local/bin/refproxy-probe
-RUN chmod 0755 /usr/local/bin/refproxy-entrypoint /usr/local/bin/refproxy-probe \
+RUN chmod 0755 /usr/local/bin/kube-proxy /usr/local/bin/refproxy-probe \
  && refproxy --version \
+ && refproxy run --help >/dev/null \
  && refproxy-probe --help >/dev/null
 
 WORKDIR /
 ENV PYTHONUNBUFFERED=1
-# The DaemonSet starts the proxy through refproxy-entrypoint (command:);
-# the echo server and probes run as their own commands with a non-root uid.
+# kubeadm's DaemonSet names its command (/usr/local/bin/kube-proxy); the echo
+# server and probes run as their own commands with a non-root uid.
 CMD ["refproxy", "--help"]

@@ -2,9 +2,10 @@
 
 Offline checks (manifests, kind config, Dockerfile, workflow, driver command
 sequences against fake tools) run everywhere. Tests marked ``kind`` need a
-cluster: they run when KUBECONFIG names an existing cluster (REFPROXY_KIND_CLUSTER
-its kind name) or when ``kind`` and a working ``docker`` daemon are present so
-the driver can create one; otherwise they skip with the reason.
+cluster: they run when ``kind``, ``kubectl`` and a working ``docker`` daemon
+are present (using the cluster KUBECONFIG names when REFPROXY_KIND_CLUSTER is
+its kind name, else one the driver creates); otherwise they skip with the
+reason, or fail with it when REFPROXY_KIND_REQUIRED=1 (kind_env.gate).
 
 The proxy under test is chosen with ``--proxy refproxy|kube-proxy`` (env
 REFPROXY_KIND_PROXY); kube-proxy needs ``--kube-proxy-image`` (env
@@ -16,25 +17,10 @@ read when pytest starts in e2e/kind (``tox -e e2e-kind -- --proxy ...``).
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 
 import pytest
 
-
-def kind_unavailable_reason() -> str | None:
-    """Why the cluster tests cannot run here, or ``None`` when they can."""
-    for tool in ("kind", "kubectl", "docker"):
-        if shutil.which(tool) is None:
-            return f"kind suite: the {tool!r} command is missing (install kind, kubectl and docker)"
-    try:
-        cp = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"],
-                            capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return f"kind suite: docker daemon unreachable ({err})"
-    if cp.returncode != 0 or not cp.stdout.strip():
-        return f"kind suite: no working docker daemon ({(cp.stderr or cp.stdout).strip()[:200]})"
-    return None
+from kind_env import gate, kind_unavailable_reason
 
 
 def pytest_addoption(parser):
@@ -51,16 +37,26 @@ def pytest_addoption(parser):
                     help="PATH=VALUE set in the kube-proxy ConfigMap, repeatable; {mode} as above")
 
 
+_KIND_FAIL = pytest.StashKey[str]()
+
+
 def pytest_collection_modifyitems(config, items):
     kind_items = [i for i in items if i.get_closest_marker("kind") is not None]
     if not kind_items:
         return
-    reason = kind_unavailable_reason()
-    if reason is None:
-        return
-    skip = pytest.mark.skip(reason=reason)
+    verdict, message = gate(kind_unavailable_reason(), os.environ)
     for item in kind_items:
-        item.add_marker(skip)
+        if verdict == "skip":
+            item.add_marker(pytest.mark.skip(reason=message))
+        elif verdict == "fail":
+            item.stash[_KIND_FAIL] = message
+
+
+def pytest_runtest_setup(item):
+    # REFPROXY_KIND_REQUIRED=1 without kind: fail before any fixture touches a cluster.
+    message = item.stash.get(_KIND_FAIL, None)
+    if message is not None:
+        pytest.fail(message, pytrace=False)
 
 
 @pytest.fixture

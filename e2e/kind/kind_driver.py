@@ -13,22 +13,26 @@ Mapping of a lab scenario onto a cluster: each scenario service becomes a
 Deployment of echo pods (the refproxy image) and a Service with the
 scenario's ClusterIP (kind's service subnet is the lab's 198.19.0.0/16); a
 service named ``kube-dns`` in ``kube-system`` is the cluster's own CoreDNS, so
-its steps restart CoreDNS; each client is a Pod running ``refproxy-probe``;
-the proxy is the refproxy DaemonSet with the plugin as a parameter.
+its steps restart CoreDNS; each client is a Pod running ``refproxy-probe``.
 
-With ``--proxy kube-proxy`` (issue 6) the proxy is kubeadm's own kube-proxy
-instead: the cluster is created with ``kubeProxyMode: iptables``
-(``kind_manifests.kind_config``), the user's kube-proxy image (built from a
-kubernetes checkout with patches/ applied) is loaded into the nodes, and each
-run re-images and rolls kube-proxy's DaemonSet instead of deploying refproxy.
-The plugin dimension becomes the cleanup-mode label (``reconcile``,
-``targeted``, ``off``); only ``reconcile`` (the series' default policy) can be
-selected without a flag or config field the user supplies for ``{mode}``,
-because patch 0005 (flags and KubeProxyConfiguration fields) is missing.
-kube-proxy's figures come from its own /metrics, read on each node with
-``docker exec NODE curl http://127.0.0.1:10249/metrics`` (kubeadm binds
-metrics to 127.0.0.1; the driver already reads conntrack through
-``docker exec``), with the same metric names as refproxy's.
+The proxy is always kubeadm's own ``kube-proxy`` DaemonSet and ConfigMap
+(the cluster runs ``kubeProxyMode: iptables``), with only its image swapped
+(issue 9: what a kube-proxy user does). Per run, refproxy's cleanup plugin
+is written as a second document into the ConfigMap's ``config.conf``
+(kubeadm's document stays as kubeadm wrote it), ``kubectl set image`` puts
+refproxy's image in, a patch sets a per-run annotation, and the DaemonSet
+rolls; ``kind_manifests.DAEMONSET_ADDITIONS`` lists every change, and the
+offline checks prove there are no others. With ``--proxy kube-proxy``
+(issue 6) the image is the user's patched kube-proxy instead and the plugin
+dimension becomes the cleanup-mode label (``reconcile``, ``targeted``,
+``off``); only ``reconcile`` can be selected without a flag or config field
+the user supplies for ``{mode}`` (patch 0005 is missing). Both proxies'
+figures come from their own /metrics, which kubeadm's config binds to
+127.0.0.1:10249, read on each node with ``docker exec NODE curl``.
+
+Layout: cluster I/O is :class:`KindCluster` (one command per method) and
+:class:`KindPlatform` (the lab engine's steps); what is decided is pure
+(``kind_manifests``, ``kind_checks``).
 
 Usable as a command too: ``python3 e2e/kind/kind_driver.py --help``.
 """
@@ -43,11 +47,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
 import kind_manifests as km
+from kind_checks import frontends_of, last_termination, parse_conntrack, parse_prometheus, restart_count, stale_entries
 from kind_probe import parse_samples
 
 from refproxy.errors import LabError
@@ -64,6 +69,7 @@ __all__ = [
     "parse_prometheus",
     "parse_conntrack",
     "stale_entries",
+    "frontends_of",
     "main",
 ]
 
@@ -71,8 +77,10 @@ ROOT = km.HERE.parents[1]
 DEFAULT_CLUSTER = "refproxy-e2e"
 APP_LABEL = "refproxy-e2e/app"
 CLIENT_LABEL = "refproxy-e2e/client"
-PROXY_SELECTOR = "app.kubernetes.io/name=refproxy"
+PROXY_SELECTOR = km.KUBE_PROXY_SELECTOR
 WAIT = "180s"
+# kubeadm's config.conf leaves metricsBindAddress empty: kube-proxy's (and
+# refproxy's) default 127.0.0.1:10249, reachable only inside the node.
 KUBE_PROXY_METRICS_URL = "http://127.0.0.1:10249/metrics"
 
 
@@ -109,70 +117,7 @@ class Runner:
         return self.run(argv, **kw).stdout
 
 
-# -- pure helpers --------------------------------------------------------------
-
-def parse_prometheus(text: str) -> dict[str, float]:
-    """Sum of every sample per metric name (labels dropped) from exposition text."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if "{" in line:
-            name, rest = line[: line.index("{")], line[line.rindex("}") + 1 :]
-        else:
-            name, _, rest = line.partition(" ")
-        fields = rest.split()
-        try:
-            value = float(fields[0])
-        except (IndexError, ValueError):
-            continue
-        out[name] = out.get(name, 0.0) + value
-    return out
-
-
-def parse_conntrack(text: str) -> list[dict[str, str]]:
-    """Entries of ``conntrack -L`` output: orig and reply ``src/dst/sport/dport``
-    (keys ``src``, ``dst``, ``sport``, ``dport``, ``rsrc``, ``rdst``, ``rsport``,
-    ``rdport``) and ``proto``."""
-    out = []
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) < 3 or not parts[2].isdigit():
-            continue
-        e: dict[str, str] = {"proto": parts[0]}
-        seen: set[str] = set()
-        for p in parts[3:]:
-            k, eq, v = p.partition("=")
-            if not eq or k not in ("src", "dst", "sport", "dport"):
-                continue
-            key = k if k not in seen else "r" + k
-            seen.add(k)
-            e[key] = v
-        if {"dst", "dport", "rsrc", "rsport"} <= e.keys():
-            out.append(e)
-    return out
-
-
-def stale_entries(entries: Iterable[Mapping[str, str]], frontends: Mapping[tuple[str, int], frozenset[tuple[str, int]]],
-                  node_ports: Mapping[int, frozenset[tuple[str, int]]], node_ips: frozenset[str]) -> list[Mapping[str, str]]:
-    """UDP entries that are stale by DESIGN.md's definition: the original
-    destination is a frontend (``ip:port``, or a node IP with a NodePort) and
-    the reply source is not one of its serving endpoints."""
-    out = []
-    for e in entries:
-        if e.get("proto") != "udp":
-            continue
-        dst, dport = e["dst"], int(e["dport"])
-        serving = frontends.get((dst, dport))
-        if serving is None and dst in node_ips:
-            serving = node_ports.get(dport)
-        if serving is None:
-            continue
-        if (e["rsrc"], int(e["rsport"])) not in serving:
-            out.append(e)
-    return out
-
+# -- what to create (pure) -----------------------------------------------------
 
 def scenario_objects(scenario: Any, image: str, namespace: str = km.NAMESPACE) -> list[dict[str, Any]]:
     """The Namespace, echo Deployments, Services and probe Pods of a lab scenario."""
@@ -270,8 +215,9 @@ def _is_cluster_dns(s: Any) -> bool:
 class KindCluster:
     """One kind cluster: created here, or an existing one found via KUBECONFIG.
 
-    ``kube_proxy`` set means the suite runs kubeadm's kube-proxy with that
-    image (its ``mode`` is replaced per run) instead of refproxy;
+    The proxy is kubeadm's kube-proxy DaemonSet either way: with refproxy's
+    ``image`` by default, with ``kube_proxy.image`` (a patched kube-proxy,
+    its ``mode`` replaced per run) when ``kube_proxy`` is set;
     ``node_image`` is passed to ``kind create cluster --image`` (match it to
     the kubernetes version of a patched kube-proxy: kube-proxy must not be
     newer than the API server).
@@ -291,8 +237,8 @@ class KindCluster:
 
     @property
     def proxy_selector(self) -> str:
-        """Label selector of the proxy's pods."""
-        return PROXY_SELECTOR if self.kube_proxy is None else km.KUBE_PROXY_SELECTOR
+        """Label selector of the proxy's pods (kubeadm's kube-proxy, either proxy)."""
+        return PROXY_SELECTOR
 
     def kubectl(self, *args: str, **kw: Any) -> str:
         """stdout of ``kubectl ARGS`` (KUBECONFIG comes from the runner's env)."""
@@ -307,32 +253,20 @@ class KindCluster:
         return yaml.safe_dump(km.kind_config(self.proxy), sort_keys=False)
 
     def create(self) -> None:
-        """``kind create cluster`` with the suite's config: the file as is for
-        refproxy (no kube-proxy), the derived iptables-mode config on stdin for
-        kube-proxy."""
+        """``kind create cluster`` with the suite's config (the same file for both proxies)."""
         image = ["--image", self.node_image] if self.node_image else []
-        if self.kube_proxy is None:
-            self.runner.run(["kind", "create", "cluster", "--name", self.name, "--config", str(km.KIND_CONFIG), *image],
-                            timeout=900)
-        else:
-            self.runner.run(["kind", "create", "cluster", "--name", self.name, "--config", "-", *image],
-                            input=self.kind_config_yaml(), timeout=900)
+        self.runner.run(["kind", "create", "cluster", "--name", self.name, "--config", str(km.KIND_CONFIG), *image],
+                        timeout=900)
         self.created = True
 
     def check_proxy_mode(self) -> None:
-        """Refuse a cluster whose kube-proxy DaemonSet contradicts the proxy choice.
-
-        refproxy must be the only proxy (a kube-proxy would program the same
-        Services); kube-proxy mode needs kubeadm's DaemonSet to re-image.
-        """
+        """Refuse a cluster without kubeadm's kube-proxy DaemonSet: both
+        proxies run as its image (a kubeProxyMode: none cluster has none)."""
         found = self.kubectl("-n", "kube-system", "get", "daemonset", km.KUBE_PROXY_DAEMONSET,
                              "--ignore-not-found", "-o", "name").strip()
-        if self.kube_proxy is None and found:
-            raise LabError(f"cluster {self.name} runs kube-proxy ({found}); the refproxy suite needs a cluster "
-                           f"created with kubeProxyMode: none ({km.KIND_CONFIG.name})")
-        if self.kube_proxy is not None and not found:
+        if not found:
             raise LabError(f"cluster {self.name} has no kube-proxy DaemonSet (kubeProxyMode: none?); create it "
-                           "from `kind_driver.py --proxy kube-proxy --print-kind-config`")
+                           f"from {km.KIND_CONFIG.name} (kubeProxyMode: iptables)")
 
     def load_kube_proxy_image(self) -> None:
         """``kind load docker-image`` of the user's kube-proxy image into every node."""
@@ -356,20 +290,36 @@ class KindCluster:
         """The node container names."""
         return self.runner.out(["kind", "get", "nodes", "--name", self.name]).split()
 
-    def api_server(self) -> str:
-        """``https://IP:6443`` of the control plane as nodes reach it (not the ClusterIP)."""
-        ip = self.kubectl("get", "nodes", "-l", "node-role.kubernetes.io/control-plane", "-o",
-                          'jsonpath={.items[0].status.addresses[?(@.type=="InternalIP")].address}').strip()
-        if not ip:
-            raise LabError("no control-plane InternalIP found (is this a kind cluster?)")
-        return f"https://{ip}:6443"
+    def deploy_refproxy(self, params: km.Params, run_id: str = "") -> None:
+        """Run refproxy as kubeadm's kube-proxy for one run; wait for the rollout.
 
-    def deploy_proxy(self, params: km.Params) -> None:
-        """Apply RBAC and the refproxy DaemonSet with ``params``; wait for the rollout."""
-        docs = [d for d in km.render(km.load_manifests(), params)
-                if d["metadata"].get("namespace") in (None, "kube-system") and d["kind"] != "Namespace"]
-        self.runner.run(["kubectl", "apply", "-f", "-"], input=km.to_yaml(docs))
-        self.kubectl("-n", "kube-system", "rollout", "status", f"daemonset/{km.PROXY_DAEMONSET}", f"--timeout={WAIT}")
+        Order: ``config.conf`` gets refproxy's extension document (the cleanup
+        plugin; kubeadm's document untouched), ``set image`` (the user's one
+        step), the run annotation (rolls the pods, so they read the new
+        config), rollout status. Nothing else changes
+        (``kind_manifests.DAEMONSET_ADDITIONS``).
+        """
+        params.validate()
+        conf = km.refproxy_config_conf(self._kube_proxy_config_text(), params)
+        self._roll(params.image, conf, km.refproxy_patch(params, conf, run_id))
+
+    def _kube_proxy_config_text(self) -> str:
+        cm = json.loads(self.kubectl("-n", "kube-system", "get", "configmap", km.KUBE_PROXY_CONFIGMAP, "-o", "json"))
+        current = (cm.get("data") or {}).get(km.KUBE_PROXY_CONFIG_KEY)
+        if current is None:
+            raise LabError(f"configmap {km.KUBE_PROXY_CONFIGMAP} has no {km.KUBE_PROXY_CONFIG_KEY}")
+        return current
+
+    def _roll(self, image: str, conf: str | None, patch: dict[str, Any]) -> None:
+        """ConfigMap (when ``conf``), ``set image``, patch, rollout status."""
+        ns = ("-n", "kube-system")
+        if conf is not None:
+            self.kubectl(*ns, "patch", "configmap", km.KUBE_PROXY_CONFIGMAP, "--type=merge",
+                         "-p", json.dumps({"data": {km.KUBE_PROXY_CONFIG_KEY: conf}}))
+        self.kubectl(*ns, "set", "image", f"daemonset/{km.KUBE_PROXY_DAEMONSET}", f"{km.KUBE_PROXY_DAEMONSET}={image}")
+        self.kubectl(*ns, "patch", "daemonset", km.KUBE_PROXY_DAEMONSET, "--type=strategic",
+                     "-p", json.dumps(patch, sort_keys=True))
+        self.kubectl(*ns, "rollout", "status", f"daemonset/{km.KUBE_PROXY_DAEMONSET}", f"--timeout={WAIT}")
 
     def deploy_kube_proxy(self, params: km.KubeProxyParams, run_id: str = "") -> None:
         """Re-image kubeadm's kube-proxy for one run and wait for the rollout.
@@ -381,24 +331,11 @@ class KindCluster:
         ``run_id`` always does); rollout status.
         """
         params.validate()
-        ns = ("-n", "kube-system")
-        conf = None
-        if params.config:
-            cm = json.loads(self.kubectl(*ns, "get", "configmap", km.KUBE_PROXY_CONFIGMAP, "-o", "json"))
-            current = (cm.get("data") or {}).get(km.KUBE_PROXY_CONFIG_KEY)
-            if current is None:
-                raise LabError(f"configmap {km.KUBE_PROXY_CONFIGMAP} has no {km.KUBE_PROXY_CONFIG_KEY}")
-            conf = km.kube_proxy_config(current, params)
-            self.kubectl(*ns, "patch", "configmap", km.KUBE_PROXY_CONFIGMAP, "--type=merge",
-                         "-p", json.dumps({"data": {km.KUBE_PROXY_CONFIG_KEY: conf}}))
-        self.kubectl(*ns, "set", "image", f"daemonset/{km.KUBE_PROXY_DAEMONSET}",
-                     f"{km.KUBE_PROXY_DAEMONSET}={params.image}")
-        self.kubectl(*ns, "patch", "daemonset", km.KUBE_PROXY_DAEMONSET, "--type=strategic",
-                     "-p", json.dumps(km.kube_proxy_patch(params, conf, run_id), sort_keys=True))
-        self.kubectl(*ns, "rollout", "status", f"daemonset/{km.KUBE_PROXY_DAEMONSET}", f"--timeout={WAIT}")
+        conf = km.kube_proxy_config(self._kube_proxy_config_text(), params) if params.config else None
+        self._roll(params.image, conf, km.kube_proxy_patch(params, conf, run_id))
 
     def wait_cluster_dns(self) -> None:
-        """CoreDNS becomes ready only through the kubernetes Service, i.e. through refproxy."""
+        """CoreDNS's rollout (it reaches the API server through the kubernetes Service)."""
         self.kubectl("-n", "kube-system", "rollout", "status", "deployment/coredns", f"--timeout={WAIT}")
 
     def proxy_pods(self) -> list[dict[str, Any]]:
@@ -406,13 +343,9 @@ class KindCluster:
         return json.loads(self.kubectl("-n", "kube-system", "get", "pods", "-l", self.proxy_selector,
                                        "-o", "json"))["items"]
 
-    def metrics(self, pod: str) -> dict[str, float]:
-        """One refproxy pod's /metrics through the API server's pod proxy."""
-        return parse_prometheus(self.kubectl("get", "--raw",
-                                             f"/api/v1/namespaces/kube-system/pods/{pod}:10249/proxy/metrics"))
-
-    def kube_proxy_metrics(self, node: str) -> dict[str, float]:
-        """One node's kube-proxy /metrics, read inside the node (kubeadm binds 127.0.0.1:10249)."""
+    def proxy_metrics(self, node: str) -> dict[str, float]:
+        """One node's proxy /metrics (refproxy or kube-proxy), read inside the
+        node: kubeadm's config binds it to 127.0.0.1:10249."""
         return parse_prometheus(self.node_exec(node, "curl", "-fsS", "--max-time", "10", KUBE_PROXY_METRICS_URL))
 
     def node_exec(self, node: str, *argv: str) -> str:
@@ -473,7 +406,8 @@ class KindPlatform:
                                      "--entries", str(entries)], timeout=1800)
 
     def start_proxy(self, plugin: str, options: Mapping[str, str]) -> None:
-        """Deploy refproxy with ``plugin`` (or roll kube-proxy with cleanup mode
+        """Roll kubeadm's kube-proxy DaemonSet onto refproxy with cleanup plugin
+        ``plugin`` (or onto the patched kube-proxy with cleanup mode
         ``plugin``); return once every node's proxy is ready."""
         c = self.cluster
         if c.kube_proxy is not None:
@@ -486,14 +420,15 @@ class KindPlatform:
             except ValueError as err:
                 raise LabError(str(err)) from err
             c.deploy_kube_proxy(kp, run_id=str(int(self.clock() * 1000)))
-            c.wait_cluster_dns()
-            self._restarts = {p["metadata"]["name"]: _restart_count(p) for p in c.proxy_pods()}
-            return
-        params = km.Params(image=c.image, plugin=plugin, plugin_options=tuple(sorted(options.items())),
-                           api_server=c.api_server(), sync_period=self.scenario.sync_period)
-        c.deploy_proxy(params)
+        else:
+            params = km.Params(image=c.image, plugin=plugin, plugin_options=tuple(sorted(options.items())))
+            try:
+                params.validate()
+            except ValueError as err:
+                raise LabError(str(err)) from err
+            c.deploy_refproxy(params, run_id=str(int(self.clock() * 1000)))
         c.wait_cluster_dns()
-        self._restarts = {p["metadata"]["name"]: _restart_count(p) for p in c.proxy_pods()}
+        self._restarts = {p["metadata"]["name"]: restart_count(p) for p in c.proxy_pods()}
 
     def start_clients(self, clients: Sequence[Any]) -> None:
         """One probe Pod per client; return once each is running."""
@@ -560,9 +495,9 @@ class KindPlatform:
         self._status_at = now
         for p in self.cluster.proxy_pods():
             name = p["metadata"]["name"]
-            n = _restart_count(p)
+            n = restart_count(p)
             if n > self._restarts.get(name, n):
-                last = _last_termination(p)
+                last = last_termination(p)
                 self._status = f"restarted on {p['spec'].get('nodeName')} ({last})"
                 return self._status
         self._status = None
@@ -587,18 +522,13 @@ class KindPlatform:
 
     def resources(self) -> Any:
         """The proxy's CPU seconds (summed) and RSS (max over nodes) and summed
-        metrics, plus conntrack sizes. refproxy's come through the API server's
-        pod proxy; kube-proxy's from each node's 127.0.0.1:10249."""
+        metrics, plus conntrack sizes, from each node's 127.0.0.1:10249."""
         from refproxy.lab.engine import ResourceFigures
 
         c = self.cluster
         total: dict[str, float] = {}
         cpu = 0.0
-        if c.kube_proxy is None:
-            per_proxy = [c.metrics(p["metadata"]["name"]) for p in c.proxy_pods()]
-        else:
-            per_proxy = [c.kube_proxy_metrics(node) for node in c.nodes()]
-        for m in per_proxy:
+        for m in (c.proxy_metrics(node) for node in c.nodes()):
             cpu += m.get("process_cpu_seconds_total", 0.0)
             self._peak_rss = max(self._peak_rss, m.get("process_resident_memory_bytes", 0.0))
             for k, v in m.items():
@@ -610,7 +540,7 @@ class KindPlatform:
         return ResourceFigures(cpu_seconds=cpu, peak_rss_bytes=int(self._peak_rss) or None, metrics=total)
 
     def teardown(self) -> None:
-        """Delete the scenario's namespace (CoreDNS and the DaemonSet stay for the next run)."""
+        """Delete the scenario's namespace (CoreDNS and kube-proxy stay for the next run)."""
         self.cluster.runner.run(["kubectl", "delete", "namespace", self.namespace, "--ignore-not-found",
                                  "--wait=true", f"--timeout={WAIT}"], check=False)
 
@@ -629,50 +559,6 @@ class KindPlatform:
         services = json.loads(c.kubectl("get", "services", "-A", "-o", "json"))["items"]
         slices = json.loads(c.kubectl("get", "endpointslices", "-A", "-o", "json"))["items"]
         return frontends_of(services, slices)
-
-
-def frontends_of(services: list[dict[str, Any]], slices: list[dict[str, Any]]):
-    """UDP frontends -> serving ``(ip, port)`` endpoints, and NodePort -> endpoints (pure)."""
-    serving: dict[tuple[str, str, str], set[tuple[str, int]]] = {}
-    for sl in slices:
-        meta = sl.get("metadata", {})
-        svc = meta.get("labels", {}).get("kubernetes.io/service-name")
-        for port in sl.get("ports") or []:
-            if port.get("protocol", "TCP") != "UDP":
-                continue
-            key = (meta.get("namespace", ""), svc or "", port.get("name") or "")
-            for ep in sl.get("endpoints") or []:
-                cond = ep.get("conditions", {})
-                if cond.get("serving", cond.get("ready", True)) is False:
-                    continue
-                for ip in ep.get("addresses", []):
-                    serving.setdefault(key, set()).add((ip, int(port["port"])))
-    frontends: dict[tuple[str, int], frozenset[tuple[str, int]]] = {}
-    node_ports: dict[int, frozenset[tuple[str, int]]] = {}
-    for s in services:
-        meta, spec = s["metadata"], s.get("spec", {})
-        for p in spec.get("ports", []):
-            if p.get("protocol", "TCP") != "UDP":
-                continue
-            eps = frozenset(serving.get((meta["namespace"], meta["name"], p.get("name") or ""), ()))
-            for ip in [spec.get("clusterIP"), *spec.get("externalIPs", [])]:
-                if ip and ip != "None":
-                    frontends[(ip, int(p["port"]))] = eps
-            if p.get("nodePort"):
-                node_ports[int(p["nodePort"])] = eps
-    return frontends, node_ports
-
-
-def _restart_count(pod: Mapping[str, Any]) -> int:
-    return sum(int(cs.get("restartCount", 0)) for cs in pod.get("status", {}).get("containerStatuses", []))
-
-
-def _last_termination(pod: Mapping[str, Any]) -> str:
-    for cs in pod.get("status", {}).get("containerStatuses", []):
-        t = cs.get("lastState", {}).get("terminated")
-        if t:
-            return f"exited {t.get('exitCode')}: {t.get('reason', '')}".strip()
-    return "restarted"
 
 
 def _pad_overrides(node: str) -> dict[str, Any]:
@@ -751,14 +637,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--node-image", default=env("REFPROXY_KIND_NODE_IMAGE"),
                    help="kindest/node image for a cluster this command creates")
     p.add_argument("--plugins", default=None,
-                   help="comma-separated runs: refproxy cleanup plugins (default none,full,targeted,thresholded) "
+                   help="comma-separated runs: refproxy cleanup plugins, written into the kube-proxy ConfigMap's "
+                        "RefproxyConfiguration document (default none,full,targeted,thresholded) "
                         "or kube-proxy cleanup modes (default reconcile; reconcile,targeted,off with {mode})")
     p.add_argument("--pad", type=int, default=int(env("REFPROXY_KIND_PAD", "0")))
     p.add_argument("--json", default=env("REFPROXY_KIND_REPORT", "reports/kind-report.json"))
     p.add_argument("--no-build", action="store_true", help="the images are already loaded in the cluster")
     p.add_argument("--keep", action="store_true", help="keep a cluster this command created")
     p.add_argument("--print-kind-config", action="store_true",
-                   help="print the kind config for --proxy and exit (for kind create cluster / kind-action)")
+                   help="print the kind config and exit (for kind create cluster / kind-action); the same "
+                        "for both proxies: kubeProxyMode iptables")
     a = p.parse_args(argv)
     if a.proxy == "kube-proxy" and not a.kube_proxy_image and not a.print_kind_config:
         p.error("--proxy kube-proxy needs --kube-proxy-image (or REFPROXY_KIND_KUBE_PROXY_IMAGE)")

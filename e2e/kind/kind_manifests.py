@@ -1,19 +1,26 @@
-"""The kind suite's manifests and their parameters (pure: no I/O but reading
-the files in this folder).
+"""The kind suite's manifests, kind config and the changes it makes to
+kubeadm's kube-proxy (pure: no I/O but reading the files in this folder).
 
-Contract: ``manifests/`` holds plain, valid Kubernetes YAML with defaults, so
-``kubectl apply -k e2e/kind/manifests`` works by hand; :func:`render` is the
-one templating step the driver applies on top (image, cleanup plugin and its
-options, API server address, cluster CIDR, sync period). It edits parsed
-objects, never text, so a parameter can never break the YAML, and its output
-is what the offline checks validate against the Kubernetes schemas.
+Contract: ``manifests/`` holds plain, valid Kubernetes YAML for the workload
+(UDP echo and clients), so ``kubectl apply -k e2e/kind/manifests`` works by
+hand. The proxy is never ours: it is kubeadm's own ``kube-proxy`` DaemonSet
+and ConfigMap, taken from the cluster. Everything the suite changes in them
+is computed here from parsed objects (never text templates), and the
+offline checks prove the result differs from kubeadm's only where
+:data:`DAEMONSET_ADDITIONS` says:
+
+- refproxy (issue 9): the container image, and the per-run annotation that
+  gives each run fresh processes; refproxy's cleanup plugin goes in a second
+  document of ``config.conf`` (:func:`refproxy_config_conf`), kubeadm's
+  document is kept byte for byte;
+- a patched kube-proxy (issue 6): the image, the user's ``args`` and
+  ``config.conf`` fields (:func:`kube_proxy_config`), and the same annotation.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import ipaddress
 import json
 import re
 from dataclasses import dataclass
@@ -29,18 +36,28 @@ __all__ = [
     "NAMESPACE",
     "ECHO_DEPLOYMENT",
     "CLIENTS_DAEMONSET",
-    "PROXY_DAEMONSET",
     "PROXIES",
     "KUBE_PROXY_DAEMONSET",
     "KUBE_PROXY_CONFIGMAP",
     "KUBE_PROXY_CONFIG_KEY",
+    "KUBE_PROXY_KUBECONFIG_KEY",
+    "KUBE_PROXY_COMMAND",
     "KUBE_PROXY_SELECTOR",
+    "EXT_API_VERSION",
+    "EXT_KIND",
     "CLEANUP_MODES",
+    "DAEMONSET_ADDITIONS",
     "Params",
     "KubeProxyParams",
     "kind_config",
     "kube_proxy_config",
     "kube_proxy_patch",
+    "kubeadm_document",
+    "refproxy_extension",
+    "refproxy_config_conf",
+    "refproxy_patch",
+    "strategic_merge",
+    "object_diff",
     "load_manifests",
     "load_kind_config",
     "render",
@@ -54,46 +71,66 @@ KIND_CONFIG = HERE / "kind-config.yaml"
 NAMESPACE = "refproxy-e2e"
 ECHO_DEPLOYMENT = "udp-echo"
 CLIENTS_DAEMONSET = "udp-clients"
-PROXY_DAEMONSET = "refproxy"
 
-# The proxies the suite can run: refproxy's DaemonSet (kind without
-# kube-proxy) or kubeadm's own kube-proxy with a user-built image.
+# The proxies the suite can run, both as kubeadm's kube-proxy DaemonSet:
+# refproxy's image, or a kube-proxy built from a patched kubernetes checkout.
 PROXIES = ("refproxy", "kube-proxy")
-# Names kubeadm gives its kube-proxy addon (cmd/kubeadm/app/phases/addons/proxy):
-# DaemonSet and ConfigMap "kube-proxy", container "kube-proxy", the
-# KubeProxyConfiguration under the ConfigMap key "config.conf", pods labelled
-# k8s-app=kube-proxy.
+# Names kubeadm gives its kube-proxy addon (cmd/kubeadm/app/phases/addons/proxy/
+# manifests.go): DaemonSet and ConfigMap "kube-proxy", container "kube-proxy",
+# the KubeProxyConfiguration under the ConfigMap key "config.conf" and the
+# kubeconfig (service-account token, control-plane address) under
+# "kubeconfig.conf", both mounted at /var/lib/kube-proxy, pods labelled
+# k8s-app=kube-proxy, and this command (no args).
 KUBE_PROXY_DAEMONSET = "kube-proxy"
 KUBE_PROXY_CONFIGMAP = "kube-proxy"
 KUBE_PROXY_CONFIG_KEY = "config.conf"
+KUBE_PROXY_KUBECONFIG_KEY = "kubeconfig.conf"
+KUBE_PROXY_COMMAND = ("/usr/local/bin/kube-proxy", "--config=/var/lib/kube-proxy/config.conf",
+                      "--hostname-override=$(NODE_NAME)")
 KUBE_PROXY_SELECTOR = "k8s-app=kube-proxy"
+# refproxy's extension document in config.conf (its only settings that
+# KubeProxyConfiguration has no field for; see the README, "Configuration").
+EXT_API_VERSION = "config.refproxy.dev/v1alpha1"
+EXT_KIND = "RefproxyConfiguration"
+_KPC = ("kubeproxy.config.k8s.io/v1alpha1", "KubeProxyConfiguration")
 # The run label (the scenarios' plugin dimension in kube-proxy mode) -> the
 # series' conntrack.CleanupMode value (patch 0003), substituted for "{mode}".
 CLEANUP_MODES = {"reconcile": "Reconcile", "targeted": "Targeted", "off": "Off"}
 DEFAULT_CLEANUP_MODE = "reconcile"
 RUN_ANNOTATION = "refproxy-e2e/kube-proxy-run"
+_CONTAINER = f"spec.template.spec.containers[{KUBE_PROXY_DAEMONSET}]"
+
+# Every change the refproxy runs make to kubeadm's DaemonSet, with why. The
+# offline checks assert the merged result differs from kubeadm's in exactly
+# these paths. Nothing else is needed: kubeadm's pod is privileged (iptables,
+# conntrack netlink, the throwaway namespace of the conntrack filter probe),
+# mounts the config, kubeconfig and /run/xtables.lock, runs as the
+# kube-proxy service account that kubeadm binds to system:node-proxier
+# (services, endpointslices, nodes get/list/watch, events create: everything
+# refproxy reads or writes), and its kubeconfig.conf names the control-plane
+# address, so refproxy never depends on a ClusterIP it programs itself.
+DAEMONSET_ADDITIONS = {
+    f"{_CONTAINER}.image": "the one change a kube-proxy user makes: refproxy's image, whose "
+                           "/usr/local/bin/kube-proxy runs `refproxy run` with kubeadm's arguments",
+    f"spec.template.metadata.annotations.{RUN_ANNOTATION}": "the suite's, not refproxy's: a new value per run "
+                           "rolls the pods, so each run's CPU and RSS figures are its own and each run "
+                           "starts on the config.conf it wrote",
+}
 
 _OPTION_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PLUGIN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _CONFIG_PATH = re.compile(r"^[A-Za-z][A-Za-z0-9]*(\.[A-Za-z][A-Za-z0-9]*)*$")
+_DOC_SEP = re.compile(r"^---[ \t]*$", re.M)
 
 
 @dataclass(frozen=True, slots=True)
 class Params:
-    """What varies between runs of the suite.
-
-    ``plugin`` is a cleanup plugin name or ``"none"`` (the control run);
-    ``api_server`` is ``https://HOST:PORT`` of the API server as reachable from
-    a node (``None`` keeps the manifest's default); ``sync_period`` is in
-    seconds (the recovery bound is two of them).
-    """
+    """One refproxy run: the image and the cleanup plugin (or ``"none"``, the
+    control run) with its options."""
 
     image: str = "refproxy:e2e"
-    plugin: str = "full"
+    plugin: str = "targeted"
     plugin_options: tuple[tuple[str, str], ...] = ()
-    api_server: str | None = None
-    cluster_cidr: str = "198.18.0.0/16"
-    sync_period: float = 10.0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad parameter."""
@@ -104,11 +141,6 @@ class Params:
         for k, v in self.plugin_options:
             if not _OPTION_KEY.match(k) or any(c in v for c in "\n\r\0"):
                 raise ValueError(f"bad plugin option {k!r}={v!r}")
-        if self.api_server is not None and not re.match(r"^https://[A-Za-z0-9.\-\[\]:]+:\d+$", self.api_server):
-            raise ValueError(f"bad API server address {self.api_server!r} (want https://HOST:PORT)")
-        ipaddress.ip_network(self.cluster_cidr, strict=False)
-        if not 0 < self.sync_period <= 3600:
-            raise ValueError(f"bad sync period {self.sync_period!r}")
 
 
 def load_manifests(directory: Path = MANIFESTS) -> list[dict[str, Any]]:
@@ -135,31 +167,130 @@ def find(docs: Iterable[dict[str, Any]], kind: str, name: str) -> dict[str, Any]
     raise KeyError(f"{kind}/{name}")
 
 
-def render(docs: Iterable[dict[str, Any]], params: Params) -> list[dict[str, Any]]:
-    """The objects with ``params`` applied (inputs are not modified)."""
-    params.validate()
+def render(docs: Iterable[dict[str, Any]], image: str) -> list[dict[str, Any]]:
+    """The workload objects with every container on ``image`` (inputs are not modified)."""
+    Params(image=image).validate()
     out = [copy.deepcopy(d) for d in docs]
     for d in out:
         spec = d.get("spec", {}).get("template", {}).get("spec")
         if d.get("kind") not in ("DaemonSet", "Deployment") or spec is None:
             continue
         for c in spec.get("containers", []):
-            c["image"] = params.image
-    proxy = find(out, "DaemonSet", PROXY_DAEMONSET)["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e for e in proxy["env"]}
-    env["REFPROXY_CLEANUP"]["value"] = params.plugin
-    env["REFPROXY_CLUSTER_CIDR"]["value"] = params.cluster_cidr
-    env["REFPROXY_SYNC_PERIOD"]["value"] = _duration(params.sync_period)
-    if params.api_server is not None:
-        env["REFPROXY_API_SERVER"]["value"] = params.api_server
-    proxy["args"] = [a for a in proxy["args"] if not a.startswith("--cleanup-opt=")]
-    proxy["args"] += [f"--cleanup-opt={k}={v}" for k, v in params.plugin_options]
+            c["image"] = image
     return out
 
 
-def _duration(seconds: float) -> str:
-    ms = round(seconds * 1000)
-    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+# -- refproxy as kubeadm's kube-proxy (issue 9) ------------------------------------
+
+def kubeadm_document(text: str) -> str:
+    """kubeadm's ``KubeProxyConfiguration`` document of ``config.conf``,
+    verbatim, without a refproxy extension document an earlier run appended.
+
+    ``ValueError`` unless exactly one KubeProxyConfiguration is there and
+    every other document is refproxy's extension. Documents are split at
+    ``---`` lines (kubeadm's marshalled config has none inside it).
+    """
+    keep: list[str] = []
+    for part in _DOC_SEP.split(text):
+        doc = yaml.safe_load(part)
+        if doc is None:
+            continue
+        if not isinstance(doc, dict):
+            raise ValueError(f"{KUBE_PROXY_CONFIG_KEY}: a document is a {type(doc).__name__}, not an object")
+        kind = (doc.get("apiVersion"), doc.get("kind"))
+        if kind == (EXT_API_VERSION, EXT_KIND):
+            continue
+        if kind != _KPC:
+            raise ValueError(f"{KUBE_PROXY_CONFIG_KEY}: unexpected document apiVersion={kind[0]!r} kind={kind[1]!r}")
+        keep.append(part)
+    if len(keep) != 1:
+        raise ValueError(f"{KUBE_PROXY_CONFIG_KEY}: want one KubeProxyConfiguration, found {len(keep)}")
+    return keep[0].strip("\n")
+
+
+def refproxy_extension(params: Params) -> dict[str, Any]:
+    """refproxy's ``RefproxyConfiguration`` document for ``params``."""
+    params.validate()
+    cleanup: dict[str, Any] = {"plugin": params.plugin}
+    if params.plugin_options:
+        cleanup["options"] = dict(params.plugin_options)
+    return {"apiVersion": EXT_API_VERSION, "kind": EXT_KIND, "cleanup": cleanup}
+
+
+def refproxy_config_conf(text: str, params: Params) -> str:
+    """``config.conf`` for a refproxy run: kubeadm's document unchanged, then
+    refproxy's extension document (replacing one an earlier run wrote)."""
+    ext = yaml.safe_dump(refproxy_extension(params), sort_keys=False).rstrip("\n")
+    return (kubeadm_document(text) + "\n---\n"
+            "# Added by the refproxy kind suite: refproxy's own settings (the cleanup plugin),\n"
+            "# which KubeProxyConfiguration has no field for. kubeadm's document above is as\n"
+            "# kubeadm wrote it.\n" + ext)
+
+
+def refproxy_patch(params: Params, config_text: str | None = None, run_id: str = "") -> dict[str, Any]:
+    """Strategic-merge patch of kubeadm's DaemonSet for a refproxy run (pure).
+
+    Only the run annotation (:data:`DAEMONSET_ADDITIONS`); the image is set
+    by ``kubectl set image``, as a user would. ``args: null`` drops args a
+    kube-proxy run on the same cluster may have left, so the result is
+    kubeadm's container with another image.
+    """
+    params.validate()
+    return _rollout_patch([params.image, None, config_text, run_id], None)
+
+
+def _rollout_patch(identity: list[Any], args: list[str] | None) -> dict[str, Any]:
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return {"spec": {"template": {
+        "metadata": {"annotations": {RUN_ANNOTATION: digest[:16]}},
+        "spec": {"containers": [{"name": KUBE_PROXY_DAEMONSET, "args": args or None}]}}}}
+
+
+def strategic_merge(obj: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """Enough of a strategic merge for the suite's patches (pure): maps
+    merge, ``None`` deletes, ``containers`` merge by name, other lists are
+    replaced. ``ValueError`` if the patch would add a container."""
+    out = copy.deepcopy(obj)
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        elif k == "containers":
+            by_name = {c["name"]: c for c in out.get(k, [])}
+            for c in v:
+                if c["name"] not in by_name:
+                    raise ValueError(f"patch adds a container {c['name']!r}")
+                by_name[c["name"]] = strategic_merge(by_name[c["name"]], c)
+            out[k] = list(by_name.values())
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = strategic_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def object_diff(before: Any, after: Any, path: str = "") -> dict[str, tuple[Any, Any]]:
+    """Every leaf that differs, as ``path -> (before, after)`` (``None`` for
+    absent); lists of named objects are matched by ``name`` (``containers[x]``)."""
+    if isinstance(before, dict) or isinstance(after, dict):
+        if not (isinstance(before, (dict, type(None))) and isinstance(after, (dict, type(None)))):
+            return {path: (before, after)}
+        b, a = before or {}, after or {}
+        out: dict[str, tuple[Any, Any]] = {}
+        for k in sorted(set(b) | set(a), key=str):
+            sub = f"{path}.{k}" if path else str(k)
+            out.update(object_diff(b.get(k), a.get(k), sub))
+        return out
+    if _named_list(before) and _named_list(after):
+        b, a = {x["name"]: x for x in before}, {x["name"]: x for x in after}
+        out = {}
+        for name in sorted(set(b) | set(a)):
+            out.update(object_diff(b.get(name), a.get(name), f"{path}[{name}]"))
+        return out
+    return {} if before == after else {path: (before, after)}
+
+
+def _named_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) and "name" in x for x in v)
 
 
 def to_yaml(docs: Iterable[dict[str, Any]]) -> str:
@@ -167,20 +298,19 @@ def to_yaml(docs: Iterable[dict[str, Any]]) -> str:
     return yaml.safe_dump_all(list(docs), sort_keys=False)
 
 
-# -- kube-proxy mode -------------------------------------------------------------
+# -- kind config, and a patched kube-proxy (issue 6) -------------------------------
 
 def kind_config(proxy: str = "refproxy", base: dict[str, Any] | None = None) -> dict[str, Any]:
     """The kind cluster config for ``proxy`` (``base`` defaults to ``kind-config.yaml``).
 
-    refproxy: the base as is (``kubeProxyMode: none``). kube-proxy: the same
-    cluster with ``kubeProxyMode: iptables``, so kubeadm installs its
-    ``kube-proxy`` DaemonSet for the driver to re-image. ``base`` is not modified.
+    The same for both proxies: ``kubeProxyMode: iptables``, so kubeadm
+    installs its ``kube-proxy`` DaemonSet and ConfigMap, whose image the
+    suite swaps. ``proxy`` is checked only; ``base`` is not modified.
     """
     if proxy not in PROXIES:
         raise ValueError(f"unknown proxy {proxy!r} (one of {', '.join(PROXIES)})")
     cfg = copy.deepcopy(load_kind_config() if base is None else base)
-    if proxy == "kube-proxy":
-        cfg.setdefault("networking", {})["kubeProxyMode"] = "iptables"
+    cfg.setdefault("networking", {})["kubeProxyMode"] = "iptables"
     return cfg
 
 
@@ -284,7 +414,4 @@ def kube_proxy_patch(params: KubeProxyParams, config_text: str | None = None, ru
     """
     params.validate()
     args = params.resolved_args()
-    digest = hashlib.sha256(json.dumps([params.image, args, config_text, run_id], sort_keys=True).encode()).hexdigest()
-    return {"spec": {"template": {
-        "metadata": {"annotations": {RUN_ANNOTATION: digest[:16]}},
-        "spec": {"containers": [{"name": KUBE_PROXY_DAEMONSET, "args": args or None}]}}}}
+    return _rollout_patch([params.image, args, config_text, run_id], args)

@@ -1,9 +1,12 @@
 """The kind suite proper (``tox -e e2e-kind``; marked ``kind``, skipped with the
-reason where kind, kubectl or a docker daemon is missing).
+reason where kind, kubectl or a docker daemon is missing; failed instead with
+REFPROXY_KIND_REQUIRED=1).
 
 Uses the cluster named by REFPROXY_KIND_CLUSTER (default ``refproxy-e2e``)
 when it exists (KUBECONFIG points at it, e.g. the GitHub workflow's), else
-creates one from kind-config.yaml and deletes it afterwards. The image is
+creates one from kind-config.yaml (kubeadm's kube-proxy, iptables mode) and
+deletes it afterwards. The proxy under test is always kubeadm's kube-proxy
+DaemonSet with its image swapped: refproxy's by default. The image is
 built and loaded unless REFPROXY_KIND_NO_BUILD=1. Resource figures of every
 run go to REFPROXY_KIND_REPORT (default reports/kind-report.json).
 
@@ -84,17 +87,22 @@ def scenario():
 
 
 def test_cluster_dns_and_kubernetes_service_work_through_the_proxy(cluster):
-    # kubeProxyMode: none -- CoreDNS reaches the API server only through the
-    # kubernetes Service ClusterIP, which only refproxy programs. In kube-proxy
-    # mode the same holds for the patched kube-proxy once it is re-imaged.
+    # The proxy is kubeadm's kube-proxy DaemonSet with only its image swapped.
+    # A CoreDNS restart afterwards proves the swapped proxy programs the
+    # kubernetes Service: new CoreDNS pods reach the API server only through
+    # its ClusterIP, so they become ready only when that works.
     if cluster.kube_proxy is None:
-        cluster.deploy_proxy(km.Params(image=cluster.image, plugin="full", api_server=cluster.api_server()))
+        cluster.deploy_refproxy(km.Params(image=cluster.image, plugin="full"))
     else:
         cluster.deploy_kube_proxy(cluster.kube_proxy)
+    cluster.kubectl("-n", "kube-system", "rollout", "restart", "deployment/coredns")
     cluster.wait_cluster_dns()
     out = cluster.kubectl("-n", "kube-system", "get", "deployment", "coredns", "-o",
                           "jsonpath={.status.readyReplicas}")
     assert int(out or 0) >= 1
+    image = cluster.kubectl("-n", "kube-system", "get", "daemonset", km.KUBE_PROXY_DAEMONSET, "-o",
+                            "jsonpath={.spec.template.spec.containers[0].image}")
+    assert image == (cluster.image if cluster.kube_proxy is None else cluster.kube_proxy.image)
 
 
 @pytest.mark.parametrize("plugin", sorted(set(PLUGINS) | set(MODES)))

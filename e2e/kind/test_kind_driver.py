@@ -112,40 +112,28 @@ def test_failed_command_raises_with_its_stderr(fake_tools):
 
 
 def _platform(fake_tools):
-    fake_tools.respond(["kubectl", "get", "nodes", "-l"], "172.18.0.2")
     fake_tools.respond(["kubectl", "-n", "kube-system", "get", "pods", "-l", kd.PROXY_SELECTOR],
-                       json.dumps({"items": [{"metadata": {"name": "refproxy-a"}, "spec": {"nodeName": "w1"},
+                       json.dumps({"items": [{"metadata": {"name": "kube-proxy-a"}, "spec": {"nodeName": "w1"},
                                               "status": {"containerStatuses": [{"restartCount": 0}]}}]}))
     c = kd.KindCluster("rp-test", kd.Runner(), image="refproxy:t")
     t = iter(range(1000, 2000))
     return kd.KindPlatform(c, clock=lambda: float(next(t)), sleep=lambda s: None)
 
 
-def test_platform_setup_and_proxy_deploy_sequence(fake_tools):
+def test_platform_setup_applies_only_the_workload(fake_tools):
+    """setup creates the scenario's echo Deployments and Services; the proxy
+    is kubeadm's (test_kind_refproxy.py has start_proxy's sequence)."""
     scenario = load_scenario(str(SCENARIO))
     p = _platform(fake_tools)
     p.setup(scenario)
-    p.start_proxy("thresholded", {"budget-entries": "100"})
     calls = fake_tools.calls()
     recs = fake_tools.records()
     assert calls[0] == ["kubectl", "apply", "-f", "-"]
     applied = [d for d in __import__("yaml").safe_load_all(recs[0]["stdin"]) if d]
     assert {(d["kind"], d["metadata"]["name"]) for d in applied} == {
         ("Namespace", "refproxy-e2e"), ("Deployment", "udp-echo"), ("Service", "udp-echo")}
-    assert calls[1] == ["kubectl", "-n", "refproxy-e2e", "rollout", "status", "deployment/udp-echo", "--timeout=180s"]
-    assert calls[2][:4] == ["kubectl", "get", "nodes", "-l"]
-    assert calls[3] == ["kubectl", "apply", "-f", "-"]
-    proxy = [d for d in __import__("yaml").safe_load_all(recs[3]["stdin"]) if d]
-    assert [d["kind"] for d in proxy] == ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet"]
-    c = proxy[-1]["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e.get("value") for e in c["env"]}
-    assert env["REFPROXY_CLEANUP"] == "thresholded" and env["REFPROXY_API_SERVER"] == "https://172.18.0.2:6443"
-    assert env["REFPROXY_SYNC_PERIOD"] == "10s" and "--cleanup-opt=budget-entries=100" in c["args"]
-    assert calls[4:] == [
-        ["kubectl", "-n", "kube-system", "rollout", "status", "daemonset/refproxy", "--timeout=180s"],
-        ["kubectl", "-n", "kube-system", "rollout", "status", "deployment/coredns", "--timeout=180s"],
-        ["kubectl", "-n", "kube-system", "get", "pods", "-l", kd.PROXY_SELECTOR, "-o", "json"],
-    ]
+    assert calls[1:] == [
+        ["kubectl", "-n", "refproxy-e2e", "rollout", "status", "deployment/udp-echo", "--timeout=180s"]]
 
 
 def test_steps_map_to_kubectl_and_records(fake_tools):
@@ -182,20 +170,24 @@ def test_samples_proxy_status_and_resources(fake_tools):
     assert set(got) == {c.name for c in scenario.clients}
     assert got["echo-fixed"] == [engine.Sample(seq=0, sent=1000.0, replied=1000.01, responder="udp-echo-a")]
     assert p.proxy_status() is None
-    fake_tools.respond(["kubectl", "get", "--raw"], "process_cpu_seconds_total 2\nprocess_resident_memory_bytes 3e7\n")
     fake_tools.respond(["kind", "get", "nodes"], "rp-test-control-plane\nrp-test-worker\n")
-    fake_tools.respond(["docker", "exec"], "1234\n")
+    fake_tools.respond(["docker", "exec", "rp-test-worker", "curl"],
+                       "process_cpu_seconds_total 2\nprocess_resident_memory_bytes 3e7\n")
+    fake_tools.respond(["docker", "exec", "rp-test-worker", "cat"], "1234\n")
     res = p.resources()
     assert res.cpu_seconds == 2.0 and res.peak_rss_bytes == 30_000_000
     assert res.metrics["node_conntrack_entries{node=rp-test-worker}"] == 1234.0
-    assert ["kubectl", "get", "--raw", "/api/v1/namespaces/kube-system/pods/refproxy-a:10249/proxy/metrics"] in fake_tools.calls()
+    # refproxy's /metrics is where kubeadm's config puts kube-proxy's: 127.0.0.1:10249 in the node.
+    assert ["docker", "exec", "rp-test-worker", "curl", "-fsS", "--max-time", "10",
+            "http://127.0.0.1:10249/metrics"] in fake_tools.calls()
+    assert not any(c[:3] == ["kubectl", "get", "--raw"] for c in fake_tools.calls())
 
 
 def test_a_restarted_proxy_is_reported(fake_tools):
     p = _platform(fake_tools)
-    p._restarts = {"refproxy-a": 0}
+    p._restarts = {"kube-proxy-a": 0}
     fake_tools.respond(["kubectl", "-n", "kube-system", "get", "pods", "-l", kd.PROXY_SELECTOR], json.dumps({"items": [
-        {"metadata": {"name": "refproxy-a"}, "spec": {"nodeName": "w1"}, "status": {"containerStatuses": [
+        {"metadata": {"name": "kube-proxy-a"}, "spec": {"nodeName": "w1"}, "status": {"containerStatuses": [
             {"restartCount": 1, "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}}]}))
     assert p.proxy_status() == "restarted on w1 (exited 137: OOMKilled)"
 

@@ -9,7 +9,6 @@ that its /metrics answers on 127.0.0.1:10249 inside each node.
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -32,24 +31,7 @@ def _kubeadm_objects():
     return km.find(docs, "ConfigMap", km.KUBE_PROXY_CONFIGMAP), km.find(docs, "DaemonSet", km.KUBE_PROXY_DAEMONSET)
 
 
-def _strategic_merge(obj, patch):
-    """Enough of a strategic merge for these patches: maps merge, ``None``
-    deletes, ``containers`` merge by name, other lists are replaced."""
-    out = copy.deepcopy(obj)
-    for k, v in patch.items():
-        if v is None:
-            out.pop(k, None)
-        elif k == "containers":
-            by_name = {c["name"]: c for c in out.get(k, [])}
-            for c in v:
-                assert c["name"] in by_name, f"patch adds a container {c['name']!r}"
-                by_name[c["name"]] = _strategic_merge(by_name[c["name"]], c)
-            out[k] = list(by_name.values())
-        elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _strategic_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
+_strategic_merge = km.strategic_merge
 
 
 # -- pure ------------------------------------------------------------------------
@@ -155,7 +137,7 @@ def _cluster(**kw):
     return kd.KindCluster("rp-test", kd.Runner(), image="refproxy:t", kube_proxy=kp)
 
 
-def test_create_feeds_the_iptables_config_on_stdin_and_loads_both_images(fake_tools):
+def test_create_uses_the_config_file_and_loads_both_images(fake_tools):
     c = _cluster()
     c.node_image = "kindest/node:v1.33.0"
     c.create()
@@ -164,13 +146,14 @@ def test_create_feeds_the_iptables_config_on_stdin_and_loads_both_images(fake_to
     c.delete()
     recs = fake_tools.records()
     assert [r["argv"] for r in recs] == [
-        ["kind", "create", "cluster", "--name", "rp-test", "--config", "-", "--image", "kindest/node:v1.33.0"],
+        ["kind", "create", "cluster", "--name", "rp-test", "--config", str(km.KIND_CONFIG),
+         "--image", "kindest/node:v1.33.0"],
         ["docker", "build", "-t", "refproxy:t", "-f", str(kd.ROOT / "Dockerfile"), str(kd.ROOT)],
         ["kind", "load", "docker-image", "refproxy:t", "--name", "rp-test"],
         ["kind", "load", "docker-image", IMAGE, "--name", "rp-test"],
         ["kind", "delete", "cluster", "--name", "rp-test"],
     ]
-    assert yaml.safe_load(recs[0]["stdin"]) == km.kind_config("kube-proxy")
+    assert recs[0]["stdin"] is None and km.kind_config("kube-proxy") == km.load_kind_config()
 
 
 def test_refproxy_create_is_unchanged_but_takes_a_node_image(fake_tools):
@@ -182,15 +165,15 @@ def test_refproxy_create_is_unchanged_but_takes_a_node_image(fake_tools):
                                    "--image", "kindest/node:v1.32.2"]]
 
 
-def test_check_proxy_mode_refuses_a_cluster_of_the_other_kind(fake_tools):
+def test_check_proxy_mode_needs_kubeadms_kube_proxy_for_both_proxies(fake_tools):
     check = ["kubectl", "-n", "kube-system", "get", "daemonset", "kube-proxy", "--ignore-not-found", "-o", "name"]
     with pytest.raises(kd.LabError, match="no kube-proxy DaemonSet"):
         _cluster().check_proxy_mode()
-    kd.KindCluster("rp-test", kd.Runner()).check_proxy_mode()  # refproxy: none is right
+    with pytest.raises(kd.LabError, match="no kube-proxy DaemonSet"):
+        kd.KindCluster("rp-test", kd.Runner()).check_proxy_mode()
     fake_tools.respond(check, "daemonset.apps/kube-proxy\n")
     _cluster().check_proxy_mode()
-    with pytest.raises(kd.LabError, match="kubeProxyMode: none"):
-        kd.KindCluster("rp-test", kd.Runner()).check_proxy_mode()
+    kd.KindCluster("rp-test", kd.Runner()).check_proxy_mode()
     assert fake_tools.calls() == [check] * 4
 
 
@@ -242,7 +225,8 @@ def test_start_proxy_targeted_writes_the_user_config_then_rolls(fake_tools):
         ["kubectl", "-n", "kube-system", "rollout", "status", "daemonset/kube-proxy", "--timeout=180s"],
     ]
     written = yaml.safe_load(json.loads(calls[1][-1])["data"]["config.conf"])
-    assert written["conntrack"] == {"maxPerCore": 0, "cleanupMode": "Targeted", "maxDeletionsPerSync": 1000}
+    assert written["conntrack"] == {**yaml.safe_load(cm["data"]["config.conf"])["conntrack"],
+                                    "cleanupMode": "Targeted", "maxDeletionsPerSync": 1000}
     assert written["mode"] == "iptables"
 
 

