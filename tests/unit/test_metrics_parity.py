@@ -1,6 +1,6 @@
 """Every kube-proxy metric family refproxy claims is exported with upstream's type and labels.
 
-The table below is data copied from kubernetes/kubernetes
+The table (tests/data/kube-proxy-metrics.json) is data copied from kubernetes/kubernetes
 ``pkg/proxy/metrics/metrics.go`` (the release with the ``ip_family`` label;
 label names as ``pkg/proxy/iptables/proxier.go`` passes them to
 ``WithLabelValues``) and ``metrics_linux.go``: (name, type, label names).
@@ -9,6 +9,9 @@ both probes, then parses the exposition text with prometheus_client's parser.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -23,43 +26,11 @@ from refproxy.proxier import Proxier
 from test_proxier import FakeRules, FakeSource, endpoint_slice, service
 
 F = "ip_family"
-UPSTREAM = {
-    # name (without the kubeproxy_ prefix): (type, label names)
-    "sync_proxy_rules_duration_seconds": ("histogram", {F}),
-    "sync_full_proxy_rules_duration_seconds": ("histogram", {F}),
-    "sync_partial_proxy_rules_duration_seconds": ("histogram", {F}),
-    "sync_proxy_rules_last_timestamp_seconds": ("gauge", {F}),
-    "sync_proxy_rules_last_queued_timestamp_seconds": ("gauge", {F}),
-    "network_programming_duration_seconds": ("histogram", {F}),
-    "sync_proxy_rules_endpoint_changes_pending": ("gauge", set()),
-    "sync_proxy_rules_endpoint_changes_total": ("counter", set()),
-    "sync_proxy_rules_service_changes_pending": ("gauge", set()),
-    "sync_proxy_rules_service_changes_total": ("counter", set()),
-    "sync_proxy_rules_iptables_restore_failures_total": ("counter", {F}),
-    "sync_proxy_rules_iptables_partial_restore_failures_total": ("counter", {F}),
-    "sync_proxy_rules_iptables_total": ("gauge", {"table", F}),
-    "sync_proxy_rules_iptables_last": ("gauge", {"table", F}),
-    "sync_proxy_rules_no_local_endpoints_total": ("gauge", {"traffic_policy", F}),
-    "proxy_healthz_total": ("counter", {"code"}),
-    "proxy_livez_total": ("counter", {"code"}),
-    "conntrack_reconciler_sync_duration_seconds": ("histogram", {F}),
-    "conntrack_reconciler_deleted_entries_total": ("counter", {F}),
-    "iptables_ct_state_invalid_dropped_packets_total": ("counter", set()),
-    "iptables_localhost_nodeports_accepted_packets_total": ("counter", set()),
-    "sync_proxy_rules_nftables_sync_failures_total": ("counter", {F}),
-    "sync_proxy_rules_nftables_cleanup_failures_total": ("counter", {F}),
-    "nftables_localhost_nodeport_rejected_packets_total": ("counter", {F, "protocol"}),
-}
-
-NOT_EXPORTED = {
-    "iptables_ct_state_invalid_dropped_packets_total":
-        "read from the nfacct counter ct_state_invalid_dropped_pkts; the rules carry no -m nfacct match",
-    "iptables_localhost_nodeports_accepted_packets_total":
-        "read from the nfacct counter localhost_nps_accepted_pkts; the rules carry no -m nfacct match",
-    "sync_proxy_rules_nftables_sync_failures_total": "nftables mode only",
-    "sync_proxy_rules_nftables_cleanup_failures_total": "nftables mode only",
-    "nftables_localhost_nodeport_rejected_packets_total": "nftables mode only",
-}
+# Upstream's families as data (name, type, label names), shared with the kernel
+# test that scrapes a running refproxy.
+_DATA = json.loads((Path(__file__).parents[1] / "data" / "kube-proxy-metrics.json").read_text())
+UPSTREAM = {name: (f["type"], set(f["labels"])) for name, f in _DATA["families"].items()}
+NOT_EXPORTED = _DATA["not_exported"]
 
 # Histogram buckets as upstream declares them.
 SYNC_BUCKETS = [0.001 * 2**i for i in range(15)]
