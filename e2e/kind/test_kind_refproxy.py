@@ -29,10 +29,6 @@ TESTDATA = km.HERE / "testdata"
 KUBEADM = TESTDATA / "kubeadm-kube-proxy.yaml"
 CONFIG_CONF = TESTDATA / "kubeadm-config.conf"
 IMAGE = "refproxy:t"
-NEEDS_CONFIG_FLAG = ("needs the lead's `refproxy run --config FILE` (kube-proxy's config file; issue 9) in "
-                     "refproxy/cli.py + refproxy/cmd_run.py; drop this mark once it is committed")
-NEEDS_CONFIG_READER = ("needs the lead's KubeProxyConfiguration reader refproxy.kubeproxyconfig.load_config_text "
-                       "(issue 9); drop this mark once it is committed")
 
 
 def _kubeadm():
@@ -154,7 +150,6 @@ def test_config_conf_refuses_what_kubeadm_would_not_write(text, match):
         km.refproxy_config_conf(text, km.Params())
 
 
-@pytest.mark.xfail(strict=False, reason=NEEDS_CONFIG_READER)
 @pytest.mark.parametrize("plugin, options", [("targeted", ()), ("thresholded", (("max-entries", "5000"),)),
                                              ("none", ())])
 def test_refproxy_reads_the_config_file_the_suite_writes(plugin, options):
@@ -176,7 +171,6 @@ def test_refproxy_reads_the_config_file_the_suite_writes(plugin, options):
 
 # -- the command line kubeadm runs ----------------------------------------------------
 
-@pytest.mark.xfail(strict=False, reason=NEEDS_CONFIG_FLAG)
 def test_kubeadms_command_line_parses_with_refproxys_cli():
     from refproxy.cli import build_parser
 
