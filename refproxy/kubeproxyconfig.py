@@ -189,8 +189,8 @@ class FileConfig:
     """What a ``--config`` file says, decoded and defaulted.
 
     ``values`` maps every v1alpha1 path (``iptables.syncPeriod``) to its value
-    after upstream's defaulting, in Python types (durations in seconds, ``None``
-    for an unset pointer such as ``conntrack.udpTimeout: 0s``). ``present`` is
+    after upstream's defaulting, in Python types (durations in seconds; ``0.0``
+    for "leave as-is" values such as ``conntrack.udpTimeout: 0s``). ``present`` is
     the set of paths the file spells out.
     """
 

@@ -356,3 +356,15 @@ def test_sysctl_apply_never_changes_host_wide_values_outside_the_host_namespace(
     apply_sysctls(plan[:1], initial_netns=True, root="/p", hashsize_path="/h", read=state.get,
                   write=lambda p, v: writes.append((p, v)))
     assert writes == [("/p/net/netfilter/nf_conntrack_max", 131072), ("/h", 32768)]  # hashsize = max/4
+
+
+def test_kubeadm_zero_valued_file_decodes_to_the_same_proxy(tmp_path):
+    # What kubeadm really writes (zero values, not defaults) must give the same proxy as the defaulted file.
+    real = Path(__file__).parents[2] / "e2e" / "kind" / "testdata" / "kubeadm-config.conf"
+    a = run_config(tmp_path, "--hostname-override=n")
+    b = run_config(tmp_path, "--hostname-override=n", text=real.read_text())
+    for f in ("sync_period", "min_sync_period", "masquerade_bit", "localhost_nodeports", "metrics_bind_address",
+              "healthz_bind_address", "detect_local_mode", "oom_score_adj", "mode"):
+        assert getattr(a, f) == getattr(b, f), f
+    assert b.conntrack.max_per_core == 0  # kind sets 0: leave nf_conntrack_max as it is
+    assert b.warnings == ()
