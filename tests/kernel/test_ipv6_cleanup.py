@@ -217,3 +217,120 @@ def test_kernel_inverts_ipv6_address_filters_and_the_table_corrects_it():
             with pytest.raises(ConntrackUnsupported):
                 t.flush(flt)
             assert set(t.dump()) == set(a + b)
+
+
+# ------------------------------------------------------------- dual stack
+
+V4 = IPFamily.IPv4
+NODE_NAME = "node-1"
+
+
+def _service(name: str, ns: str, family_ips: dict, port: int, target: int, node_port: int | None = None) -> dict:
+    p = {"name": "udp", "port": port, "protocol": "UDP", "targetPort": target}
+    if node_port:
+        p["nodePort"] = node_port
+    ips = [family_ips[V4], family_ips[V6]]
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": ns, "resourceVersion": "1"},
+            "spec": {"type": "NodePort" if node_port else "ClusterIP", "clusterIP": ips[0], "clusterIPs": ips,
+                     "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack", "ports": [p]}}
+
+
+def _slice(service: str, ns: str, family: IPFamily, ips: list[str], port: int, rv: str) -> dict:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": family.name,
+            "metadata": {"name": f"{service}-{family.name.lower()}", "namespace": ns, "resourceVersion": rv,
+                         "labels": {"kubernetes.io/service-name": service}},
+            "ports": [{"name": "udp", "port": port, "protocol": "UDP"}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": True}} for ip in ips]}
+
+
+def _publish(store, labs: dict, echo_pods: tuple[str, ...], rv: str) -> None:
+    from refproxy.sources.base import ENDPOINT_SLICES, SERVICES
+
+    both = {f: labs[f] for f in (V4, V6)}
+    store.replace(SERVICES, [
+        _service("kube-dns", "kube-system", {f: lab.ip("198.19.0.10") for f, lab in both.items()}, 53, 53),
+        _service("echo", "ns1", {f: lab.ip(ECHO_IP) for f, lab in both.items()}, PORT, TARGET, NP_UDP),
+    ])
+    slices = []
+    for f, lab in both.items():
+        slices.append(_slice("kube-dns", "kube-system", f, [lab.pod_ip("dns")], 53, "1"))
+        slices.append(_slice("echo", "ns1", f, [lab.pod_ip(p) for p in echo_pods], TARGET, rv))
+    store.replace(ENDPOINT_SLICES, slices)
+    store.mark_synced(SERVICES)
+    store.mark_synced(ENDPOINT_SLICES)
+
+
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_dual_stack_each_family_cleans_only_its_own_entries(plugin):
+    """Two per-family proxiers on one node and one shared source, as kube-proxy's
+    MetaProxier runs them: IPv4 and IPv6 rules side by side, and each family's
+    cleanup worker ending its own family's black hole while the other family's
+    conntrack table stays exactly as it was."""
+    import dataclasses
+
+    from refproxy.cleanup.worker import CleanupWorker
+    from refproxy.config import ProxyConfig
+    from refproxy.metrics import Metrics
+    from refproxy.proxier import Proxier
+    from refproxy.rules.apply import IptablesRunner
+    from refproxy.sources.base import ObjectStore
+
+    with DualStackTopology(PREFIX) as topo:
+        for name in ("dns", "a", "b"):
+            start_pod_echo(topo.add_pod(name), udp=53 if name == "dns" else TARGET)
+        topo.add_client("c1")
+        topo.wait_ready()
+        node = topo.node.name
+        labs = {f: FamilyLab(topo, f) for f in (V4, V6)}
+        base = ProxyConfig(family=V4, families=(V4, V6), hostname=NODE_NAME, localhost_nodeports=False,
+                           cluster_cidrs=("198.18.0.0/22", "2001:2::/118"))  # clients not masqueraded
+        store = ObjectStore()
+        metrics = Metrics(process=False)
+        proxiers, workers, tables = {}, {}, {}
+        for f, lab in labs.items():
+            tables[f] = NetlinkConntrackTable(f, node)
+            workers[f] = CleanupWorker(load_plugin(plugin, {}), (lambda f=f: NetlinkConntrackTable(f, node)), metrics)
+            proxiers[f] = Proxier(dataclasses.replace(base, family=f), store,
+                                  IptablesRunner(f, ["ip", "netns", "exec", node]), metrics, cleanup=workers[f],
+                                  addresses=lambda ip=lab.node_ip: frozenset({ip}))
+        try:
+            _publish(store, labs, ("a",), "1")
+            for f in (V4, V6):
+                assert proxiers[f].sync()
+                workers[f].run_once()  # the first cleanup (nothing stale yet)
+            nat4, nat6 = labs[V4].runner.save("nat"), labs[V6].runner.save("nat")
+            assert labs[V4].ip(ECHO_IP) in nat4 and labs[V6].ip(ECHO_IP) not in nat4
+            assert labs[V6].ip(ECHO_IP) in nat6 and labs[V4].ip(ECHO_IP) not in nat6
+            pinned = {}
+            for f, lab in labs.items():
+                ns, src = lab.client("c1")
+                assert udp_ask(ns, src, lab.ip("198.19.0.10"), 53) == "dns"
+                assert udp_ask(ns, src, lab.node_ip, NP_UDP) == "a"
+                pinned[f] = UdpFlow(ns, src, lab.ip(ECHO_IP), PORT, sport=PINNED_PORT, timeout=0.5)
+            try:
+                assert all(p.ask() == "a" for p in pinned.values())
+                topo.remove_pod("a")
+                _publish(store, labs, ("b",), "2")
+                for f in (V4, V6):
+                    assert proxiers[f].sync()
+                assert all(p.ask(tries=1) is None for p in pinned.values())  # both black-holed
+                for first, other in ((V6, V4), (V4, V6)):
+                    before_other = set(tables[other].dump())
+                    report = workers[first].run_once()
+                    assert report is not None and report.deleted >= 1 and not report.errors, report
+                    assert set(tables[other].dump()) == before_other, f"{first.name} cleanup touched {other.name}"
+                    assert pinned[first].ask() == "b", f"{first.name} did not recover"
+                    if first is V6:
+                        assert pinned[V4].ask(tries=1) is None  # still waiting for its own family's cleanup
+                # Per-family rules too: removing the IPv6 rules leaves IPv4 serving.
+                labs[V6].runner.cleanup_rules()
+                ns, src = labs[V4].client("c1")
+                assert udp_ask(ns, src, labs[V4].ip(ECHO_IP), PORT) == "b"
+                assert "KUBE-SERVICES" in labs[V4].runner.save("nat")
+            finally:
+                for p in pinned.values():
+                    p.close()
+        finally:
+            for t in tables.values():
+                t.close()
