@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,22 +23,14 @@ import yaml
 
 from refproxy.lab.topology import Topology
 
+from test_run_process import _wait
+
 pytestmark = pytest.mark.kernel
 
 KUBEADM = Path(__file__).parents[1] / "unit" / "data" / "kubeadm-kube-proxy-config.yaml"
 API_PORT, METRICS_PORT, HEALTHZ_PORT = 16443, 10249, 10256
 NODE = "kind-worker"
 DNS_IP, ECHO_IP, TARGET = "198.19.0.10", "198.19.0.20", 8080
-
-
-def _wait(pred, timeout=30.0, step=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(step)
-    return pred()
 
 
 def service(name, ns, ip, port, target):
@@ -186,7 +177,7 @@ def test_config_file_change_exits_like_kube_proxy(kubeadm_node):
     proc = topo.node.popen([str(binary), f"--config={config}", f"--hostname-override={NODE}"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        assert _wait(lambda: _http(topo.node, "/livez", HEALTHZ_PORT)[0] == 200)
+        assert _wait(lambda: _http(topo.node, "/livez", HEALTHZ_PORT)[0] == 200, timeout=30)
         config.write_text(config.read_text().replace("masqueradeAll: false", "masqueradeAll: true"))
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 1
