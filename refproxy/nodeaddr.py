@@ -19,6 +19,10 @@ def select_addresses(addresses: Iterable[str], family: IPFamily, cidrs: Iterable
     """Addresses of ``family`` inside any of ``cidrs`` (all when ``cidrs`` is empty).
 
     IPv6 link-local addresses are dropped: a NodePort is not reachable there.
+    So is IPv6 loopback (``::1``): kube-proxy never serves NodePorts on it
+    (``pkg/proxy/iptables/proxier.go`` skips it; our rules say ``! -d ::1/128``),
+    so it is no NodePort frontend and cleanup must not treat flows to it as
+    service flows. IPv4 loopback stays (``--iptables-localhost-nodeports``).
     """
     nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
     out = set()
@@ -27,7 +31,7 @@ def select_addresses(addresses: Iterable[str], family: IPFamily, cidrs: Iterable
             ip = ipaddress.ip_address(a)
         except ValueError:
             continue
-        if ip.version != family.value or (ip.version == 6 and ip.is_link_local):
+        if ip.version != family.value or (ip.version == 6 and (ip.is_link_local or ip.is_loopback)):
             continue
         if nets and not any(ip in n for n in nets if n.version == ip.version):
             continue
