@@ -11,7 +11,7 @@ snapshot is cheap to compare and cannot drift from the rules rendered from it.
 Departure: ``endpoints_removed`` lists endpoints that were *serving* and no
 longer are (gone, or now not serving), not only those whose ``ip:port``
 disappeared (kube-proxy's ``DeletedUDPEndpoints``), because the stale-entry
-contract (DESIGN.md) is stated in terms of serving endpoints.
+contract (docs/design.md) is stated in terms of serving endpoints.
 """
 
 from __future__ import annotations

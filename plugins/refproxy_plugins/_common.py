@@ -24,7 +24,7 @@ __all__ = ["Meter", "Tally", "Budget", "Scan", "protocols_for", "summarize_failu
 
 
 def protocols_for(sctp: bool) -> frozenset[int]:
-    """UDP always; SCTP when the ``sctp`` option asks (DESIGN: SCTP optional)."""
+    """UDP always; SCTP when the ``sctp`` option asks (docs/design.md: SCTP optional)."""
     return DEFAULT_PROTOCOLS | {IPPROTO_SCTP} if sctp else DEFAULT_PROTOCOLS
 
 

@@ -18,7 +18,7 @@ the whole table on every UDP change, kubernetes/kubernetes#129982):
    dump + delete where the kernel cannot (``ConntrackUnsupported``).
 3. Node-address changes make every NodePort frontend affected.
 
-Cost model (constants are options; measured on this machine, DESIGN.md): one
+Cost model (constants are options; measured on this machine, docs/design.md): one
 kernel-filtered walk costs ``key-walk-us`` per table entry whatever it
 matches; a dump costs the same walk plus ``dump-entry-us`` per entry decoded
 in userspace. With ``N`` entries, ``F`` frontend filters, ``s`` the share of

@@ -47,7 +47,7 @@ class Scenario:
     Stale frontend ``i`` is ``198.18.1.i:53/UDP``; in the previous snapshot it
     had endpoints old-a, old-b and live, in the current one only live. Its
     stale entries are DNATed to old-a/old-b; ``LIVE_PER_KEY`` more go to live.
-    A kube-dns-like service keeps its endpoint (DESIGN.md: keep another NAT
+    A kube-dns-like service keeps its endpoint (docs/design.md: keep another NAT
     service around), and the rest is unrelated padding (10% TCP).
     """
 

@@ -1,6 +1,6 @@
 """What "stale" means: the correctness contract every cleanup plugin obeys.
 
-Contract (DESIGN.md, "What stale means"): for UDP service ports (SCTP when
+Contract (docs/design.md, "What stale means"): for UDP service ports (SCTP when
 asked, TCP never) a conntrack entry is stale when its original destination is
 a frontend of a service port — ClusterIP:port, ExternalIP:port,
 LoadBalancer-IP:port, or a node address with dport = NodePort — and its reply

@@ -20,7 +20,7 @@ File format (YAML)::
     observe: 5s                # after the last step
     pad: 0                     # background conntrack entries (non-service)
     services:
-      - name: kube-dns         # every scenario keeps one untouched service (DESIGN: NAT trap)
+      - name: kube-dns         # every scenario keeps one untouched service (docs/design.md: NAT trap)
         namespace: kube-system
         cluster_ip: 198.19.0.10
         replicas: 1
@@ -381,7 +381,7 @@ def parse_scenario(data: Any, source: str = "<memory>") -> Scenario:
     if len(services) != len(services_l):
         raise ctx.fail("services", "service names must be unique")
     if len(services) < 2:
-        # DESIGN.md "measured trap": a nat table without any other NAT rule
+        # docs/design.md, "The NAT-target trap": a nat table without any other NAT rule
         # hides the black hole, so every scenario keeps an untouched service.
         raise ctx.fail("services", "at least two services (keep one untouched, like kube-dns)")
     fronts: dict[tuple[str, int], str] = {}

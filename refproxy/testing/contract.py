@@ -11,7 +11,7 @@ every discovered plugin. The checks (``CleanupPlugin``'s guarantees):
    ``options`` (``OptionSpec``); the factory accepts ``{}`` (defaults).
 2. Never deletes a non-stale entry. "Stale" is judged with every frontend
    the scenario ever had: a frontend retired several runs ago stays stale
-   until cleaned (DESIGN.md, "What stale means").
+   until cleaned (docs/design.md, "What stale means").
 3. The report is consistent: ``plugin`` is its name, counts are not
    negative, ``deleted`` equals the entries actually removed, ``requests``
    equals the table's request count delta. No exception escapes for table

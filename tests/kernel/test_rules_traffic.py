@@ -2,7 +2,7 @@
 
 Every scenario keeps kube-system/kube-dns programmed next to the service under
 test: in a namespace whose nat table has no NAT target rule at all,
-established DNAT entries stop being translated (measured, DESIGN.md), which
+established DNAT entries stop being translated (measured, docs/design.md), which
 would hide the stale-entry black hole this suite documents.
 """
 
