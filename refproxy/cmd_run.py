@@ -111,9 +111,10 @@ def usable_families(wanted: tuple[IPFamily, ...]) -> tuple[IPFamily, ...]:
 def _write_config(config: ProxyConfig, path: str) -> None:
     import yaml
 
-    from refproxy.configz import effective_document
+    from refproxy.configz import effective_document, extension_document
 
-    text = yaml.safe_dump(effective_document(config), sort_keys=True)
+    # Both documents, so the file reproduces refproxy's own settings too.
+    text = yaml.safe_dump_all([effective_document(config), extension_document(config)], sort_keys=True)
     try:
         with open(path, "w") as f:
             f.write(text)

@@ -46,20 +46,29 @@ def decode_reply(data: bytes) -> tuple[str, int] | None:
     return parts[0], int(parts[1])
 
 
+def _dual(s: socket.socket) -> None:
+    if s.family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+
+
 def serve(server_id: str, udp_port: int | None, tcp_port: int | None, *, lifetime: float,
           host: str = "0.0.0.0", ready_out=sys.stdout) -> int:
     """Serve until ``lifetime`` seconds have passed; returns datagrams answered."""
     sel = selectors.DefaultSelector()
     socks: list[socket.socket] = []
+    # "::" (or any IPv6 host) binds an IPv6 socket that, with V6ONLY off, serves both families.
+    af = socket.AF_INET6 if ":" in host else socket.AF_INET
     if udp_port is not None:
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u = socket.socket(af, socket.SOCK_DGRAM)
+        _dual(u)
         u.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         u.bind((host, udp_port))
         u.setblocking(False)
         sel.register(u, selectors.EVENT_READ, "udp")
         socks.append(u)
     if tcp_port is not None:
-        t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        t = socket.socket(af, socket.SOCK_STREAM)
+        _dual(t)
         t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         t.bind((host, tcp_port))
         t.listen(64)

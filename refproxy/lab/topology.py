@@ -46,9 +46,12 @@ CLIENT_NET = ipaddress.ip_network("198.18.2.0/24")
 ECHO_READY_TIMEOUT = 10.0
 
 
-def echo_argv(server_id: str, udp: int | None, tcp: int | None, *, lifetime: float = 3600.0) -> list[str]:
-    """The command line of the lab echo server (for any namespace's ``popen``)."""
+def echo_argv(server_id: str, udp: int | None, tcp: int | None, *, lifetime: float = 3600.0,
+              host: str | None = None) -> list[str]:
+    """The command line of the lab echo server (for any namespace's ``popen``); ``host="::"`` serves both families."""
     argv = [sys.executable, "-m", "refproxy.lab.echo", "--id", server_id, "--lifetime", str(lifetime)]
+    if host is not None:
+        argv += ["--host", host]
     if udp is not None:
         argv += ["--udp", str(udp)]
     if tcp is not None:
@@ -56,9 +59,10 @@ def echo_argv(server_id: str, udp: int | None, tcp: int | None, *, lifetime: flo
     return argv
 
 
-def start_echo_in(ns: NetNS, server_id: str, udp: int | None, tcp: int | None) -> subprocess.Popen:
+def start_echo_in(ns: NetNS, server_id: str, udp: int | None, tcp: int | None, *,
+                  host: str | None = None) -> subprocess.Popen:
     """Start an echo server in ``ns`` and return once its sockets are bound."""
-    proc = ns.popen(echo_argv(server_id, udp, tcp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = ns.popen(echo_argv(server_id, udp, tcp, host=host), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ready, _, _ = select.select([proc.stdout], [], [], ECHO_READY_TIMEOUT)
     line = proc.stdout.readline().strip() if ready else ""
     if line != "ready":

@@ -30,9 +30,7 @@ Why the topology is built the way it is:
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import select
 import socket
 import subprocess
 import sys
@@ -40,7 +38,7 @@ import time
 
 from refproxy.errors import LabError
 from refproxy.lab.echo import decode_reply, encode_request
-from refproxy.lab.topology import ECHO_READY_TIMEOUT, Pod, Topology
+from refproxy.lab.topology import Pod, Topology, start_echo_in
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
 from refproxy.netns import NetNS
 from refproxy.rules.apply import IptablesRunner
@@ -64,7 +62,6 @@ __all__ = [
 V6_BASE = ipaddress.IPv6Address("2001:2::")
 V6_SERVICE_CIDR = "2001:2::1:0/112"  # the twin of the lab's 198.19.0.0/16
 NODE_NEXT_HOP = "fe80::1"
-READY_TIMEOUT = 10.0
 
 
 def v6_of(v4: str) -> str:
@@ -134,30 +131,9 @@ class DualStackTopology(Topology):
             raise LabError(f"IPv6 addresses still tentative after {timeout:g}s: {left}")
 
 
-_DUAL_ECHO = (
-    "import socket, sys, types; from refproxy.lab import echo; "
-    # The lab echo server opens AF_INET sockets; an AF_INET6 socket bound to
-    # "::" (net.ipv6.bindv6only=0, the namespace default) serves both families.
-    "echo.socket = types.SimpleNamespace(**{**vars(socket), 'AF_INET': socket.AF_INET6}); "
-    "sys.exit(echo.main(sys.argv[1:]))"
-)
-
-
 def start_dual_stack_echo(ns: NetNS, server_id: str, udp: int | None, tcp: int | None = None) -> subprocess.Popen:
-    """Start the lab echo server in ``ns`` answering on IPv4 and IPv6; returns once bound."""
-    argv = [sys.executable, "-c", _DUAL_ECHO, "--id", server_id, "--host", "::", "--lifetime", "3600"]
-    argv += ["--udp", str(udp)] if udp is not None else []
-    argv += ["--tcp", str(tcp)] if tcp is not None else []
-    proc = ns.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ready, _, _ = select.select([proc.stdout], [], [], max(ECHO_READY_TIMEOUT, READY_TIMEOUT))
-    if not ready or proc.stdout.readline().strip() != "ready":
-        with contextlib.suppress(Exception):
-            proc.kill()
-        err = ""
-        with contextlib.suppress(Exception):
-            err = proc.communicate(timeout=2)[1]
-        raise LabError(f"dual-stack echo {server_id} in {ns.name} did not start: {err.strip()[-300:]}")
-    return proc
+    """Start the lab echo server in ``ns`` answering on IPv4 and IPv6 (bound to ``::``); returns once bound."""
+    return start_echo_in(ns, server_id, udp, tcp, host="::")
 
 
 def start_pod_echo(pod: Pod, udp: int | None, tcp: int | None = None) -> subprocess.Popen:

@@ -368,3 +368,16 @@ def test_kubeadm_zero_valued_file_decodes_to_the_same_proxy(tmp_path):
         assert getattr(a, f) == getattr(b, f), f
     assert b.conntrack.max_per_core == 0  # kind sets 0: leave nf_conntrack_max as it is
     assert b.warnings == ()
+
+
+def test_write_config_to_round_trips_refproxy_settings_too(tmp_path):
+    from refproxy.cmd_run import main
+
+    out = tmp_path / "written.conf"
+    args = build_parser().parse_args(["run", "--source=kube", "--cleanup-plugin=thresholded",
+                                      "--cleanup-plugin-opt=max-entries=9", "--iptables-sync-period=45s",
+                                      f"--write-config-to={out}"])
+    assert main(args) == 0  # writes and exits before anything needs root
+    again = run_config(tmp_path, "--hostname-override=x", text=out.read_text())
+    assert again.sync_period == 45.0 and again.cleanup == "thresholded"
+    assert again.cleanup_options == (("max-entries", "9"),)
