@@ -36,8 +36,15 @@ refproxy's source and a lab controller need, over plain HTTP/1.1:
 * Fault injection from Python: :meth:`APIServer.compact` (410 on the next
   watch), :meth:`APIServer.expire_continues` (410 on the next ``continue``),
   :meth:`APIServer.drop_watches`, :meth:`APIServer.fail_next`
-  (answer the next GETs of a kind with an HTTP error). :attr:`APIServer.requests`
+  (answer the next GETs of a kind with an HTTP error),
+  :meth:`APIServer.hostile_watch` (every watch of a kind misbehaves until
+  cleared: ``gone`` — an ``ERROR`` 410 event at once, ``gone-status`` — HTTP
+  410, ``no-newline`` — bytes that never end an event, ``slow-drip`` — one
+  byte at a time, ignoring ``timeoutSeconds``). :attr:`APIServer.requests`
   records the latest GETs (resource, query) so tests can see page sizes.
+* Request bodies are bounded as kube-apiserver bounds them
+  (``MaxRequestBodyBytes``, 3 MiB: k8s.io/apiserver/pkg/server/config.go):
+  a larger ``Content-Length`` gets 413, a malformed or negative one 400.
 * ``GET /version``, ``/healthz``, ``/readyz``, ``/api``, ``/apis``,
   ``/api/v1``, ``/apis/discovery.k8s.io/v1``: minimal discovery.
 
@@ -87,6 +94,11 @@ _RESOURCES = {
 _CLUSTER_SCOPED = frozenset({NODES})
 _KIND_TO_RESOURCE = {v[2]: k for k, v in _RESOURCES.items()}
 _FIELDS = ("metadata.name", "metadata.namespace")
+MAX_BODY_BYTES = 3 << 20
+HOSTILE_WATCHES = ("gone", "gone-status", "no-newline", "slow-drip")
+# Bounds of the hostile streams (every loop bounded): bytes, seconds.
+_HOSTILE_MAX_BYTES = 4 << 30
+_HOSTILE_MAX_SECONDS = 3600.0
 
 
 def _resource_of(kind: str) -> str:
@@ -184,6 +196,10 @@ class _Gone(Exception):
     """The requested resourceVersion is older than the retained history."""
 
 
+class _BadBody(Exception):
+    """A request body that is not read: (HTTP code, reason, message)."""
+
+
 class _Store:
     """Objects, a global resource version and a bounded event history."""
 
@@ -198,6 +214,7 @@ class _Store:
         self.drop_generation = 0
         self.closing = False
         self.failures: dict[str, list[int]] = {}  # resource -> status codes to answer next
+        self.hostile: dict[str, tuple[str, float]] = {}  # resource -> (mode, drip interval)
         # Paged lists: id -> (resourceVersion, the whole consistent result).
         self.paged: collections.OrderedDict[str, tuple[int, list[dict]]] = collections.OrderedDict()
         self.max_paged_lists = max(1, max_paged_lists)
@@ -369,7 +386,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(code, _status(code, reason, message))
 
     def _body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
+        """The JSON request body; ``_BadBody`` when its length is unusable or too large."""
+        text = (self.headers.get("Content-Length") or "0").strip()
+        # ASCII digits only: int() would take "-1" (read until EOF) or "\u0661".
+        if not (text.isascii() and text.isdigit()) or len(text) > 19:
+            raise _BadBody(400, "BadRequest", f"invalid Content-Length {text[:40]!r}")
+        length = int(text)
+        if length > MAX_BODY_BYTES:
+            raise _BadBody(413, "RequestEntityTooLarge",
+                           f"request body of {length} bytes exceeds the limit of {MAX_BODY_BYTES}")
         raw = self.rfile.read(length) if length else b""
         return json.loads(raw or b"null")
 
@@ -455,11 +480,23 @@ class _Handler(BaseHTTPRequestHandler):
         if rv_text and not rv_text.isdigit():
             self._send_status(400, "BadRequest", f"bad resourceVersion {rv_text!r}")
             return
+        with store.cond:
+            hostile = store.hostile.get(resource)
+        if hostile is not None and hostile[0] == "gone-status":
+            self._send_status(410, "Expired", "injected: too old resource version")
+            return
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Connection", "close")  # the stream's end is the connection's end
         self.end_headers()
+        if hostile is not None:
+            try:
+                self._hostile_stream(resource, hostile)
+            except OSError:  # the client went away: that is how most of these end
+                pass
+            self.close_connection = True
+            return
         deadline = time.monotonic() + min(max(timeout, 0.0), 3600.0)
         with store.cond:
             generation = store.drop_generation
@@ -511,6 +548,51 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.close_connection = True
 
+    def _hostile_stream(self, resource: str, hostile: tuple[str, float]) -> None:
+        """A watch stream as a broken or hostile server sends it (see ``APIServer.hostile_watch``).
+
+        Ends when the client disconnects, the server stops, ``drop_watches``
+        or ``hostile_watch(kind, None)`` is called, or the bounds are reached.
+        """
+        store = self.server.store
+        mode, interval = hostile
+        if mode == "gone":
+            self._event("ERROR", _status(410, "Expired", "injected: too old resource version"))
+            self._end_chunks()
+            return
+        with store.cond:
+            generation = store.drop_generation
+
+        def going_on() -> bool:
+            with store.cond:
+                return (not store.closing and store.drop_generation == generation
+                        and store.hostile.get(resource, ("",))[0] == mode)
+
+        sent, end = 0, time.monotonic() + _HOSTILE_MAX_SECONDS
+        if mode == "no-newline":
+            self._chunk(b'{"type":"ADDED","object":{"kind":"Service","metadata":{"name":"')
+            block = b"x" * 65536
+            while sent < _HOSTILE_MAX_BYTES and time.monotonic() < end and going_on():
+                self._chunk(block)
+                sent += len(block)
+            return
+        # slow-drip: valid BOOKMARK events, one byte per chunk every ``interval``.
+        _, api_version, kind, _ = _RESOURCES[resource]
+        while time.monotonic() < end and going_on():
+            with store.cond:
+                rv = store.rv
+            line = json.dumps({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version,
+                                                              "metadata": {"resourceVersion": str(rv)}}})
+            for i in range(len(line) + 1):
+                if not going_on():
+                    return
+                self._chunk((line.encode() + b"\n")[i:i + 1])
+                time.sleep(interval)
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
     def _emit(self, events: Iterable[tuple[int, str, dict, dict | None]], ns: str | None, selectors) -> None:
         terms, fields = selectors
         for _, etype, obj, prev in events:
@@ -554,6 +636,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             obj = self._body()
+        except _BadBody as err:
+            self.close_connection = True  # the unread body would be taken for the next request
+            self._send_status(*err.args)
+            return
         except ValueError as err:
             self._send_status(400, "BadRequest", f"body is not JSON: {err}")
             return
@@ -710,6 +796,25 @@ class APIServer:
         resource = _resource_of(kind)
         with self.store.cond:
             self.store.failures.setdefault(resource, []).extend([code] * times)
+
+    def hostile_watch(self, kind: str, mode: str | None, *, interval: float = 0.05) -> None:
+        """Make every watch of ``kind`` misbehave until called again with ``mode=None`` (fault injection).
+
+        ``mode``: ``gone`` (an ``ERROR`` event with code 410, then the end),
+        ``gone-status`` (HTTP 410 instead of a stream), ``no-newline`` (an
+        endless event that never ends: 64 KiB chunks, no newline),
+        ``slow-drip`` (valid BOOKMARK events one byte every ``interval``
+        seconds, ignoring ``timeoutSeconds``). Lists and gets are not affected.
+        """
+        resource = _resource_of(kind)
+        if mode is not None and mode not in HOSTILE_WATCHES:
+            raise ValueError(f"unknown hostile watch mode {mode!r}; one of {', '.join(HOSTILE_WATCHES)}")
+        with self.store.cond:
+            if mode is None:
+                self.store.hostile.pop(resource, None)
+            else:
+                self.store.hostile[resource] = (mode, max(0.0, float(interval)))
+            self.store.cond.notify_all()
 
     def drop_watches(self) -> None:
         """Disconnect every open watch stream (fault injection)."""

@@ -387,3 +387,61 @@ def test_nodes_writes_and_field_selected_watch(server):
     assert events[0]["object"]["spec"]["podCIDRs"] == ["10.244.9.0/24"]
     initial = watch(server, "/api/v1/nodes?watch=true&fieldSelector=metadata.name%3Dn2&timeoutSeconds=0.3")
     assert [(e["type"], e["object"]["metadata"]["name"]) for e in initial] == [("ADDED", "n2")]
+
+
+# --- request bodies and hostile watch streams (issue 10) --------------------------------
+
+
+def raw_request(server, head: bytes, body: bytes = b"", timeout=5.0) -> bytes:
+    """Send raw HTTP bytes and return the status line (bounded by ``timeout``)."""
+    host, port = server.url.rsplit("/", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(head + body)
+        data = b""
+        while b"\r\n" not in data:
+            got = s.recv(4096)
+            if not got:
+                break
+            data += got
+    return data.split(b"\r\n", 1)[0]
+
+
+@pytest.mark.parametrize("length,status", [("-1", b"400"), (str(10 ** 12), b"413"),
+                                           (str((3 << 20) + 1), b"413")],
+                         ids=["negative", "huge", "just-over-3MiB"])
+def test_request_content_length_is_bounded(server, length, status):
+    body = b'{"metadata": {"name": "a"}}'
+    head = (f"POST /api/v1/namespaces/ns/services HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+    # Before the bound, "-1" read until EOF (the socket timeout here) and 10**12 waited for a
+    # body that never comes.
+    assert raw_request(server, head, body).split(b" ")[1] == status
+    assert request(server, "POST", "/api/v1/namespaces/ns/services", svc("ok"))[0] == 201  # still serving
+
+
+def test_hostile_watch_gone_event_and_status(server):
+    server.apply(svc("a"))
+    server.hostile_watch("Service", "gone")
+    events = watch(server, "/api/v1/services?watch=true&resourceVersion=1")
+    assert [(e["type"], e["object"]["code"]) for e in events] == [("ERROR", 410)]
+    server.hostile_watch("Service", "gone-status")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(server.url + "/api/v1/services?watch=true&resourceVersion=1", timeout=5)
+    assert err.value.code == 410
+    assert get(server, "/api/v1/services")["items"][0]["metadata"]["name"] == "a"  # lists unaffected
+    server.hostile_watch("Service", None)
+    assert watch(server, "/api/v1/services?watch=true", limit=1)[0]["type"] == "ADDED"
+
+
+def test_hostile_watch_no_newline_and_slow_drip(server):
+    server.hostile_watch("Service", "no-newline")
+    with urllib.request.urlopen(server.url + "/api/v1/services?watch=true", timeout=5) as r:
+        data = r.read(4 << 20)
+    assert len(data) == 4 << 20 and b"\n" not in data
+    server.hostile_watch("Service", "slow-drip", interval=0.01)
+    with urllib.request.urlopen(server.url + "/api/v1/services?watch=true&timeoutSeconds=1", timeout=5) as r:
+        line = r.readline()  # one byte per chunk, yet a whole valid event in the end
+    assert json.loads(line)["type"] == "BOOKMARK"
+    server.hostile_watch("Service", None)
+    with pytest.raises(ValueError, match="unknown hostile"):
+        server.hostile_watch("Service", "bogus")
