@@ -15,10 +15,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from refproxy.cleanup.api import CleanupReport
-from refproxy.cleanup.stale import DEFAULT_PROTOCOLS, StaleIndex
-from refproxy.conntrack.types import IPPROTO_SCTP, ConntrackEntry, ConntrackTable, DumpFilter
-from refproxy.errors import ConntrackError
+from refproxy.cleanup.api import (
+    DEFAULT_PROTOCOLS,
+    IPPROTO_SCTP,
+    CleanupReport,
+    ConntrackEntry,
+    ConntrackError,
+    ConntrackTable,
+    DumpFilter,
+    StaleIndex,
+)
 
 __all__ = ["Meter", "Tally", "Budget", "Scan", "protocols_for", "summarize_failures"]
 

@@ -21,10 +21,17 @@ from __future__ import annotations
 import time
 from typing import Callable, ClassVar, Mapping
 
-from refproxy.cleanup.api import API_VERSION, CleanupReport, CleanupRequest, OptionSpec
-from refproxy.cleanup.registry import OptionReader
-from refproxy.cleanup.stale import Frontend, StaleIndex
-from refproxy.conntrack.types import ConntrackTable, DumpFilter
+from refproxy.cleanup.api import (
+    API_VERSION,
+    CleanupReport,
+    CleanupRequest,
+    ConntrackTable,
+    DumpFilter,
+    Frontend,
+    OptionReader,
+    OptionSpec,
+    StaleIndex,
+)
 from refproxy.model import EMPTY_MAPPING
 
 from refproxy_plugins._common import Meter, Scan, Tally, protocols_for

@@ -40,11 +40,21 @@ import time
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Mapping
 
-from refproxy.cleanup.api import API_VERSION, CleanupReport, CleanupRequest, OptionSpec
-from refproxy.cleanup.registry import OptionReader
-from refproxy.cleanup.stale import Frontend, StaleIndex, affected_frontends
-from refproxy.conntrack.types import ConntrackTable, DumpFilter, TupleFilter
-from refproxy.errors import ConntrackError, ConntrackUnsupported
+from refproxy.cleanup.api import (
+    API_VERSION,
+    CleanupReport,
+    CleanupRequest,
+    ConntrackError,
+    ConntrackTable,
+    ConntrackUnsupported,
+    DumpFilter,
+    Frontend,
+    OptionReader,
+    OptionSpec,
+    StaleIndex,
+    TupleFilter,
+    affected_frontends,
+)
 from refproxy.model import EMPTY_MAPPING
 
 from refproxy_plugins._common import Budget, Meter, Scan, Tally, protocols_for

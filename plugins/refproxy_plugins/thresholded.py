@@ -26,9 +26,7 @@ from __future__ import annotations
 import time
 from typing import Callable, ClassVar, Mapping
 
-from refproxy.cleanup.api import OptionSpec
-from refproxy.cleanup.registry import OptionReader
-from refproxy.errors import PluginError
+from refproxy.cleanup.api import OptionReader, OptionSpec, PluginError
 from refproxy.model import EMPTY_MAPPING
 
 from refproxy_plugins._common import Budget

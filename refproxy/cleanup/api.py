@@ -1,8 +1,12 @@
-"""The cleanup plugin interface (API version 1).
+"""The cleanup plugin API (version 1): the one module a plugin author imports.
 
-Contract: what a cleanup plugin receives, what it returns, and how it is
-described. Pure data and protocols; loading lives in ``registry.py``, the
-stale-entry predicate in ``stale.py``.
+Contract (docs/design.md, "The cleanup plugin contract"): what a cleanup
+plugin receives (:class:`CleanupRequest`), returns (:class:`CleanupReport`),
+how it is described (:class:`CleanupPlugin`, :class:`OptionSpec`) and how it
+reads its options (:class:`OptionReader`). The stale predicate
+(``stale.py``) and the conntrack table interface (``conntrack/types.py``)
+are re-exported here, so ``from refproxy.cleanup.api import ...`` is all a
+plugin needs; loading lives in ``registry.py``. Pure: no I/O.
 
 Evolution rule (keyring, pluggy): later API versions only add *optional*
 members with defaults; a plugin declares the ``api_version`` it was written
@@ -12,9 +16,20 @@ for and the registry refuses a major mismatch with a clear error.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping, Protocol as TypingProtocol, runtime_checkable
+from typing import ClassVar, Iterable, Mapping, Protocol as TypingProtocol, runtime_checkable
 
-from refproxy.conntrack.types import ConntrackTable
+from refproxy.cleanup.stale import DEFAULT_PROTOCOLS, Frontend, StaleIndex, affected_frontends
+from refproxy.conntrack.types import (
+    IPPROTO_SCTP,
+    IPPROTO_UDP,
+    ConntrackEntry,
+    ConntrackTable,
+    DeleteResult,
+    DumpFilter,
+    TupleFilter,
+)
+from refproxy.durations import parse_duration
+from refproxy.errors import ConfigError, ConntrackError, ConntrackUnsupported, PluginError
 from refproxy.model import IPFamily, Snapshot
 
 __all__ = [
@@ -24,6 +39,23 @@ __all__ = [
     "CleanupPlugin",
     "PluginFactory",
     "OptionSpec",
+    "OptionReader",
+    "check_options",
+    # re-exported: the stale predicate and the table a plugin is handed
+    "DEFAULT_PROTOCOLS",
+    "Frontend",
+    "StaleIndex",
+    "affected_frontends",
+    "ConntrackEntry",
+    "ConntrackTable",
+    "DeleteResult",
+    "DumpFilter",
+    "TupleFilter",
+    "IPPROTO_UDP",
+    "IPPROTO_SCTP",
+    "ConntrackError",
+    "ConntrackUnsupported",
+    "PluginError",
 ]
 
 API_VERSION = 1
@@ -133,3 +165,119 @@ class PluginFactory(TypingProtocol):
     options: ClassVar[tuple[OptionSpec, ...]]
 
     def __call__(self, options: Mapping[str, str]) -> CleanupPlugin: ...
+
+
+def check_options(name: str, specs: Iterable[OptionSpec], options: Mapping[str, str]) -> None:
+    """Raise ``PluginError`` for an option key ``specs`` does not declare."""
+    known = [s.name for s in specs]
+    for key in options:
+        if key not in known:
+            raise PluginError(
+                f"cleanup plugin {name!r}: unknown option {key!r}; "
+                f"known: {', '.join(known) if known else '(this plugin takes no options)'}"
+            )
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+class OptionReader:
+    """Typed access to a plugin's ``--cleanup-plugin-opt`` values.
+
+    Built from the plugin's name, its ``OptionSpec`` tuple and the raw text
+    mapping; rejects unknown keys at once. Each getter parses the given value
+    or, when absent, the spec's default text (so ``refproxy plugins`` shows
+    what is used), and raises ``PluginError`` naming plugin, option, value
+    and the accepted range — every plugin rejects bad values with the same
+    wording. Types: ``text``, ``integer``, ``number``, ``boolean``,
+    ``duration`` (Go durations or seconds), ``strings`` (a comma-separated
+    list).
+    """
+
+    def __init__(self, plugin: str, specs: Iterable[OptionSpec], raw: Mapping[str, str]) -> None:
+        self.plugin = plugin
+        self._specs = {s.name: s for s in specs}
+        check_options(plugin, self._specs.values(), raw)
+        self._raw = dict(raw)
+
+    def text(self, key: str) -> str | None:
+        """The raw value, or the declared default (``None`` when unset)."""
+        if key not in self._specs:
+            raise KeyError(f"{self.plugin}: option {key!r} is not declared in its OptionSpec tuple")
+        v = self._raw.get(key, self._specs[key].default)
+        return None if v is None else str(v).strip()
+
+    def _bad(self, key: str, value: str, why: str) -> PluginError:
+        return PluginError(f"cleanup plugin {self.plugin!r}: option {key}={value!r}: {why}")
+
+    def _range(self, key: str, text: str, v: float, lo: float | None, hi: float | None) -> None:
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            lo_s = "-inf" if lo is None else f"{lo:g}"
+            hi_s = "inf" if hi is None else f"{hi:g}"
+            raise self._bad(key, text, f"out of range [{lo_s}, {hi_s}]")
+
+    def integer(self, key: str, *, lo: int | None = None, hi: int | None = None) -> int | None:
+        """An int in ``[lo, hi]``, or ``None`` when unset."""
+        t = self.text(key)
+        if t is None or t == "":
+            return None
+        try:
+            v = int(t, 10)
+        except ValueError:
+            raise self._bad(key, t, "not an integer") from None
+        self._range(key, t, v, lo, hi)
+        return v
+
+    def number(self, key: str, *, lo: float | None = None, hi: float | None = None) -> float | None:
+        """A finite float in ``[lo, hi]``, or ``None`` when unset."""
+        t = self.text(key)
+        if t is None or t == "":
+            return None
+        try:
+            v = float(t)
+        except ValueError:
+            raise self._bad(key, t, "not a number") from None
+        if v != v or v in (float("inf"), float("-inf")):
+            raise self._bad(key, t, "not a finite number")
+        self._range(key, t, v, lo, hi)
+        return v
+
+    def boolean(self, key: str) -> bool:
+        """``true/false``, ``yes/no``, ``on/off``, ``1/0``; unset is false."""
+        t = self.text(key)
+        if t is None or t == "":
+            return False
+        if t.lower() in _TRUE:
+            return True
+        if t.lower() in _FALSE:
+            return False
+        raise self._bad(key, t, "not a boolean (true/false)")
+
+    def duration(self, key: str, *, lo: float | None = None, hi: float | None = None) -> float | None:
+        """Seconds from ``500ms``, ``2s``, ``5m``, ``1h30m`` or a bare number, or ``None`` when unset."""
+        t = self.text(key)
+        if t is None or t == "":
+            return None
+        try:
+            v = parse_duration(t)
+        except ConfigError as err:
+            raise self._bad(key, t, str(err)) from None
+        self._range(key, t, v, lo, hi)
+        return v
+
+    def strings(self, key: str, *, choices: Iterable[str] | None = None) -> tuple[str, ...]:
+        """A comma-separated list (``a,b,c``; blanks dropped, order kept); unset is ``()``.
+
+        With ``choices``, every item must be one of them.
+        """
+        t = self.text(key)
+        if not t:
+            return ()
+        items = tuple(x.strip() for x in t.split(",") if x.strip())
+        if choices is not None:
+            allowed = tuple(choices)
+            for x in items:
+                if x not in allowed:
+                    raise self._bad(key, t, f"{x!r} is not one of {', '.join(allowed)}")
+        return items

@@ -4,19 +4,20 @@ Contract: exactly one plugin is active, chosen by name among the entry points
 of group ``refproxy.cleanup``; built-ins register through the same group as
 third-party plugins, so there is one loading path. This module owns:
 
-1. ``discover()``: every installed plugin with its metadata. A plugin that
-   fails to import is logged and listed with its error, never fatal (keyring
-   skips broken backends the same way).
+1. ``discover()``: the one way to list plugins — every installed plugin with
+   its metadata. A plugin that fails to import is logged and kept apart
+   (``Discovery.failures``), never fatal (keyring skips broken backends the
+   same way); ``Discovery.names`` lists only the usable ones, built-ins first.
 2. ``load_plugin(name, options)``: the selected plugin, or a ``PluginError``
    naming the plugin and the problem (unknown name, API version, import
    failure, unknown or bad option). The proxy must not start with a cleanup
    it cannot run.
-3. ``OptionReader``: typed option parsing (int, float, bool, duration, with
-   ranges) so plugins stay short and every plugin rejects bad values with the
-   same wording. Defaults are the texts declared in ``OptionSpec`` and go
-   through the same parser, so ``refproxy plugins`` shows what is used.
+3. ``split_plugin_option``: the ``PLUGIN:KEY=VALUE`` form the lab, the
+   benchmarks and the kind driver take, over ``config.split_key_value``.
 
-No I/O besides importing entry points.
+What a plugin imports (``OptionReader`` included) lives in ``api.py``; the
+name of "no cleanup" is ``config.NO_CLEANUP``. No I/O besides importing
+entry points.
 """
 
 from __future__ import annotations
@@ -24,27 +25,36 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from importlib.metadata import entry_points as _installed_entry_points
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
-from refproxy.cleanup.api import API_VERSION, CleanupPlugin, OptionSpec
-from refproxy.config import parse_duration
+from refproxy.cleanup.api import API_VERSION, CleanupPlugin, OptionSpec, check_options
+# API v1 documented ``from refproxy.cleanup.registry import OptionReader``; the
+# class lives in api.py and this explicit re-export keeps that import working
+# for plugins written against it (plugins/README.md shows the api.py one).
+from refproxy.cleanup.api import OptionReader as OptionReader
+from refproxy.config import split_key_value
 from refproxy.errors import ConfigError, PluginError
 from refproxy.log import kv
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "SUPPORTED_API_VERSIONS",
+    "BUILTIN_PACKAGE",
     "PluginInfo",
+    "Discovery",
     "discover",
     "load_factory",
     "load_plugin",
-    "check_options",
-    "OptionReader",
+    "split_plugin_option",
 ]
 
 log = logging.getLogger("refproxy.cleanup.registry")
 
 ENTRY_POINT_GROUP = "refproxy.cleanup"
+
+# The package of the built-in plugins (plugins/refproxy_plugins): they are
+# listed first, in name order, so default runs compare them as before.
+BUILTIN_PACKAGE = "refproxy_plugins"
 
 # The plugin API versions this refproxy can run. Later API versions only add
 # optional members (keyring's rule), so a version leaves this set only on a
@@ -72,6 +82,45 @@ class PluginInfo:
     def loadable(self) -> bool:
         """True when the plugin imported and passed the metadata checks."""
         return self.load_error is None
+
+    @property
+    def builtin(self) -> bool:
+        """True for refproxy's own plugins (``refproxy_plugins.*`` entry points)."""
+        return self.value.split(":", 1)[0].split(".", 1)[0] == BUILTIN_PACKAGE
+
+
+class Discovery(Mapping[str, PluginInfo]):
+    """What :func:`discover` found: every plugin by name (a mapping, sorted),
+    with the usable ones and the load failures reported apart.
+
+    ``names``: the plugins that loaded, built-ins first, each group in name
+    order — what a caller may offer or run. ``failures``: name -> why it did
+    not load — what a caller reports instead of offering.
+    """
+
+    def __init__(self, infos: Iterable[PluginInfo]) -> None:
+        self._infos = {i.name: i for i in sorted(infos, key=lambda i: i.name)}
+
+    def __getitem__(self, name: str) -> PluginInfo:
+        return self._infos[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __repr__(self) -> str:
+        return f"Discovery({list(self._infos.values())!r})"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        ok = [i for i in self._infos.values() if i.loadable]
+        return tuple(i.name for i in sorted(ok, key=lambda i: (not i.builtin, i.name)))
+
+    @property
+    def failures(self) -> Mapping[str, str]:
+        return {n: i.load_error for n, i in self._infos.items() if i.load_error is not None}
 
 
 def _entry_points(eps: Iterable[Any] | None) -> list[Any]:
@@ -113,12 +162,13 @@ def _load_entry_point(ep: Any) -> Any:
     return factory
 
 
-def discover(eps: Iterable[Any] | None = None) -> dict[str, PluginInfo]:
+def discover(eps: Iterable[Any] | None = None) -> Discovery:
     """Every plugin of group ``refproxy.cleanup``, sorted by name.
 
     ``eps`` replaces the installed entry points (tests pass fakes with
     ``name``, ``value`` and ``load()``). A plugin that fails to load is logged
-    at WARNING and returned with ``load_error`` set.
+    at WARNING, returned with ``load_error`` set and listed in
+    ``Discovery.failures``, never in ``Discovery.names``.
     """
     out: dict[str, PluginInfo] = {}
     for ep in sorted(_entry_points(eps), key=lambda e: e.name):
@@ -136,7 +186,7 @@ def discover(eps: Iterable[Any] | None = None) -> dict[str, PluginInfo]:
         out[ep.name] = PluginInfo(
             ep.name, ep.value, str(f.description), tuple(f.options), int(f.api_version), None
         )
-    return out
+    return Discovery(out.values())
 
 
 def load_factory(name: str, eps: Iterable[Any] | None = None) -> Any:
@@ -149,17 +199,6 @@ def load_factory(name: str, eps: Iterable[Any] | None = None) -> Any:
             "(see `refproxy plugins`)"
         )
     return _load_entry_point(found[0])
-
-
-def check_options(name: str, specs: Iterable[OptionSpec], options: Mapping[str, str]) -> None:
-    """Raise ``PluginError`` for an option key ``specs`` does not declare."""
-    known = [s.name for s in specs]
-    for key in options:
-        if key not in known:
-            raise PluginError(
-                f"cleanup plugin {name!r}: unknown option {key!r}; "
-                f"known: {', '.join(known) if known else '(this plugin takes no options)'}"
-            )
 
 
 def load_plugin(name: str, options: Mapping[str, str], eps: Iterable[Any] | None = None) -> CleanupPlugin:
@@ -185,86 +224,10 @@ def load_plugin(name: str, options: Mapping[str, str], eps: Iterable[Any] | None
     return plugin
 
 
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-
-
-class OptionReader:
-    """Typed access to a plugin's ``--cleanup-opt`` values.
-
-    Built from the plugin's name, its ``OptionSpec`` tuple and the raw text
-    mapping; rejects unknown keys at once. Each getter parses the given value
-    or, when absent, the spec's default text, and raises ``PluginError``
-    naming plugin, option, value and the accepted range.
-    """
-
-    def __init__(self, plugin: str, specs: Iterable[OptionSpec], raw: Mapping[str, str]) -> None:
-        self.plugin = plugin
-        self._specs = {s.name: s for s in specs}
-        check_options(plugin, self._specs.values(), raw)
-        self._raw = dict(raw)
-
-    def text(self, key: str) -> str | None:
-        """The raw value, or the declared default (``None`` when unset)."""
-        if key not in self._specs:
-            raise KeyError(f"{self.plugin}: option {key!r} is not declared in its OptionSpec tuple")
-        v = self._raw.get(key, self._specs[key].default)
-        return None if v is None else str(v).strip()
-
-    def _bad(self, key: str, value: str, why: str) -> PluginError:
-        return PluginError(f"cleanup plugin {self.plugin!r}: option {key}={value!r}: {why}")
-
-    def _range(self, key: str, text: str, v: float, lo: float | None, hi: float | None) -> None:
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            lo_s = "-inf" if lo is None else f"{lo:g}"
-            hi_s = "inf" if hi is None else f"{hi:g}"
-            raise self._bad(key, text, f"out of range [{lo_s}, {hi_s}]")
-
-    def integer(self, key: str, *, lo: int | None = None, hi: int | None = None) -> int | None:
-        """An int in ``[lo, hi]``, or ``None`` when unset."""
-        t = self.text(key)
-        if t is None or t == "":
-            return None
-        try:
-            v = int(t, 10)
-        except ValueError:
-            raise self._bad(key, t, "not an integer") from None
-        self._range(key, t, v, lo, hi)
-        return v
-
-    def number(self, key: str, *, lo: float | None = None, hi: float | None = None) -> float | None:
-        """A finite float in ``[lo, hi]``, or ``None`` when unset."""
-        t = self.text(key)
-        if t is None or t == "":
-            return None
-        try:
-            v = float(t)
-        except ValueError:
-            raise self._bad(key, t, "not a number") from None
-        if v != v or v in (float("inf"), float("-inf")):
-            raise self._bad(key, t, "not a finite number")
-        self._range(key, t, v, lo, hi)
-        return v
-
-    def boolean(self, key: str) -> bool:
-        """``true/false``, ``yes/no``, ``on/off``, ``1/0``; unset is false."""
-        t = self.text(key)
-        if t is None or t == "":
-            return False
-        if t.lower() in _TRUE:
-            return True
-        if t.lower() in _FALSE:
-            return False
-        raise self._bad(key, t, "not a boolean (true/false)")
-
-    def duration(self, key: str, *, lo: float | None = None, hi: float | None = None) -> float | None:
-        """Seconds from ``500ms``, ``2s``, ``5m``, ``1h`` or a bare number."""
-        t = self.text(key)
-        if t is None or t == "":
-            return None
-        try:
-            v = parse_duration(t)
-        except ConfigError as err:
-            raise self._bad(key, t, str(err)) from None
-        self._range(key, t, v, lo, hi)
-        return v
+def split_plugin_option(item: str, *, what: str = "--plugin-opt") -> tuple[str, str, str]:
+    """``PLUGIN:KEY=VALUE`` into ``(plugin, key, value)``; ``ConfigError`` naming ``what`` otherwise."""
+    plugin, sep, rest = item.partition(":")
+    if not sep or not plugin.strip() or "=" not in rest:
+        raise ConfigError(f"{what} {item!r}: expected PLUGIN:KEY=VALUE")
+    key, value = split_key_value(rest, what=what)
+    return plugin.strip(), key, value

@@ -6,16 +6,16 @@ import logging
 
 import pytest
 
-from refproxy.cleanup.api import API_VERSION, CleanupReport, OptionSpec
+from refproxy.cleanup.api import API_VERSION, CleanupReport, OptionReader, OptionSpec
 from refproxy.cleanup.registry import (
     ENTRY_POINT_GROUP,
-    OptionReader,
     PluginInfo,
     discover,
     load_factory,
     load_plugin,
+    split_plugin_option,
 )
-from refproxy.errors import PluginError
+from refproxy.errors import ConfigError, PluginError
 
 
 class FakeEntryPoint:
@@ -206,3 +206,48 @@ def test_option_reader_rejects_non_finite_and_undeclared():
     assert OptionReader("p", SPECS, {"d": "500ms"}).duration("d", lo=0.1) == 0.5
     with pytest.raises(PluginError, match=r"out of range \[1, inf\]"):
         OptionReader("p", SPECS, {"d": "500ms"}).duration("d", lo=1)
+
+
+def test_option_reader_strings_is_a_comma_separated_list():
+    specs = (OptionSpec("l", "list", "a, b,,c"), OptionSpec("e", "list"))
+    r = OptionReader("p", specs, {})
+    assert r.strings("l") == ("a", "b", "c")
+    assert r.strings("e") == ()
+    assert OptionReader("p", specs, {"l": "x"}).strings("l", choices=("x", "y")) == ("x",)
+    with pytest.raises(PluginError, match=r"option l='x,z': 'z' is not one of x, y"):
+        OptionReader("p", specs, {"l": "x,z"}).strings("l", choices=("x", "y"))
+
+
+def test_registry_keeps_the_v1_option_reader_import():
+    from refproxy.cleanup import registry
+
+    assert registry.OptionReader is OptionReader
+
+
+def test_discovery_reports_usable_plugins_apart_from_failures_builtins_first():
+    eps = [
+        FakeEntryPoint("extra", make_plugin("extra")),
+        FakeEntryPoint("targeted", make_plugin("targeted"), "refproxy_plugins.targeted:X"),
+        FakeEntryPoint("broken", ImportError("nope")),
+        FakeEntryPoint("full", make_plugin("full"), "refproxy_plugins.full:Y"),
+    ]
+    found = discover(eps)
+    assert found.names == ("full", "targeted", "extra")
+    assert list(found.failures) == ["broken"] and "nope" in found.failures["broken"]
+    assert found["full"].builtin and not found["extra"].builtin
+    assert len(found) == 4 and "broken" in found
+
+
+@pytest.mark.parametrize("item, want", [
+    ("full:sctp=true", ("full", "sctp", "true")),
+    ("targeted: full-resync-period = 1h", ("targeted", "full-resync-period", "1h")),
+    ("t:k=a=b", ("t", "k", "a=b")),
+])
+def test_split_plugin_option(item, want):
+    assert split_plugin_option(item) == want
+
+
+@pytest.mark.parametrize("item", ["full", "full:sctp", ":k=v", "full:=v"])
+def test_split_plugin_option_refuses_malformed(item):
+    with pytest.raises(ConfigError, match="--plugin-opt"):
+        split_plugin_option(item)

@@ -12,11 +12,22 @@ from __future__ import annotations
 import time
 from typing import ClassVar, Iterator, Mapping
 
-from refproxy.cleanup.api import API_VERSION, CleanupReport, CleanupRequest, OptionSpec
-from refproxy.cleanup.registry import OptionReader
-from refproxy.cleanup.stale import Frontend, StaleIndex
-from refproxy.conntrack.types import IPPROTO_SCTP, IPPROTO_UDP, ConntrackEntry, ConntrackTable, DumpFilter
-from refproxy.errors import ConntrackError
+# Everything a plugin uses comes from the one API module.
+from refproxy.cleanup.api import (
+    API_VERSION,
+    IPPROTO_SCTP,
+    IPPROTO_UDP,
+    CleanupReport,
+    CleanupRequest,
+    ConntrackEntry,
+    ConntrackError,
+    ConntrackTable,
+    DumpFilter,
+    Frontend,
+    OptionReader,
+    OptionSpec,
+    StaleIndex,
+)
 
 __all__ = ["PerFrontendCleanup"]
 
