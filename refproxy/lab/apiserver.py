@@ -214,7 +214,7 @@ class _Store:
         self.drop_generation = 0
         self.closing = False
         self.failures: dict[str, list[int]] = {}  # resource -> status codes to answer next
-        self.hostile: dict[str, tuple[str, float]] = {}  # resource -> (mode, drip interval)
+        self.hostile: dict[str, tuple[str, float, int]] = {}  # resource -> (mode, drip interval, bytes)
         # Paged lists: id -> (resourceVersion, the whole consistent result).
         self.paged: collections.OrderedDict[str, tuple[int, list[dict]]] = collections.OrderedDict()
         self.max_paged_lists = max(1, max_paged_lists)
@@ -548,14 +548,14 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.close_connection = True
 
-    def _hostile_stream(self, resource: str, hostile: tuple[str, float]) -> None:
+    def _hostile_stream(self, resource: str, hostile: tuple[str, float, int]) -> None:
         """A watch stream as a broken or hostile server sends it (see ``APIServer.hostile_watch``).
 
         Ends when the client disconnects, the server stops, ``drop_watches``
         or ``hostile_watch(kind, None)`` is called, or the bounds are reached.
         """
         store = self.server.store
-        mode, interval = hostile
+        mode, interval, max_bytes = hostile
         if mode == "gone":
             self._event("ERROR", _status(410, "Expired", "injected: too old resource version"))
             self._end_chunks()
@@ -572,9 +572,10 @@ class _Handler(BaseHTTPRequestHandler):
         if mode == "no-newline":
             self._chunk(b'{"type":"ADDED","object":{"kind":"Service","metadata":{"name":"')
             block = b"x" * 65536
-            while sent < _HOSTILE_MAX_BYTES and time.monotonic() < end and going_on():
+            while sent < max_bytes and time.monotonic() < end and going_on():
                 self._chunk(block)
                 sent += len(block)
+            self._end_chunks()
             return
         # slow-drip: valid BOOKMARK events, one byte per chunk every ``interval``.
         _, api_version, kind, _ = _RESOURCES[resource]
@@ -797,7 +798,8 @@ class APIServer:
         with self.store.cond:
             self.store.failures.setdefault(resource, []).extend([code] * times)
 
-    def hostile_watch(self, kind: str, mode: str | None, *, interval: float = 0.05) -> None:
+    def hostile_watch(self, kind: str, mode: str | None, *, interval: float = 0.05,
+                      max_bytes: int = _HOSTILE_MAX_BYTES) -> None:
         """Make every watch of ``kind`` misbehave until called again with ``mode=None`` (fault injection).
 
         ``mode``: ``gone`` (an ``ERROR`` event with code 410, then the end),
@@ -805,6 +807,7 @@ class APIServer:
         endless event that never ends: 64 KiB chunks, no newline),
         ``slow-drip`` (valid BOOKMARK events one byte every ``interval``
         seconds, ignoring ``timeoutSeconds``). Lists and gets are not affected.
+        A ``no-newline`` stream ends after ``max_bytes`` (at most 4 GiB).
         """
         resource = _resource_of(kind)
         if mode is not None and mode not in HOSTILE_WATCHES:
@@ -813,7 +816,8 @@ class APIServer:
             if mode is None:
                 self.store.hostile.pop(resource, None)
             else:
-                self.store.hostile[resource] = (mode, max(0.0, float(interval)))
+                self.store.hostile[resource] = (mode, max(0.0, float(interval)),
+                                                min(max(0, int(max_bytes)), _HOSTILE_MAX_BYTES))
             self.store.cond.notify_all()
 
     def drop_watches(self) -> None:

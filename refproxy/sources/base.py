@@ -18,6 +18,11 @@ before ``start``; ``on_node(node)`` then gets the raw Node dict, or ``None``
 when there is none. Sources without it keep working: owners call
 :func:`watch_node`, which reports that the source cannot. Pure readers of
 the Node are in ``refproxy.sources.node``.
+
+Failures are counted in ``errors``/``last_error``; an owner that exports
+them (``refproxy_source_errors_total``) registers ``on_error`` with
+:func:`watch_errors`, which works with any source (polling ``errors`` is the
+fallback for sources without ``set_error_callback``).
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 from refproxy.log import get_logger
 
 __all__ = ["Source", "ObjectStore", "SERVICES", "ENDPOINT_SLICES", "NODES", "object_key", "watch_node",
-           "NodeCallback"]
+           "watch_errors", "NodeCallback", "ErrorCallback"]
 
 SERVICES = "services"
 ENDPOINT_SLICES = "endpointslices"
 NODES = "nodes"
 
 NodeCallback = Callable[["dict | None"], None]
+ErrorCallback = Callable[[str], None]
 
 log = get_logger("refproxy.sources")
 
@@ -65,6 +71,9 @@ class Source(Protocol):
       Node failures (missing RBAC, no Node API) are logged and retried with
       backoff and never hold back Services/EndpointSlices or ``synced()``.
     * ``node() -> dict | None``: the Node as last delivered.
+    * ``set_error_callback(on_error: Callable[[str], None] | None) -> None``:
+      ``on_error(message)`` is called (from a source thread, cheap) once per
+      failure counted in ``errors``, so an owner can count it in a metric.
     """
 
     errors: int
@@ -108,6 +117,20 @@ def watch_node(source: Any, node_name: str, on_node: NodeCallback) -> bool:
     return True
 
 
+def watch_errors(source: Any, on_error: ErrorCallback) -> bool:
+    """Have ``source`` call ``on_error(message)`` on every failure it counts in ``errors``.
+
+    Returns False, and does nothing, when the source has no
+    ``set_error_callback`` (a third-party source): the owner may then read
+    ``source.errors`` instead.
+    """
+    fn = getattr(source, "set_error_callback", None)
+    if not callable(fn):
+        return False
+    fn(on_error)
+    return True
+
+
 def object_key(obj: Any) -> tuple[str, str] | None:
     """(namespace, name) of a raw object, or None when it has none usable."""
     meta = obj.get("metadata") if isinstance(obj, dict) else None
@@ -141,6 +164,7 @@ class ObjectStore:
         self._node: dict | None = None
         self._node_known = False
         self._node_lock = threading.Lock()  # serialises deliveries, keeps their order
+        self._on_error: ErrorCallback | None = None
 
     # --- the Source surface ---
 
@@ -205,11 +229,21 @@ class ObjectStore:
         """Set the function called after each change."""
         self._on_change = on_change
 
+    def set_error_callback(self, on_error: ErrorCallback | None) -> None:
+        """Call ``on_error(message)`` after each failure :meth:`record_error` counts."""
+        self._on_error = on_error
+
     def record_error(self, message: str) -> None:
-        """Count one failure and remember it."""
+        """Count one failure, remember it and tell ``on_error``."""
         with self._lock:
             self.errors += 1
             self.last_error = message
+        cb = self._on_error
+        if cb is not None:
+            try:
+                cb(message)
+            except Exception:  # the owner's bug must not kill our source thread
+                log.exception("source on_error callback failed")
 
     def replace(self, kind: str, objs: Iterable[dict]) -> tuple[int, int, int]:
         """Make ``objs`` the whole content of ``kind``; returns (added, updated, deleted).

@@ -17,9 +17,13 @@ server.go informers, k8s.io/client-go/tools/cache/reflector.go):
 3. ``410 Gone`` (as an HTTP status or a watch ``ERROR`` event) means the
    version is no longer retained: relist and replace the store; objects
    deleted meanwhile are found by diffing the list against the store.
-4. Disconnects and API errors back off exponentially with jitter, bounded by
-   ``backoff_max``; any success resets the backoff. A watch that ends
-   normally (``timeoutSeconds``) is re-opened at once.
+4. Disconnects, API errors *and relists after 410* back off exponentially
+   with jitter, bounded by ``backoff_max`` (a server answering every watch
+   with 410 must not get a LIST storm). The backoff is reset only once a
+   watch has stayed open for ``backoff_reset`` seconds (client-go's
+   reflector: ``NewExponentialBackoffManager(800ms, 30s, 2min, 2.0, 1.0)``,
+   reset after two minutes of health), never by a successful list alone. A
+   watch that ends normally (``timeoutSeconds``) is re-opened at once.
 5. ``stop()`` closes open streams and returns within a few seconds: watch
    reads have a socket timeout and every sleep waits on the stop event.
 6. Lists are paged as client-go's pager does (k8s.io/client-go/tools/pager/
@@ -32,7 +36,20 @@ server.go informers, k8s.io/client-go/tools/cache/reflector.go):
    A ``410 Expired`` on a later page (the continue token outlived the
    server's compaction) falls back to one full unpaged list, as the pager's
    ``FullListIfExpired`` does; a 410 on the first page is an ordinary failure.
-7. With ``set_node_callback(name, on_node)`` before ``start``, a third loop
+7. The watch stream is split into events by a line reader that is linear
+   in the bytes received and holds at most ``max_event_bytes`` (16 MiB) of
+   an unfinished event: a stream that never sends a newline ends with
+   :class:`WatchEventTooLarge` (counted, logged, reconnected from the last
+   resourceVersion) instead of growing without limit.
+8. Every watch has a client-side deadline of ``watch_timeout +
+   read_margin`` seconds after it opened, as client-go turns
+   ``timeoutSeconds`` into the request's overall timeout (the typed
+   clients' ``Watch``: ``Timeout(timeout)``): a slow-drip stream that keeps
+   the socket busy is closed at the deadline and re-opened, counted in
+   ``watch_deadlines``. The read socket timeout alone would hold it forever.
+9. Every counted failure reaches ``on_error`` (``set_error_callback``,
+   see ``refproxy.sources.base.watch_errors``).
+10. With ``set_node_callback(name, on_node)`` before ``start``, a third loop
    lists and watches the one Node ``metadata.name=<name>`` (kube-proxy's
    node informer, pkg/proxy/node.go) and delivers it through
    ``ObjectStore.deliver_node``: ``None`` when absent or deleted. The Node
@@ -49,7 +66,7 @@ import random
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from refproxy.errors import ConfigError
 from refproxy.log import get_logger, kv
@@ -63,12 +80,20 @@ __all__ = [
     "SLICE_SELECTOR",
     "ENV_API_SERVER",
     "DEFAULT_PAGE_SIZE",
+    "DEFAULT_MAX_EVENT_BYTES",
+    "WatchEventTooLarge",
 ]
 
 # k8s.io/client-go/tools/pager/pager.go defaultPageSize.
 DEFAULT_PAGE_SIZE = 500
 # A server handing out continue tokens forever must not keep us listing.
 _MAX_PAGES = 100_000
+# The most of one watch event held while waiting for its newline; far above
+# any real object (etcd refuses values over 1.5 MiB by default, the API
+# server request bodies over 3 MiB: k8s.io/apiserver/pkg/server/config.go).
+DEFAULT_MAX_EVENT_BYTES = 16 << 20
+# client-go's reflector resets its backoff after two minutes of health.
+DEFAULT_BACKOFF_RESET = 120.0
 
 # cmd/kube-proxy/app/server.go: services of another proxy, and slices of
 # headless services, are filtered on the server side.
@@ -88,6 +113,14 @@ _KINDS = {
 
 class _Relist(Exception):
     """The watch's resourceVersion is gone (410): list again."""
+
+
+class _Deadline(Exception):
+    """The watch outlived its client-side deadline: close it and re-watch."""
+
+
+class WatchEventTooLarge(ValueError):
+    """A watch stream sent more than the allowed bytes without ending an event."""
 
 
 class Backoff:
@@ -184,7 +217,10 @@ class KubeSource(ObjectStore):
     ``configuration`` is a ``kubernetes.client.Configuration`` (see
     :func:`kube_client_config`). ``sleep(seconds)`` and ``rand()`` are
     injectable so tests observe the backoff without waiting; the default
-    sleep returns early on ``stop()``.
+    sleep returns early on ``stop()``. ``clock()`` (monotonic seconds) times
+    watches: how long one stayed open (``backoff_reset``,
+    ``min_watch_seconds``) and its client-side deadline between chunks; a
+    real-time timer enforces the deadline when a read blocks.
     """
 
     def __init__(
@@ -197,6 +233,8 @@ class KubeSource(ObjectStore):
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         min_watch_seconds: float = 1.0,
+        backoff_reset: float = DEFAULT_BACKOFF_RESET,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         page_size: int = DEFAULT_PAGE_SIZE,
         sleep: Callable[[float], Any] | None = None,
         rand: Callable[[], float] = random.random,
@@ -214,6 +252,8 @@ class KubeSource(ObjectStore):
         self.read_margin = read_margin
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self.min_watch_seconds = min_watch_seconds
+        self.backoff_reset = max(0.0, float(backoff_reset))
+        self.max_event_bytes = max(1, int(max_event_bytes))
         self.page_size = max(0, int(page_size))
         self._stop = threading.Event()
         self._sleep = sleep or self._stop.wait
@@ -227,6 +267,7 @@ class KubeSource(ObjectStore):
         self.watches = 0
         self.pages = 0  # list pages fetched (metrics, tests)
         self.list_fallbacks = 0  # expired continue tokens answered by one full list
+        self.watch_deadlines = 0  # watches closed by the client-side deadline
 
     # --- Source ---
 
@@ -265,19 +306,25 @@ class KubeSource(ObjectStore):
         while not self._stop.is_set():
             try:
                 if rv is None:
+                    # No reset here: a list that succeeds before every watch
+                    # fails (410 storm) must not keep the backoff at its start.
                     rv = self._list(kind)
-                    backoff.reset()
                 started = self._clock()
-                rv, got = self._watch(kind, rv)
-                if got:
-                    backoff.reset()
-                elif self._clock() - started < self.min_watch_seconds:
+                try:
+                    rv, got = self._watch(kind, rv)
+                finally:
+                    if self._clock() - started >= self.backoff_reset:
+                        backoff.reset()  # the watch stayed healthy for a while
+                if not got and self._clock() - started < self.min_watch_seconds:
                     # A server closing watches at once must not make us spin.
                     self._sleep(backoff.next())
             except _Relist:
                 self.relists += 1
-                kv(log, logging.INFO, "Watch expired, relisting", resource=kind, resourceVersion=rv)
+                delay = backoff.next()
+                kv(log, logging.INFO, "Watch expired, relisting", resource=kind, resourceVersion=rv,
+                   relistIn=f"{delay:.2f}s")
                 rv = None
+                self._sleep(delay)
             except Exception as err:  # noqa: BLE001 - every failure is retried
                 if self._stop.is_set():
                     break
@@ -403,10 +450,29 @@ class KubeSource(ObjectStore):
             raise
         self._track(resp, True)
         got = False
+        # Client-side deadline: checked between chunks (injected clock) and,
+        # for a read that blocks, by a timer that closes the stream.
+        budget = self.watch_timeout + self.read_margin
+        deadline = self._clock() + budget
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            _shutdown(resp)
+
+        timer = threading.Timer(budget, expire)
+        timer.daemon = True
+        timer.start()
+
+        def past_deadline() -> bool:
+            if expired.is_set() or self._clock() >= deadline:
+                expired.set()
+            return expired.is_set()
+
         try:
             if self._stop.is_set():
                 return rv, got
-            for line in _lines(resp):
+            for line in _lines(resp.stream(65536, decode_content=True), self.max_event_bytes, past_deadline):
                 event = json.loads(line)
                 etype = event.get("type")
                 obj = event.get("object")
@@ -433,23 +499,59 @@ class KubeSource(ObjectStore):
                     self.resource_versions[kind] = rv
                 if self._stop.is_set():
                     break
+        except (_Relist, WatchEventTooLarge):
+            raise
+        except Exception:
+            if not expired.is_set() or self._stop.is_set():
+                raise
+            # The timer closed the stream under a blocked read: that is the deadline.
         finally:
+            timer.cancel()
             self._track(resp, False)
             _shutdown(resp)
+        if expired.is_set() and not self._stop.is_set():
+            self.watch_deadlines += 1
+            kv(log, logging.INFO, "Watch reached its client-side deadline, re-watching", resource=kind,
+               seconds=f"{budget:.0f}", resourceVersion=rv)
         return rv, got
 
 
-def _lines(resp: Any) -> Iterator[bytes]:
-    """Newline-delimited frames of a streaming response, as they arrive."""
-    buf = b""
-    for chunk in resp.stream(65536, decode_content=True):
-        buf += chunk
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
+def _lines(chunks: Iterable[bytes], max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+           expired: Callable[[], bool] = lambda: False) -> Iterator[bytes]:
+    """Newline-delimited frames of a stream of chunks, as they arrive.
+
+    Linear in the bytes received: each chunk is scanned once, and only the
+    unfinished tail is kept (a ``bytearray``, appended in place). Raises
+    :class:`WatchEventTooLarge` once that tail (one event without its
+    newline) exceeds ``max_bytes``; stops when ``expired()`` turns true
+    between chunks (the watch deadline).
+    """
+    pending = bytearray()
+    for chunk in chunks:
+        begin = 0
+        while True:
+            nl = chunk.find(b"\n", begin)
+            if nl < 0:
+                break
+            if pending:
+                pending += chunk[begin:nl]
+                line = bytes(pending)
+                pending.clear()
+            else:
+                line = chunk[begin:nl]
+            begin = nl + 1
+            if len(line) > max_bytes:
+                raise WatchEventTooLarge(f"watch event of {len(line)} bytes exceeds the limit of {max_bytes}")
             if line.strip():
                 yield line
-    if buf.strip():
-        yield buf
+        if len(pending) + len(chunk) - begin > max_bytes:
+            raise WatchEventTooLarge(f"watch stream sent more than {max_bytes} bytes without ending an event "
+                                     "(no newline): broken or hostile API server; reconnecting")
+        pending += chunk[begin:]
+        if expired():
+            return
+    if pending.strip() and not expired():  # a stream closed at the deadline ends mid-event
+        yield bytes(pending)
 
 
 def _shutdown(resp: Any) -> None:

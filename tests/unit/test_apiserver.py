@@ -438,6 +438,10 @@ def test_hostile_watch_no_newline_and_slow_drip(server):
     with urllib.request.urlopen(server.url + "/api/v1/services?watch=true", timeout=5) as r:
         data = r.read(4 << 20)
     assert len(data) == 4 << 20 and b"\n" not in data
+    server.hostile_watch("Service", "no-newline", max_bytes=1 << 20)
+    with urllib.request.urlopen(server.url + "/api/v1/services?watch=true", timeout=5) as r:
+        data = r.read()  # bounded: the stream ends after max_bytes
+    assert (1 << 20) <= len(data) < (1 << 20) + 65536 + 100 and b"\n" not in data
     server.hostile_watch("Service", "slow-drip", interval=0.01)
     with urllib.request.urlopen(server.url + "/api/v1/services?watch=true&timeoutSeconds=1", timeout=5) as r:
         line = r.readline()  # one byte per chunk, yet a whole valid event in the end

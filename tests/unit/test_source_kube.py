@@ -194,15 +194,121 @@ def test_unreachable_server_counts_errors_and_backs_off():
     assert max(h.delays) == 4.0
 
 
-def test_backoff_resets_after_success(server):
+class FakeClock:
+    """A monotonic clock the test moves (the source reads it around every watch)."""
+
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_backoff_resets_after_a_watch_stayed_healthy(server):
+    clock = FakeClock()
     server.fail_next("Service", 503, times=3)
-    with Harness(server.url, min_watch_seconds=0) as h:
+    with Harness(server.url, min_watch_seconds=0, backoff_reset=120, clock=clock) as h:
         assert h.src.wait_synced(5)
         assert h.delays == [0.5, 1.0, 2.0]  # three failed lists, then a good one
+        assert until(lambda: any(r == "services" and "watch" in q for r, q in server.requests))
+        clock.t += 121  # the watch has now been open (healthy) past backoff_reset
         server.fail_next("Service", 503, times=1)
-        # reconnect; after the success the backoff starts over
         assert until(lambda: _drop(server) or len(h.delays) == 4)
         assert h.delays[3] == 0.5 and h.src.errors == 4
+
+
+def test_successful_list_does_not_reset_the_backoff(server):
+    """Issue 10: a list that succeeds before every watch fails must not keep the backoff at its start."""
+    server.fail_next("Service", 503, times=3)
+    with Harness(server.url, min_watch_seconds=0, backoff_reset=120, clock=FakeClock()) as h:
+        assert h.src.wait_synced(5)
+        assert h.delays == [0.5, 1.0, 2.0]
+        server.fail_next("Service", 503, times=1)
+        assert until(lambda: _drop(server) or len(h.delays) == 4)
+        assert h.delays[3] == 4.0 and h.src.errors == 4  # the watch was not open long enough
+
+
+@pytest.mark.parametrize("mode", ["gone", "gone-status"])
+def test_410_on_every_watch_relists_with_backoff(server, mode):
+    """Issue 10: 410 on every watch made 300+ LISTs in 15 s; now each relist waits, exponentially."""
+    server.apply(svc("a"))
+    server.hostile_watch("Service", mode)
+    with Harness(server.url, min_watch_seconds=0, backoff_initial=0.5, backoff_max=4.0,
+                 clock=FakeClock()) as h:
+        assert until(lambda: h.src.relists >= 6)
+        h.src._stop.set()
+    lists = [q for r, q in server.requests if r == "services" and "watch" not in q]
+    assert h.delays[:6] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert len(lists) <= len(h.delays) + 1  # one list per backed-off relist (plus the first)
+    assert h.src.errors == 0  # 410 is the protocol, not a failure
+
+
+def test_stream_without_newline_is_bounded_and_reconnects(server):
+    """Issue 10: a stream that never ends an event grew the buffer without limit (84 -> 266 MB)."""
+    server.apply(svc("a"))
+    server.hostile_watch("Service", "no-newline", max_bytes=8 << 20)
+    with Harness(server.url, min_watch_seconds=0, max_event_bytes=1 << 20) as h:
+        assert h.src.wait_synced(5)
+        assert until(lambda: h.src.errors >= 1)
+        assert "without ending an event" in h.src.last_error and str(1 << 20) in h.src.last_error
+        assert h.src.relists == 0  # reconnected from the same resourceVersion, no relist
+        server.hostile_watch("Service", None)
+        server.apply(svc("b"))
+        assert until(lambda: names(h.src.objects()[0]) == ["a", "b"])
+
+
+def test_slow_drip_watch_is_closed_at_the_client_deadline(server):
+    """Issue 10: a watch dripping bytes (socket never idle) was held forever; now it ends at its deadline."""
+    server.apply(svc("a"))
+    server.hostile_watch("Service", "slow-drip", interval=0.02)
+    with Harness(server.url, watch_timeout=1, read_margin=0.2) as h:
+        assert h.src.wait_synced(5)
+        assert until(lambda: sum(1 for r, q in server.requests if r == "services" and "watch" in q) >= 2,
+                     timeout=15)
+        assert h.src.watch_deadlines >= 1 and h.src.errors == 0
+        server.hostile_watch("Service", None)
+        server.apply(svc("b"))
+        assert until(lambda: names(h.src.objects()[0]) == ["a", "b"], timeout=10)
+
+
+def test_errors_reach_the_on_error_hook(server):
+    from refproxy.sources.base import watch_errors
+
+    seen = []
+    server.fail_next("Service", 500, times=2)
+    h = Harness(server.url)
+    assert watch_errors(h.src, seen.append)
+    with h:
+        assert h.src.wait_synced(5)
+    assert len(seen) == 2 == h.src.errors and all("HTTP 500" in m for m in seen)
+    assert watch_errors(object(), seen.append) is False  # a source without the hook
+
+
+def test_line_reader_is_bounded_and_linear_in_memory():
+    """The line reader holds at most one event's bytes, whatever a stream sends (tracemalloc)."""
+    import tracemalloc
+
+    limit = 4 << 20
+    block = b"x" * 65536
+
+    def endless(n):
+        for _ in range(n):
+            yield block
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(kube_mod.WatchEventTooLarge, match="without ending an event"):
+            for _ in kube_mod._lines(endless(1024), limit):  # 64 MiB offered
+                pass
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * limit, peak
+    frames = [b'{"a":1}\n{"b"', b':2}\n\n', b'{"c":3}']
+    assert list(kube_mod._lines(iter(frames), 64)) == [b'{"a":1}', b'{"b":2}', b'{"c":3}']
+    with pytest.raises(kube_mod.WatchEventTooLarge):
+        list(kube_mod._lines(iter([b"y" * 65 + b"\n"]), 64))
+    assert list(kube_mod._lines(iter([b"y" * 64 + b"\n"]), 64)) == [b"y" * 64]
 
 
 def test_wrong_server_gives_a_clear_error(tmp_path):
