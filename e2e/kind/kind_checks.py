@@ -4,37 +4,29 @@ status), turned into the figures and verdicts the lab engine reports.
 
 Contract: no I/O; every input is text or parsed JSON the driver fetched
 (``kind_driver.KindCluster`` does the fetching), so all of it is tested
-offline. Stale means what refproxy/cleanup/stale.py means: a UDP entry whose
-original destination is a service frontend and whose reply source is not a
-serving endpoint of it.
+offline. Stale is judged by the proxy's own predicate, not a second one:
+the cluster's Services and EndpointSlices go through
+``refproxy.snapshot.build_snapshot`` and ``refproxy.cleanup.stale.StaleIndex``
+(docs/design.md, "What stale means"), so LoadBalancer IPs, ExternalIPs,
+NodePorts and the serving defaults mean here what they mean to the plugins.
+Metrics text is parsed by the kit's one Prometheus parser
+(``refproxy.lab.report.parse_prometheus``, over ``prometheus_client``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-__all__ = ["parse_prometheus", "parse_conntrack", "stale_entries", "frontends_of", "restart_count",
+from refproxy.cleanup.stale import StaleIndex
+from refproxy.conntrack.types import IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, ConntrackEntry
+from refproxy.lab.report import parse_prometheus
+from refproxy.model import IPFamily
+from refproxy.snapshot import build_snapshot
+
+__all__ = ["parse_prometheus", "parse_conntrack", "stale_index", "stale_entries", "restart_count",
            "last_termination"]
 
-
-def parse_prometheus(text: str) -> dict[str, float]:
-    """Sum of every sample per metric name (labels dropped) from exposition text."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if "{" in line:
-            name, rest = line[: line.index("{")], line[line.rindex("}") + 1 :]
-        else:
-            name, _, rest = line.partition(" ")
-        fields = rest.split()
-        try:
-            value = float(fields[0])
-        except (IndexError, ValueError):
-            continue
-        out[name] = out.get(name, 0.0) + value
-    return out
+_PROTOCOLS = {"udp": IPPROTO_UDP, "tcp": IPPROTO_TCP, "sctp": IPPROTO_SCTP}
 
 
 def parse_conntrack(text: str) -> list[dict[str, str]]:
@@ -60,56 +52,41 @@ def parse_conntrack(text: str) -> list[dict[str, str]]:
     return out
 
 
-def stale_entries(entries: Iterable[Mapping[str, str]], frontends: Mapping[tuple[str, int], frozenset[tuple[str, int]]],
-                  node_ports: Mapping[int, frozenset[tuple[str, int]]], node_ips: frozenset[str]) -> list[Mapping[str, str]]:
-    """UDP entries that are stale by the definition above: the original
-    destination is a frontend (``ip:port``, or a node IP with a NodePort) and
-    the reply source is not one of its serving endpoints."""
+def stale_index(services: Iterable[Mapping[str, Any]], slices: Iterable[Mapping[str, Any]],
+                node_ips: Iterable[str], *, family: IPFamily = IPFamily.IPv4) -> StaleIndex:
+    """The proxy's own stale predicate for the cluster's objects.
+
+    ``build_snapshot`` reads the Services and EndpointSlices exactly as
+    refproxy does (ClusterIPs, ExternalIPs, LoadBalancer ingress IPs,
+    NodePorts; kube-proxy's condition defaulting: ``serving`` nil ->
+    ``ready``); ``StaleIndex`` is the predicate every plugin obeys, with the
+    nodes' ``node_ips`` as NodePort addresses. Objects the snapshot skips as
+    invalid are left out, as the proxy leaves them out. No previous snapshot:
+    a Service deleted before this read has no frontend here.
+    """
+    snapshot, _problems = build_snapshot(list(services), list(slices), family=family, node_name="")
+    return StaleIndex(snapshot, None, node_ips)
+
+
+def _entry(e: Mapping[str, str], family: IPFamily) -> ConntrackEntry | None:
+    proto = _PROTOCOLS.get(e.get("proto", ""))
+    if proto is None:
+        return None
+    try:
+        return ConntrackEntry(family, proto, e.get("src", ""), e["dst"], int(e.get("sport", 0)), int(e["dport"]),
+                              e["rsrc"], e.get("rdst", ""), int(e["rsport"]), int(e.get("rdport", 0)))
+    except (KeyError, ValueError):
+        return None
+
+
+def stale_entries(entries: Iterable[Mapping[str, str]], index: StaleIndex) -> list[Mapping[str, str]]:
+    """The parsed ``conntrack -L`` entries ``index`` calls stale (``StaleIndex.is_stale``)."""
     out = []
     for e in entries:
-        if e.get("proto") != "udp":
-            continue
-        dst, dport = e["dst"], int(e["dport"])
-        serving = frontends.get((dst, dport))
-        if serving is None and dst in node_ips:
-            serving = node_ports.get(dport)
-        if serving is None:
-            continue
-        if (e["rsrc"], int(e["rsport"])) not in serving:
+        ce = _entry(e, IPFamily.IPv4)
+        if ce is not None and index.is_stale(ce):
             out.append(e)
     return out
-
-
-def frontends_of(services: list[dict[str, Any]], slices: list[dict[str, Any]]):
-    """UDP frontends -> serving ``(ip, port)`` endpoints, and NodePort -> endpoints (pure)."""
-    serving: dict[tuple[str, str, str], set[tuple[str, int]]] = {}
-    for sl in slices:
-        meta = sl.get("metadata", {})
-        svc = meta.get("labels", {}).get("kubernetes.io/service-name")
-        for port in sl.get("ports") or []:
-            if port.get("protocol", "TCP") != "UDP":
-                continue
-            key = (meta.get("namespace", ""), svc or "", port.get("name") or "")
-            for ep in sl.get("endpoints") or []:
-                cond = ep.get("conditions", {})
-                if cond.get("serving", cond.get("ready", True)) is False:
-                    continue
-                for ip in ep.get("addresses", []):
-                    serving.setdefault(key, set()).add((ip, int(port["port"])))
-    frontends: dict[tuple[str, int], frozenset[tuple[str, int]]] = {}
-    node_ports: dict[int, frozenset[tuple[str, int]]] = {}
-    for s in services:
-        meta, spec = s["metadata"], s.get("spec", {})
-        for p in spec.get("ports", []):
-            if p.get("protocol", "TCP") != "UDP":
-                continue
-            eps = frozenset(serving.get((meta["namespace"], meta["name"], p.get("name") or ""), ()))
-            for ip in [spec.get("clusterIP"), *spec.get("externalIPs", [])]:
-                if ip and ip != "None":
-                    frontends[(ip, int(p["port"]))] = eps
-            if p.get("nodePort"):
-                node_ports[int(p["nodePort"])] = eps
-    return frontends, node_ports
 
 
 def restart_count(pod: Mapping[str, Any]) -> int:

@@ -52,10 +52,19 @@ from typing import Any, Callable, Mapping, Sequence
 import yaml
 
 import kind_manifests as km
-from kind_checks import frontends_of, last_termination, parse_conntrack, parse_prometheus, restart_count, stale_entries
+from kind_checks import (
+    last_termination,
+    parse_conntrack,
+    parse_prometheus,
+    restart_count,
+    stale_entries,
+    stale_index,
+)
 from kind_probe import parse_samples
 
-from refproxy.errors import LabError
+from refproxy.cleanup.registry import discover
+from refproxy.config import NO_CLEANUP, split_key_value
+from refproxy.errors import ConfigError, LabError
 
 __all__ = [
     "Runner",
@@ -69,7 +78,7 @@ __all__ = [
     "parse_prometheus",
     "parse_conntrack",
     "stale_entries",
-    "frontends_of",
+    "stale_index",
     "main",
 ]
 
@@ -507,16 +516,16 @@ class KindPlatform:
         """Stale UDP entries left on every node, against the final EndpointSlices."""
         from refproxy.lab.engine import ConntrackState
 
-        frontends, node_ports = self._frontends()
         c = self.cluster
         node_ips = frozenset(c.kubectl("get", "nodes", "-o",
                                        'jsonpath={.items[*].status.addresses[?(@.type=="InternalIP")].address}').split())
+        index = self._stale_index(node_ips)
         stale: list[Mapping[str, str]] = []
         total = 0
         for node in c.nodes():
             entries = parse_conntrack(c.node_exec(node, "conntrack", "-L", "-p", "udp"))
             total += len(entries)
-            stale += stale_entries(entries, frontends, node_ports, node_ips)
+            stale += stale_entries(entries, index)
         return ConntrackState(stale_left=len(stale), collateral=-1, entries=total,
                               examples=tuple(" ".join(f"{k}={v}" for k, v in e.items()) for e in stale[:5]))
 
@@ -554,11 +563,11 @@ class KindPlatform:
         return self.cluster.kubectl("-n", ns, "get", "pods", "-l", selector, "-o",
                                     "jsonpath={.items[*].metadata.name}").split()
 
-    def _frontends(self) -> tuple[dict[tuple[str, int], frozenset[tuple[str, int]]], dict[int, frozenset[tuple[str, int]]]]:
+    def _stale_index(self, node_ips: frozenset[str]) -> Any:
         c = self.cluster
         services = json.loads(c.kubectl("get", "services", "-A", "-o", "json"))["items"]
         slices = json.loads(c.kubectl("get", "endpointslices", "-A", "-o", "json"))["items"]
-        return frontends_of(services, slices)
+        return stale_index(services, slices, node_ips)
 
 
 def _pad_overrides(node: str) -> dict[str, Any]:
@@ -568,15 +577,13 @@ def _pad_overrides(node: str) -> dict[str, Any]:
 
 # -- command line ------------------------------------------------------------------
 
-REFPROXY_PLUGINS = ("none", "full", "targeted", "thresholded")
-
-
 def default_plugins(cluster: KindCluster) -> tuple[str, ...]:
-    """The runs of a suite when none are named: every refproxy plugin and the
-    ``none`` control; for kube-proxy, ``reconcile`` only, or every cleanup
-    mode when the user's arguments or config carry ``{mode}``."""
+    """The runs of a suite when none are named: the ``none`` control and every
+    refproxy plugin ``registry.discover()`` loads; for kube-proxy,
+    ``reconcile`` only, or every cleanup mode when the user's arguments or
+    config carry ``{mode}``."""
     if cluster.kube_proxy is None:
-        return REFPROXY_PLUGINS
+        return (NO_CLEANUP, *discover().names)
     if cluster.kube_proxy.selects_mode():
         return tuple(km.CLEANUP_MODES)
     return (km.DEFAULT_CLEANUP_MODE,)
@@ -638,7 +645,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="kindest/node image for a cluster this command creates")
     p.add_argument("--plugins", default=None,
                    help="comma-separated runs: refproxy cleanup plugins, written into the kube-proxy ConfigMap's "
-                        "RefproxyConfiguration document (default none,full,targeted,thresholded) "
+                        "RefproxyConfiguration document (default: none and every installed plugin that loads) "
                         "or kube-proxy cleanup modes (default reconcile; reconcile,targeted,off with {mode})")
     p.add_argument("--pad", type=int, default=int(env("REFPROXY_KIND_PAD", "0")))
     p.add_argument("--json", default=env("REFPROXY_KIND_REPORT", "reports/kind-report.json"))
@@ -676,10 +683,10 @@ def cluster_from_args(a: argparse.Namespace, runner: Runner) -> KindCluster:
     if a.proxy == "kube-proxy":
         config = []
         for item in a.kube_proxy_config:
-            key, eq, value = item.partition("=")
-            if not eq:
-                raise LabError(f"--kube-proxy-config {item!r}: want PATH=VALUE")
-            config.append((key, value))
+            try:
+                config.append(split_key_value(item, what="--kube-proxy-config"))
+            except ConfigError as err:
+                raise LabError(f"--kube-proxy-config {item!r}: want PATH=VALUE") from err
         kp = km.KubeProxyParams(image=a.kube_proxy_image or "", args=tuple(a.kube_proxy_arg), config=tuple(config))
         try:
             kp.validate()

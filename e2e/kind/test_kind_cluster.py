@@ -28,9 +28,11 @@ import pytest
 import kind_driver as kd
 import kind_manifests as km
 
+from refproxy.cleanup.registry import discover
+
 pytestmark = pytest.mark.kind
 
-PLUGINS = ("full", "targeted", "thresholded")
+PLUGINS = discover().names  # every refproxy plugin that loads
 MODES = ("reconcile", "targeted")
 RESULTS: list = []
 

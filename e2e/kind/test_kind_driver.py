@@ -11,6 +11,8 @@ import kind_driver as kd
 import kind_manifests as km
 import kind_probe as kp
 
+from refproxy.testing import objects as obj
+
 engine = pytest.importorskip("refproxy.lab.engine", reason="needs the lab engine (refproxy/lab/engine.py)")
 from refproxy.lab.scenario import Action, StepSpec, load_scenario  # noqa: E402
 
@@ -60,24 +62,62 @@ def test_stale_entries_by_design_definition():
         "conntrack v1.4.7 (conntrack-tools): 4 flow entries have been shown.\n")
     entries = kd.parse_conntrack(text)
     assert len(entries) == 4 and entries[0]["rsrc"] == "198.18.2.9"
-    serving = frozenset({("198.18.2.7", 5353)})
-    stale = kd.stale_entries(entries, {("198.19.0.20", 5353): serving}, {30536: serving}, frozenset({"172.18.0.3"}))
+    # serving = {198.18.2.7:5353} on ClusterIP 198.19.0.20:5353 and NodePort 30536
+    services = [obj.service("s", "n", cluster_ip="198.19.0.20",
+                            ports=[obj.port(5353, name="udp", node_port=30536)])]
+    slices = [obj.endpoint_slice("s", "n", endpoints=[obj.endpoint("198.18.2.7")],
+                                 ports=[obj.slice_port(5353, name="udp")])]
+    stale = kd.stale_entries(entries, kd.stale_index(services, slices, frozenset({"172.18.0.3"})))
     assert [(e["dst"], e["sport"]) for e in stale] == [("198.19.0.20", "40053"), ("172.18.0.3", "40054")]
 
 
+def _serving_maps(index):
+    fe = {(f.ip, f.port): s for f, s in index.serving.items() if f.ip is not None}
+    np_ = {f.port: s for f, s in index.serving.items() if f.ip is None}
+    return fe, np_
+
+
 def test_frontends_of_services_and_slices():
-    services = [{"metadata": {"namespace": "n", "name": "s"}, "spec": {
-        "clusterIP": "198.19.0.20", "externalIPs": ["198.19.1.20"],
-        "ports": [{"name": "udp", "port": 5353, "protocol": "UDP", "nodePort": 30536},
-                  {"name": "tcp", "port": 8080, "protocol": "TCP"}]}}]
-    slices = [{"metadata": {"namespace": "n", "labels": {"kubernetes.io/service-name": "s"}},
-               "ports": [{"name": "udp", "port": 5353, "protocol": "UDP"}],
-               "endpoints": [{"addresses": ["198.18.2.7"], "conditions": {"ready": True}},
-                             {"addresses": ["198.18.2.8"], "conditions": {"ready": False, "serving": False}}]}]
-    fe, np_ = kd.frontends_of(services, slices)
+    services = [obj.service("s", "n", cluster_ip="198.19.0.20", external_ips=["198.19.1.20"],
+                            ports=[obj.port(5353, name="udp", node_port=30536), obj.port(8080, "TCP", name="tcp")])]
+    slices = [obj.endpoint_slice("s", "n", ports=[obj.slice_port(5353, name="udp")], endpoints=[
+        obj.endpoint("198.18.2.7", ready=True), obj.endpoint("198.18.2.8", ready=False, serving=False)])]
+    fe, np_ = _serving_maps(kd.stale_index(services, slices, ()))
     eps = frozenset({("198.18.2.7", 5353)})
     assert fe == {("198.19.0.20", 5353): eps, ("198.19.1.20", 5353): eps}
     assert np_ == {30536: eps}
+
+
+def _ct(dst, dport, rsrc, rsport=5353):
+    return {"proto": "udp", "src": "198.18.1.5", "dst": dst, "sport": "40000", "dport": str(dport),
+            "rsrc": rsrc, "rdst": "198.18.1.5", "rsport": str(rsport), "rdport": "40000"}
+
+
+def test_kind_verdicts_are_the_plugins_predicate_lb_ips_and_serving_defaults():
+    """The cases where kind's old predicate differed from StaleIndex: LoadBalancer
+    ingress IPs are frontends; ``serving`` nil means ``ready``; a terminating
+    endpoint that still serves keeps its entries."""
+    services = [obj.service("lb", "n", cluster_ip="198.19.0.30", load_balancer_ips=["198.19.250.1"],
+                            ports=[obj.port(53, name="dns", node_port=30053)])]
+    slices = [obj.endpoint_slice("lb", "n", ports=[obj.slice_port(5353, name="dns")], endpoints=[
+        obj.endpoint("198.18.2.1"),                                   # ready nil -> ready, serving
+        obj.endpoint("198.18.2.2", ready=False),                      # serving nil -> ready = False
+        obj.endpoint("198.18.2.3", ready=False, serving=True, terminating=True),
+    ])]
+    index = kd.stale_index(services, slices, frozenset({"172.18.0.3"}))
+    cases = {
+        ("198.19.250.1", 53, "198.18.2.1"): False,
+        ("198.19.250.1", 53, "198.18.2.2"): True,
+        ("198.19.250.1", 53, "198.18.2.9"): True,
+        ("198.19.0.30", 53, "198.18.2.3"): False,
+        ("198.19.0.30", 53, "198.18.2.2"): True,
+        ("172.18.0.3", 30053, "198.18.2.3"): False,
+        ("172.18.0.3", 30053, "198.18.2.2"): True,
+        ("172.18.0.3", 4789, "172.18.0.3"): False,
+    }
+    entries = [_ct(d, p, r) for d, p, r in cases]
+    stale = kd.stale_entries(entries, index)
+    assert [(e["dst"], int(e["dport"]), e["rsrc"]) for e in stale] == [k for k, v in cases.items() if v]
 
 
 def test_cluster_create_build_load_delete_sequence(fake_tools):

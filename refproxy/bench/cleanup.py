@@ -176,6 +176,9 @@ def main(args: argparse.Namespace) -> int:
     if not args.no_conntrack_cli:
         methods.append(CLI_METHOD)
     opts = _plugin_opts(args.plugin_opt)
+    for m in methods:
+        if m != CLI_METHOD:
+            _split_variant(m, {})  # a malformed NAME@K=V fails here, before any namespace exists
     remove_leftovers("rpbench")
     rows: list[tuple[Scenario, RunResult, str]] = []
     print(_header(), flush=True)
@@ -222,18 +225,15 @@ def _methods(spec: str) -> list[str]:
         return [x.strip() for x in spec.split(",") if x.strip()]
     from refproxy.cleanup.registry import discover
 
-    return [name for name, info in discover().items() if info.loadable]
+    return list(discover().names)
 
 
 def _plugin_opts(items: list[str]) -> dict[str, dict[str, str]]:
+    from refproxy.cleanup.registry import split_plugin_option
+
     out: dict[str, dict[str, str]] = {}
     for item in items:
-        plugin, _, kv = item.partition(":")
-        k, sep, v = kv.partition("=")
-        if not sep:
-            from refproxy.errors import ConfigError
-
-            raise ConfigError(f"--plugin-opt {item!r}: expected PLUGIN:KEY=VALUE")
+        plugin, k, v = split_plugin_option(item)
         out.setdefault(plugin, {})[k] = v
     return out
 
@@ -293,11 +293,13 @@ def _worker(spec_json: str) -> None:
 
 def _split_variant(method: str, options: dict[str, str]) -> tuple[str, dict[str, str]]:
     """``NAME@K=V;K=V`` -> (NAME, options with those added)."""
+    from refproxy.config import split_key_value
+
     name, _, spec = method.partition("@")
     opts = dict(options)
     for item in filter(None, spec.split(";")):
-        k, _, v = item.partition("=")
-        opts[k.strip()] = v.strip()
+        k, v = split_key_value(item, what=f"plugin variant {method!r}:")
+        opts[k] = v
     return name, opts
 
 

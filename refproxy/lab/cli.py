@@ -12,24 +12,31 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from importlib.metadata import entry_points
+from typing import Iterable, Mapping
 
+from refproxy.cleanup.registry import discover, split_plugin_option
+from refproxy.config import NO_CLEANUP
 from refproxy.errors import ConfigError
 
-__all__ = ["add_arguments", "main", "installed_plugins", "LAB_PREFIX", "DEFAULT_PLUGIN_ORDER"]
+__all__ = ["add_arguments", "main", "installed_plugins", "LAB_PREFIX"]
 
 LAB_PREFIX = "rplab"
-DEFAULT_PLUGIN_ORDER = ("none", "full", "targeted", "thresholded")
 
 
 def installed_plugins() -> list[str]:
-    """Names of the cleanup plugins registered in the ``refproxy.cleanup`` entry-point group."""
-    return sorted({ep.name for ep in entry_points(group="refproxy.cleanup")})
+    """The cleanup plugins the lab may run: those ``registry.discover()`` loaded
+    (built-ins first); one that fails to load is never offered."""
+    return list(discover().names)
 
 
-def _default_plugins(installed: list[str]) -> list[str]:
-    ordered = [p for p in DEFAULT_PLUGIN_ORDER if p == "none" or p in installed]
-    return ordered + [p for p in installed if p not in ordered]
+def _default_plugins(installed: Iterable[str]) -> list[str]:
+    """The control first, then ``installed`` in ``discover()``'s order."""
+    return [NO_CLEANUP] + [p for p in installed if p != NO_CLEANUP]
+
+
+def _warn_unloadable(failures: Mapping[str, str]) -> None:
+    for name, why in sorted(failures.items()):
+        print(f"refproxy lab: not offering cleanup plugin {name!r}: {why}", file=sys.stderr)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,8 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenario", default="default", metavar="NAME|FILE",
                    help="built-in scenario name (refproxy/lab/scenarios/: default, restart, padded) or a YAML file (default: default)")
     p.add_argument("--plugins", metavar="A,B", default="",
-                   help="cleanup plugins to compare; 'none' is the no-cleanup control "
-                        "(default: none plus every installed plugin)")
+                   help=f"cleanup plugins to compare; '{NO_CLEANUP}' is the no-cleanup control "
+                        f"(default: {NO_CLEANUP} plus every installed plugin that loads)")
     p.add_argument("--plugin-opt", action="append", default=[], metavar="PLUGIN:KEY=VALUE",
                    help="a --cleanup-opt for one plugin (repeatable)")
     p.add_argument("--pad", type=int, default=None, metavar="N",
@@ -52,13 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _plugin_options(items: list[str], plugins: tuple[str, ...]) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {p: {} for p in plugins}
     for item in items:
-        name, sep, kv = item.partition(":")
-        if not sep or "=" not in kv:
-            raise ConfigError(f"--plugin-opt {item!r}: expected PLUGIN:KEY=VALUE")
+        name, k, v = split_plugin_option(item)
         if name not in out:
             raise ConfigError(f"--plugin-opt {item!r}: plugin {name!r} is not being run")
-        k, v = kv.split("=", 1)
-        out[name][k.strip()] = v.strip()
+        out[name][k] = v
     return out
 
 
@@ -72,7 +76,9 @@ def main(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.scenario)
     if args.pad is not None:
         scenario = scenario.with_pad(args.pad)
-    installed = installed_plugins()
+    found = discover()
+    installed = list(found.names)
+    _warn_unloadable(found.failures)
     wanted = [x for x in args.plugins.split(",")] if args.plugins else _default_plugins(installed)
     plugins = validate_plugins(wanted, installed)
     options = _plugin_options(args.plugin_opt, plugins)

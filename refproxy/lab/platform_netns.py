@@ -42,6 +42,7 @@ from refproxy.conntrack.types import IPPROTO_UDP, ConntrackEntry
 from refproxy.errors import LabError
 from refproxy.lab.client import parse_log
 from refproxy.lab.engine import ConntrackState, ResourceFigures, Sample, StepRecord
+from refproxy.lab.report import parse_prometheus  # the one Prometheus text parser; re-exported
 from refproxy.lab.scenario import Action, ClientSpec, Scenario, ServiceSpec, StepSpec, Via
 from refproxy.lab.topology import Pod, Topology, start_echo_in
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
@@ -78,27 +79,6 @@ def parse_conntrack_line(line: str) -> tuple[float | None, ConntrackEntry] | Non
     except (KeyError, ValueError):
         return None
     return (float(m.group(1)) if m else None), e
-
-
-def parse_prometheus(text: str) -> dict[str, float]:
-    """Prometheus text -> ``{metric name: value summed over label sets}`` (buckets skipped)."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        brace = line.find("{")
-        if brace >= 0:
-            name, rest = line[:brace], line[line.rfind("}") + 1:]
-        else:
-            name, _, rest = line.partition(" ")
-        if name.endswith("_bucket"):
-            continue
-        try:
-            value = float(rest.split()[0])
-        except (IndexError, ValueError):
-            continue
-        out[name] = out.get(name, 0.0) + value
-    return out
 
 
 def judge_deletions(lines: Iterable[str], truth: Sequence[tuple[float, StaleIndex]],

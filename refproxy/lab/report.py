@@ -2,7 +2,9 @@
 
 Contract: pure formatting of :class:`~refproxy.lab.engine.RunResult` values
 (the only I/O is :func:`write_json` writing one file). The summary names
-follow kube-proxy's metrics where they come from them.
+follow kube-proxy's metrics where they come from them, read from a proxy's
+``/metrics`` text by :func:`parse_prometheus` — the one Prometheus text
+parser of the kit (the netns platform and the kind driver both use it).
 """
 
 from __future__ import annotations
@@ -12,11 +14,35 @@ import json
 import math
 from typing import Any, Sequence
 
+from prometheus_client.parser import text_string_to_metric_families
+
+from refproxy.config import NO_CLEANUP
 from refproxy.lab.engine import RunResult
 
-__all__ = ["summarize", "comparison_table", "report_document", "write_json", "verdict"]
+__all__ = ["summarize", "comparison_table", "report_document", "write_json", "verdict", "parse_prometheus"]
 
 MB = 1024 * 1024
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Prometheus exposition text -> ``{sample name: value summed over label sets}``.
+
+    Parsed by ``prometheus_client.parser``; histogram buckets are skipped
+    (``_sum`` and ``_count`` are kept). Line by line, so a line that is not
+    exposition format (a scrape cut short, a foreign line) costs only itself.
+    """
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            samples = [s for fam in text_string_to_metric_families(line + "\n") for s in fam.samples]
+        except ValueError:
+            continue
+        for sample in samples:
+            if not sample.name.endswith("_bucket"):
+                out[sample.name] = out.get(sample.name, 0.0) + float(sample.value)
+    return out
 
 
 def _ratio(m: dict, name: str) -> float | None:
@@ -73,7 +99,7 @@ def verdict(row: dict[str, Any], recovery_bound: float | None = None) -> str:
     problems = []
     if row["error"]:
         problems.append("proxy failed")
-    if row["plugin"] == "none":
+    if row["plugin"] == NO_CLEANUP:
         return "; ".join(problems) or ("black hole (control)" if row["black_hole"] else "no black hole shown")
     if row["black_hole"] or row["fixed_recoveries"] < row["fixed_recoveries_expected"]:
         problems.append("black hole")

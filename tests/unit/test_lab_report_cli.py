@@ -114,8 +114,26 @@ def test_plot_without_matplotlib_fails_first(monkeypatch, capsys):
 
 
 def test_default_plugins_put_the_control_first():
-    assert lab_cli._default_plugins(["thresholded", "full", "extra", "targeted"]) == [
+    from refproxy.cleanup.registry import Discovery, PluginInfo
+
+    # The order comes from registry.discover(): built-ins, then third-party plugins.
+    found = Discovery([PluginInfo(n, f"{pkg}.{n}:C") for n, pkg in (
+        ("thresholded", "refproxy_plugins"), ("full", "refproxy_plugins"), ("extra", "acme"),
+        ("targeted", "refproxy_plugins"))])
+    assert lab_cli._default_plugins(found.names) == [
         "none", "full", "targeted", "thresholded", "extra"]
+
+
+def test_a_plugin_that_fails_to_load_is_not_offered(monkeypatch, capsys):
+    from refproxy.cleanup.registry import Discovery, PluginInfo
+
+    found = Discovery([PluginInfo("full", "refproxy_plugins.full:F", api_version=1),
+                       PluginInfo("broken", "acme:B", load_error="cleanup plugin 'broken' failed to load: boom")])
+    monkeypatch.setattr(lab_cli, "discover", lambda: found)
+    assert lab_cli.installed_plugins() == ["full"]
+    assert refproxy_main(["lab", "--plugins", "broken"]) == 1
+    err = capsys.readouterr().err
+    assert "not offering cleanup plugin 'broken'" in err and "unknown cleanup plugin 'broken'" in err
 
 
 def test_plot_writes_a_png(tmp_path):
