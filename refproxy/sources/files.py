@@ -1,12 +1,16 @@
 """Services and EndpointSlices read from a directory of manifests.
 
 Contract: ``load_manifests(dir)`` is the only parser of manifest files (the
-``render`` command and the lab use it too); ``FilesSource`` re-reads the
-directory when a file's mtime or size changes and implements
+``render`` command and the lab use it too); ``FilesSource`` re-reads each
+file when it changed and has settled, and implements
 :class:`~refproxy.sources.base.Source`. A file that cannot be read or parsed
 raises :class:`~refproxy.errors.SourceError` naming it; ``FilesSource`` then
-keeps the last good content and counts the error (a half-written file must
-not wipe every service).
+keeps *that file's* last good content, counts the error and still applies
+the other files (one broken or half-written file must not wipe or freeze
+anything else). Parsing goes through :mod:`refproxy.sources.safeyaml`:
+alias-heavy, self-referencing or over-deep documents are refused
+(``LimitError``) instead of allocating gigabytes or raising
+``RecursionError`` in the polling thread.
 
 Manifests are not API objects: a file edited in place keeps whatever
 ``metadata.resourceVersion`` it was written with (``kubectl get -o yaml``
@@ -24,23 +28,20 @@ import hashlib
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
-
-import yaml
 
 from refproxy.errors import SourceError
 from refproxy.log import get_logger, kv
 from refproxy.sources.base import ENDPOINT_SLICES, SERVICES, ObjectStore
+from refproxy.sources.safeyaml import load_json, safe_load_all
 
-__all__ = ["load_manifests", "load_all_manifests", "FilesSource", "MANIFEST_SUFFIXES", "content_version",
+__all__ = ["load_manifests", "load_all_manifests", "load_manifest_file", "FilesSource", "MANIFEST_SUFFIXES", "content_version",
            "stamp_version"]
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 log = get_logger("refproxy.sources.files")
-
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
 
 _TYPED_LISTS = {"ServiceList": "Service", "EndpointSliceList": "EndpointSlice", "NodeList": "Node"}
 
@@ -91,20 +92,31 @@ def load_all_manifests(directory: str | os.PathLike) -> tuple[list[dict], list[d
     """
     out: dict[str, list[dict]] = {"Service": [], "EndpointSlice": [], "Node": []}
     for path in _files(Path(directory)):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise SourceError(f"cannot read manifest {path}: {err}") from err
-        try:
-            if path.suffix == ".json":
-                docs = [json.loads(text)]
-            else:
-                docs = list(yaml.load_all(text, Loader=_LOADER))
-        except (ValueError, yaml.YAMLError) as err:
-            raise SourceError(f"invalid manifest {path}: {err}") from err
+        for kind, objs in load_manifest_file(path).items():
+            out[kind].extend(objs)
+    return out["Service"], out["EndpointSlice"], out["Node"]
+
+
+def load_manifest_file(path: str | os.PathLike) -> dict[str, list[dict]]:
+    """One manifest file's objects by kind: ``{"Service": [...], "EndpointSlice": [...], "Node": [...]}``.
+
+    Raises ``SourceError`` naming the file for *any* failure: unreadable,
+    not UTF-8, invalid YAML/JSON, or over a bound of
+    :mod:`refproxy.sources.safeyaml` (aliases, recursion, depth).
+    """
+    path = Path(path)
+    out: dict[str, list[dict]] = {"Service": [], "EndpointSlice": [], "Node": []}
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SourceError(f"cannot read manifest {path}: {err}") from err
+    try:
+        docs = [load_json(text)] if path.suffix == ".json" else safe_load_all(text)
         for doc in docs:
             _classify(doc, out)
-    return out["Service"], out["EndpointSlice"], out["Node"]
+    except Exception as err:  # noqa: BLE001 - whatever a file holds, it names the file
+        raise SourceError(f"invalid manifest {path}: {err}") from err
+    return out
 
 
 def content_version(obj: dict) -> str:
@@ -133,15 +145,19 @@ def stamp_version(obj: dict) -> dict:
     return {**obj, "metadata": {**meta, "resourceVersion": content_version(obj)}}
 
 
-def _fingerprint(directory: Path) -> tuple:
-    out = []
-    for p in _files(directory):
-        try:
-            st = p.stat()
-        except OSError:
-            continue
-        out.append((p.name, st.st_mtime_ns, st.st_size))
-    return tuple(out)
+class _File:
+    """What the source knows of one manifest file."""
+
+    __slots__ = ("seen", "done", "objs")
+
+    def __init__(self) -> None:
+        self.seen: tuple | None = None  # its stat signature at the previous poll
+        self.done: tuple | None = None  # the signature last parsed (good or not): not parsed again
+        self.objs: dict[str, list[dict]] | None = None  # the last good content
+
+
+def _signature(st: os.stat_result) -> tuple:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 class FilesSource(ObjectStore):
@@ -150,12 +166,25 @@ class FilesSource(ObjectStore):
     Guarantees:
 
     1. The first read happens on the background thread; ``synced()`` turns
-       True after the first *successful* read (both kinds at once).
-    2. The directory is polled every ``poll_interval`` seconds (file names,
-       mtimes and sizes); a change triggers a full re-read.
-    3. A failed read is counted in ``errors``/``last_error`` and retried at
-       the next poll; the previous content stays.
-    4. ``stop()`` returns within about one ``poll_interval``.
+       True once every manifest file present has been read successfully
+       (both kinds at once).
+    2. The directory is polled every ``poll_interval`` seconds. A file is
+       (re)read when its signature (size, mtime, ctime, inode) changed and
+       it has *settled*, so a half-written or truncating file is never
+       applied: its signature is unchanged since the previous poll, or its
+       status changed after its last content write (ctime > mtime: renamed
+       into place, as atomic writers do, or touched), or its last write is
+       ``settle`` seconds old (by ``clock``, wall time; default two poll
+       intervals, so files present at start-up are read at once; 0 reads
+       every change at once).
+    3. Each file is parsed on its own; any failure is counted in
+       ``errors``/``last_error`` (and ``on_error``), logged, and leaves that
+       file's last good content in place while the other files update. The
+       same failing content is not parsed again; an unreadable file is
+       retried at the next poll. A deleted file's objects go away; a file
+       added after the first sync that never parsed contributes nothing.
+    4. ``stop()`` returns within about one ``poll_interval``; no exception
+       ends the polling thread.
     5. Every delivered object carries ``metadata.resourceVersion`` =
        :func:`content_version` of it, whatever version the file holds.
     6. With ``set_node_callback(name, on_node)``, the first ``kind: Node``
@@ -165,13 +194,17 @@ class FilesSource(ObjectStore):
        ``ObjectStore.deliver_node`` the kube source uses.
     """
 
-    def __init__(self, directory: str | os.PathLike, poll_interval: float = 1.0) -> None:
+    def __init__(self, directory: str | os.PathLike, poll_interval: float = 1.0, *,
+                 settle: float | None = None, clock: Callable[[], float] = time.time) -> None:
         super().__init__()
         self.directory = Path(directory)
         self.poll_interval = max(0.01, float(poll_interval))
+        self.settle = 2 * self.poll_interval if settle is None else max(0.0, float(settle))
+        self._clock = clock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._seen: tuple | None = None
+        self._state: dict[str, _File] = {}
+        self.unsettled = 0  # files waiting to settle at the latest poll (tests, logs)
 
     def start(self, on_change: Callable[[], None]) -> None:
         """Start the polling thread."""
@@ -189,18 +222,65 @@ class FilesSource(ObjectStore):
         if t is not None:
             t.join(timeout=self.poll_interval + 5.0)
 
+    def _fail(self, message: str) -> None:
+        self.record_error(message)
+        kv(log, 40, "Failed to read manifests", dir=self.directory, err=message)
+
     def poll_once(self) -> bool:
-        """Re-read the directory if it changed; True when it was (re)read. Never raises."""
+        """Read the files that changed and settled; True when the content was recomputed. Never raises."""
         try:
-            fp = _fingerprint(self.directory)
-            if fp == self._seen and self.synced():
-                return False
-            services, slices, nodes = load_all_manifests(self.directory)
-        except SourceError as err:
-            self.record_error(str(err))
-            kv(log, 40, "Failed to read manifests", dir=self.directory, err=err)
+            return self._poll()
+        except Exception as err:  # noqa: BLE001 - the polling thread must survive anything
+            self._fail(f"manifest directory {self.directory}: {type(err).__name__}: {err}")
             return False
-        self._seen = fp
+
+    def _poll(self) -> bool:
+        try:
+            paths = _files(self.directory)
+        except SourceError as err:
+            self._fail(str(err))
+            return False
+        now_ns = int(self._clock() * 1e9)
+        settle_ns = int(self.settle * 1e9)
+        changed, unsettled = False, 0
+        present = {p.name for p in paths}
+        for name in [n for n in self._state if n not in present]:
+            changed |= self._state.pop(name).objs is not None
+        for path in paths:
+            f = self._state.setdefault(path.name, _File())
+            try:
+                st = path.stat()
+            except OSError as err:  # removed or replaced since the listing: next poll
+                self._fail(f"cannot read manifest {path}: {err}")
+                continue
+            sig, previous = _signature(st), f.seen
+            f.seen = sig
+            if sig == f.done:
+                continue
+            settled = (not settle_ns or sig == previous or st.st_ctime_ns > st.st_mtime_ns
+                       or now_ns - st.st_mtime_ns >= settle_ns)
+            if not settled:
+                unsettled += 1  # still being written, perhaps: wait for it
+                continue
+            try:
+                objs = load_manifest_file(path)
+            except SourceError as err:
+                if not isinstance(err.__cause__, OSError):
+                    f.done = sig  # the same bytes would fail the same way
+                self._fail(str(err) + ("; keeping its last good content" if f.objs is not None else ""))
+                continue
+            f.done, f.objs = sig, objs
+            changed = True
+        self.unsettled = unsettled
+        if not self.synced() and not all(f.objs is not None for f in self._state.values()):
+            return False  # before the first complete read nothing is delivered (see 1.)
+        if not changed and self.synced():
+            return False
+        out: dict[str, list[dict]] = {"Service": [], "EndpointSlice": [], "Node": []}
+        for name in sorted(self._state):
+            for kind, objs in (self._state[name].objs or {}).items():
+                out[kind].extend(objs)
+        services, slices, nodes = out["Service"], out["EndpointSlice"], out["Node"]
         # A version kept from ``kubectl get -o yaml`` would survive an edit and
         # make the snapshot memo reuse the old parse (see the module docstring).
         self.replace(SERVICES, [stamp_version(o) for o in services])
