@@ -8,19 +8,21 @@ the same facts incrementally in ``ServiceChangeTracker`` /
 endpointschangetracker.go); we recompute them from whole snapshots because a
 snapshot is cheap to compare and cannot drift from the rules rendered from it.
 
-Departure: ``endpoints_removed`` lists endpoints that were *serving* and no
-longer are (gone, or now not serving), not only those whose ``ip:port``
-disappeared (kube-proxy's ``DeletedUDPEndpoints``), because the stale-entry
-contract (docs/design.md) is stated in terms of serving endpoints.
+One change vocabulary: ``Changes`` says which *service ports* changed, which
+is what the rules need (partial syncs, ``is_empty``). What conntrack cleanup
+needs — kube-proxy's ``DeletedUDPEndpoints`` and ``NewlyActiveUDPServices``
+— is stated per *frontend*, not per port (two ports sharing a frontend share
+its serving set; a NodePort answers on every node address; SCTP is cleaned
+only on request), so it has one definition, next to the stale predicate:
+``refproxy.cleanup.stale.affected_frontends`` (docs/design.md, "What stale
+means"). ``Changes`` carries no cleanup hints.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Mapping
+from dataclasses import dataclass
 
-from refproxy.model import Endpoint, ServicePortName, Snapshot
+from refproxy.model import ServicePortName, Snapshot
 
 __all__ = ["Changes", "diff"]
 
@@ -34,28 +36,21 @@ class Changes:
     * ``services_added`` / ``services_removed`` / ``services_updated``: service
       ports that appeared, disappeared, or whose ``ServicePort`` differs.
     * ``endpoints_changed``: ports whose endpoint list differs in any way.
-    * ``endpoints_removed``: per port, the endpoints that were serving in the
-      old snapshot and are not serving (or absent) in the new one — the
-      reply sources whose conntrack entries may now be stale.
-    * ``newly_active``: service ports that had no serving endpoint and now
-      have one (kube-proxy's ``NewlyActiveUDPServices``: entries created while
-      the port rejected traffic must go).
     * ``full``: ``old`` was ``None`` (first sync: assume everything changed).
+
+    What may hold stale conntrack entries is not here: see
+    ``refproxy.cleanup.stale.affected_frontends``.
     """
 
     services_added: tuple[ServicePortName, ...] = ()
     services_removed: tuple[ServicePortName, ...] = ()
     services_updated: tuple[ServicePortName, ...] = ()
     endpoints_changed: tuple[ServicePortName, ...] = ()
-    endpoints_removed: Mapping[ServicePortName, tuple[Endpoint, ...]] = field(
-        default_factory=lambda: MappingProxyType({})
-    )
-    newly_active: tuple[ServicePortName, ...] = ()
     full: bool = False
 
     @property
     def is_empty(self) -> bool:
-        """True when nothing a proxier or a cleanup plugin cares about changed."""
+        """True when no service port or endpoint list changed (nothing to render)."""
         return not (
             self.full
             or self.services_added
@@ -76,10 +71,6 @@ class Changes:
         )
 
 
-def _serving(eps: tuple[Endpoint, ...]) -> set[tuple[str, int]]:
-    return {(e.ip, e.port) for e in eps if e.serving}
-
-
 def diff(old: Snapshot | None, new: Snapshot) -> Changes:
     """Compare ``old`` (``None`` before the first sync) with ``new``.
 
@@ -91,37 +82,16 @@ def diff(old: Snapshot | None, new: Snapshot) -> Changes:
        other.
     """
     if old is None or old.family is not new.family:
-        eps = tuple(sorted(k for k, v in new.endpoints.items() if v))
         return Changes(
             services_added=tuple(sorted(new.services)),
-            endpoints_changed=eps,
-            newly_active=tuple(sorted(k for k in new.services if _serving(new.endpoints_of(k)))),
+            endpoints_changed=tuple(sorted(k for k, v in new.endpoints.items() if v)),
             full=True,
         )
     o_svc, n_svc = old.services, new.services
-    added = sorted(k for k in n_svc if k not in o_svc)
-    removed = sorted(k for k in o_svc if k not in n_svc)
-    updated = sorted(k for k in n_svc if k in o_svc and o_svc[k] != n_svc[k])
-
-    changed: list[ServicePortName] = []
-    gone: dict[ServicePortName, tuple[Endpoint, ...]] = {}
-    for k in set(old.endpoints) | set(new.endpoints):
-        before, after = old.endpoints_of(k), new.endpoints_of(k)
-        if before == after:
-            continue
-        changed.append(k)
-        still = _serving(after)
-        lost = tuple(e for e in before if e.serving and (e.ip, e.port) not in still)
-        if lost:
-            gone[k] = lost
-    newly = sorted(
-        k for k in n_svc if _serving(new.endpoints_of(k)) and not _serving(old.endpoints_of(k))
-    )
+    changed = (k for k in set(old.endpoints) | set(new.endpoints) if old.endpoints_of(k) != new.endpoints_of(k))
     return Changes(
-        services_added=tuple(added),
-        services_removed=tuple(removed),
-        services_updated=tuple(updated),
+        services_added=tuple(sorted(k for k in n_svc if k not in o_svc)),
+        services_removed=tuple(sorted(k for k in o_svc if k not in n_svc)),
+        services_updated=tuple(sorted(k for k in n_svc if k in o_svc and o_svc[k] != n_svc[k])),
         endpoints_changed=tuple(sorted(changed)),
-        endpoints_removed=MappingProxyType(dict(sorted(gone.items()))),
-        newly_active=tuple(newly),
     )

@@ -154,6 +154,9 @@ class StaleIndex:
 def affected_frontends(previous: StaleIndex | None, current: StaleIndex) -> frozenset[Frontend] | None:
     """Frontends that may have stale entries after going from ``previous`` to ``current``.
 
+    The one definition of "affected frontends" (kube-proxy's
+    ``DeletedUDPEndpoints`` and ``NewlyActiveUDPServices``, stated per
+    frontend; ``changes.Changes`` carries no cleanup hints).
     ``None`` means "unknown: anything may be stale" (no previous index). A
     frontend is affected when it was retired, when it lost a serving endpoint,
     or when it is new or went from zero to some endpoints (entries created

@@ -1,4 +1,9 @@
-"""diff(): kube-proxy's change-tracker facts, recomputed from two snapshots."""
+"""diff(): kube-proxy's change-tracker facts, recomputed from two snapshots.
+
+Each case also pins what cleanup reads for the same change: the affected
+frontends (``cleanup.stale.affected_frontends``, the one definition of
+kube-proxy's DeletedUDPEndpoints / NewlyActiveUDPServices; ``Changes``
+carries no cleanup hints)."""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from refproxy.changes import Changes, diff
+from refproxy.cleanup.stale import Frontend, StaleIndex, affected_frontends
+from refproxy.conntrack.types import ConntrackEntry
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
 
 A = ServicePortName("ns", "a", "dns", Protocol.UDP)
@@ -28,50 +35,50 @@ def snap(services=(), endpoints=None, family=V4):
     return Snapshot(family=family, services={s.name: s for s in services}, endpoints=endpoints or {})
 
 
+FA, FB = Frontend(17, "198.19.0.1", 53), Frontend(17, "198.19.0.2", 53)  # A's and B's ClusterIP frontends
 BASE = snap([sp(A), sp(B, "198.19.0.2")], {A: (ep("198.18.1.1"), ep("198.18.1.2")), B: (ep("198.18.1.3"),)})
 
 CASES = [
-    ("identical", BASE, BASE, dict()),
+    ("identical", BASE, BASE, dict(), set()),
     ("service-added", BASE, snap([sp(A), sp(B, "198.19.0.2"), sp(C, "198.19.0.3")], BASE.endpoints),
-     dict(services_added=(C,))),
+     dict(services_added=(C,)), set()),  # C is TCP: never cleaned
     ("service-removed-with-endpoints", BASE, snap([sp(A)], {A: BASE.endpoints[A]}),
-     dict(services_removed=(B,), endpoints_changed=(B,), endpoints_removed={B: (ep("198.18.1.3"),)})),
-    ("service-removed-endpoints-linger", BASE, snap([sp(A)], BASE.endpoints), dict(services_removed=(B,))),
+     dict(services_removed=(B,), endpoints_changed=(B,)), {FB}),  # B's endpoint 198.18.1.3 removed
+    ("service-removed-endpoints-linger", BASE, snap([sp(A)], BASE.endpoints), dict(services_removed=(B,)), {FB}),
     ("service-updated", BASE, snap([sp(A, port=54), sp(B, "198.19.0.2")], BASE.endpoints),
-     dict(services_updated=(A,))),
+     dict(services_updated=(A,)), {FA, Frontend(17, "198.19.0.1", 54)}),  # :53 retired, :54 new
     ("endpoint-gone", BASE, snap([sp(A), sp(B, "198.19.0.2")], {A: (ep("198.18.1.1"),), B: BASE.endpoints[B]}),
-     dict(endpoints_changed=(A,), endpoints_removed={A: (ep("198.18.1.2"),)})),
+     dict(endpoints_changed=(A,)), {FA}),  # A's endpoint 198.18.1.2 removed
     ("endpoint-not-serving", BASE,
      snap([sp(A), sp(B, "198.19.0.2")],
           {A: (ep("198.18.1.1"), ep("198.18.1.2", ready=False, serving=False)), B: BASE.endpoints[B]}),
-     dict(endpoints_changed=(A,), endpoints_removed={A: (ep("198.18.1.2"),)})),
+     dict(endpoints_changed=(A,)), {FA}),  # 198.18.1.2 no longer serving
     ("endpoint-terminating-still-serving", BASE,
      snap([sp(A), sp(B, "198.19.0.2")],
           {A: (ep("198.18.1.1"), ep("198.18.1.2", ready=False, terminating=True)), B: BASE.endpoints[B]}),
-     dict(endpoints_changed=(A,))),
+     dict(endpoints_changed=(A,)), set()),
     ("endpoint-port-changed", BASE,
      snap([sp(A), sp(B, "198.19.0.2")], {A: BASE.endpoints[A], B: (ep("198.18.1.3", 5354),)}),
-     dict(endpoints_changed=(B,), endpoints_removed={B: (ep("198.18.1.3"),)})),
+     dict(endpoints_changed=(B,)), {FB}),  # 198.18.1.3:5353 removed
     ("to-zero-endpoints", BASE, snap([sp(A), sp(B, "198.19.0.2")], {A: BASE.endpoints[A]}),
-     dict(endpoints_changed=(B,), endpoints_removed={B: (ep("198.18.1.3"),)})),
+     dict(endpoints_changed=(B,)), {FB}),
     ("newly-active", snap([sp(A), sp(B, "198.19.0.2")], {A: BASE.endpoints[A]}), BASE,
-     dict(endpoints_changed=(B,), newly_active=(B,))),
+     dict(endpoints_changed=(B,)), {FB}),  # zero -> some: its REJECT-time entries must go
     ("endpoint-added-only", BASE,
      snap([sp(A), sp(B, "198.19.0.2")], {A: BASE.endpoints[A] + (ep("198.18.1.9"),), B: BASE.endpoints[B]}),
-     dict(endpoints_changed=(A,))),
+     dict(endpoints_changed=(A,)), set()),
 ]
 
 
-@pytest.mark.parametrize("old,new,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_diff(old, new, expected):
+@pytest.mark.parametrize("old,new,expected,affected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_diff(old, new, expected, affected):
     got = diff(old, new)
     want = Changes(**expected)
     assert got.services_added == want.services_added
     assert got.services_removed == want.services_removed
     assert got.services_updated == want.services_updated
     assert got.endpoints_changed == want.endpoints_changed
-    assert dict(got.endpoints_removed) == dict(want.endpoints_removed)
-    assert got.newly_active == want.newly_active
+    assert affected_frontends(StaleIndex(old), StaleIndex(new, old)) == affected
     assert got.is_empty == (not any(expected.get(k) for k in
                                     ("services_added", "services_removed", "services_updated", "endpoints_changed")))
     assert not got.full
@@ -80,7 +87,8 @@ def test_diff(old, new, expected):
 def test_first_sync_is_full():
     ch = diff(None, BASE)
     assert ch.full and not ch.is_empty
-    assert ch.services_added == (A, B) and ch.endpoints_changed == (A, B) and ch.newly_active == (A, B)
+    assert ch.services_added == (A, B) and ch.endpoints_changed == (A, B)
+    assert affected_frontends(None, StaleIndex(BASE)) is None  # cleanup: anything may be stale
 
 
 def test_family_change_is_full():
@@ -112,12 +120,19 @@ def test_diff_properties(old, new):
     ch = diff(old, new)
     assert diff(new, new).is_empty
     assert ch.is_empty == (old.services == new.services and old.endpoints == new.endpoints)
-    for name, lost in ch.endpoints_removed.items():
-        serving_now = {(e.ip, e.port) for e in new.endpoints_of(name) if e.serving}
-        for e in lost:
-            assert e.serving and e in old.endpoints_of(name) and (e.ip, e.port) not in serving_now
-    # every old serving endpoint that is not serving now is reported
-    for name, before in old.endpoints.items():
-        serving_now = {(e.ip, e.port) for e in new.endpoints_of(name) if e.serving}
-        lost = {e for e in before if e.serving and (e.ip, e.port) not in serving_now}
-        assert lost == set(ch.endpoints_removed.get(name, ()))
+    # Cleanup's side of the same change (kube-proxy's DeletedUDPEndpoints and
+    # NewlyActiveUDPServices, per frontend): every entry that became stale is
+    # on an affected frontend, and a frontend that went from no serving
+    # endpoint to some is affected (entries from its REJECT time must go).
+    before, after = StaleIndex(old), StaleIndex(new, old)
+    affected = affected_frontends(before, after)
+    for f, now in after.serving.items():
+        was = before.serving.get(f)
+        if now and not was:
+            assert f in affected
+        for rsrc in [("198.19.0.1", 53)] + [(ip, p) for ip in ("198.18.1.1", "198.18.1.2", "198.18.1.3") for p in (1, 2)]:
+            e = ConntrackEntry(V4, 17, "198.18.2.1", f.ip, 4000, f.port, rsrc[0], "198.18.2.1", rsrc[1], 4000)
+            if after.is_stale(e) and not before.is_stale(e):
+                assert f in affected
+    for f in after.retired:
+        assert f in affected
