@@ -59,7 +59,7 @@ def test_submit_never_blocks_and_requests_coalesce():
     assert [r.current.generation for r in plugin.requests] == [1, 4]
     assert plugin.requests[1].previous.generation == 1
     assert plugin.requests[1].node_addresses == {"198.18.0.1"}
-    assert m.cleanup_superseded._value.get() == 2
+    assert m.registry.get_sample_value("refproxy_cleanup_requests_coalesced_total") == 2
     assert m.registry.get_sample_value("kubeproxy_conntrack_reconciler_deleted_entries_total", {"ip_family": "IPv4"}) == 4
 
 
@@ -75,7 +75,7 @@ def test_exception_does_not_advance_previous():
     assert report is not None and report.deleted == 2
     assert plugin.requests[1].previous is None  # retried from the same previous
     assert w.previous.generation == 2
-    assert m.cleanup_errors.labels("recording")._value.get() == 1
+    assert m.registry.get_sample_value("refproxy_cleanup_errors_total", {"plugin": "recording"}) == 1
 
 
 def test_run_once_without_pending_is_a_no_op():

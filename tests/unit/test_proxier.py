@@ -8,6 +8,7 @@ from refproxy.config import ProxyConfig
 from refproxy.errors import RestoreError
 from refproxy.metrics import Metrics
 from refproxy.proxier import Proxier, trigger_times
+from refproxy.testing import objects as obj
 
 
 class FakeSource:
@@ -67,24 +68,15 @@ class FakeWorker:
 
 
 def service(name="dns", ip="198.19.0.10", port=53):
-    return {
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": name, "namespace": "kube-system", "resourceVersion": "1"},
-        "spec": {"clusterIP": ip, "type": "ClusterIP",
-                 "ports": [{"name": "dns", "port": port, "protocol": "UDP", "targetPort": 5353}]},
-    }
+    return obj.service(name, "kube-system", cluster_ip=ip, type="ClusterIP", resource_version="1",
+                       ports=[obj.port(port, name="dns", target_port=5353)])
 
 
 def endpoint_slice(name="dns", ips=("198.18.1.1",), rv="1", trigger=None):
-    meta = {"name": f"{name}-abc", "namespace": "kube-system", "resourceVersion": rv,
-            "labels": {"kubernetes.io/service-name": name}}
-    if trigger:
-        meta["annotations"] = {"endpoints.kubernetes.io/last-change-trigger-time": trigger}
-    return {
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": meta, "addressType": "IPv4",
-        "ports": [{"name": "dns", "port": 5353, "protocol": "UDP"}],
-        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}} for ip in ips],
-    }
+    return obj.endpoint_slice(
+        name, "kube-system", name=f"{name}-abc", resource_version=rv,
+        annotations={"endpoints.kubernetes.io/last-change-trigger-time": trigger} if trigger else None,
+        ports=[obj.slice_port(5353, name="dns")], endpoints=[obj.endpoint(ip, ready=True) for ip in ips])
 
 
 def make(source, rules, worker=None, sync_period=3600.0):
@@ -149,7 +141,7 @@ def test_invalid_objects_are_skipped_and_counted_once():
     rules = FakeRules()
     p, _ = make(FakeSource([service(), bad], [endpoint_slice()]), rules)
     assert p.sync() and p.sync()
-    assert p.metrics.skipped_objects.labels("Service")._value.get() == 1
+    assert p.metrics.registry.get_sample_value("refproxy_skipped_objects_total", {"kind": "Service"}) == 1
     assert "bad name" not in rules.restores[-1]
 
 
