@@ -201,7 +201,7 @@ def _serve(config: ProxyConfig) -> int:
     from refproxy.configz import configz_handler
     from refproxy.healthcheck import ProxyHealth
     from refproxy.httpserver import HTTPEndpoint, metrics_routes
-    from refproxy.sources.base import watch_node
+    from refproxy.sources.base import watch_errors, watch_node
     from refproxy.metrics import Metrics
     from refproxy.nodeaddr import local_addresses
     from refproxy.proxier import Proxier
@@ -219,6 +219,7 @@ def _serve(config: ProxyConfig) -> int:
     elif config.cleanup_options:
         raise ConfigError("--cleanup-plugin-opt given but the cleanup plugin is 'none'")
     source = build_source(config)
+    watch_errors(source, lambda _msg: metrics.source_errors.inc())
 
     runners: list[BoundedFrequencyRunner] = []
     fatal: list[str] = []

@@ -40,6 +40,7 @@ import yaml
 
 from refproxy.durations import format_go_duration, parse_go_duration
 from refproxy.errors import ConfigError
+from refproxy.safeyaml import safe_load_all
 
 __all__ = [
     "API_VERSION",
@@ -217,7 +218,7 @@ def load_config_text(text: str | bytes, *, name: str = "config") -> FileConfig:
     if len(text) > _MAX_BYTES:
         raise ConfigError(f"{name}: {len(text)} characters; a KubeProxyConfiguration is a few kB")
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in safe_load_all(text) if d is not None]  # alias- and depth-bounded
     except yaml.YAMLError as err:
         raise ConfigError(f"{name}: not valid YAML/JSON: {err}") from None
     main, ext = None, None

@@ -7,7 +7,7 @@ file when it changed and has settled, and implements
 raises :class:`~refproxy.errors.SourceError` naming it; ``FilesSource`` then
 keeps *that file's* last good content, counts the error and still applies
 the other files (one broken or half-written file must not wipe or freeze
-anything else). Parsing goes through :mod:`refproxy.sources.safeyaml`:
+anything else). Parsing goes through :mod:`refproxy.safeyaml`:
 alias-heavy, self-referencing or over-deep documents are refused
 (``LimitError``) instead of allocating gigabytes or raising
 ``RecursionError`` in the polling thread.
@@ -35,7 +35,7 @@ from typing import Any, Callable
 from refproxy.errors import SourceError
 from refproxy.log import get_logger, kv
 from refproxy.sources.base import ENDPOINT_SLICES, SERVICES, ObjectStore
-from refproxy.sources.safeyaml import load_json, safe_load_all
+from refproxy.safeyaml import load_json, safe_load_all
 
 __all__ = ["load_manifests", "load_all_manifests", "load_manifest_file", "FilesSource", "MANIFEST_SUFFIXES", "content_version",
            "stamp_version"]
@@ -102,7 +102,7 @@ def load_manifest_file(path: str | os.PathLike) -> dict[str, list[dict]]:
 
     Raises ``SourceError`` naming the file for *any* failure: unreadable,
     not UTF-8, invalid YAML/JSON, or over a bound of
-    :mod:`refproxy.sources.safeyaml` (aliases, recursion, depth).
+    :mod:`refproxy.safeyaml` (aliases, recursion, depth).
     """
     path = Path(path)
     out: dict[str, list[dict]] = {"Service": [], "EndpointSlice": [], "Node": []}

@@ -7,7 +7,7 @@ import tracemalloc
 import pytest
 import yaml
 
-from refproxy.sources.safeyaml import LimitError, check_depth, load_json, safe_load_all
+from refproxy.safeyaml import LimitError, check_depth, load_json, safe_load_all
 
 
 def laughs(levels: int = 9, width: int = 9) -> str:
