@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+from typing import NamedTuple
 
 from refproxy.model import Endpoint, ServicePortName
 
@@ -32,7 +33,6 @@ __all__ = [
     "endpoint_chain",
     "is_service_chain",
     "ServiceChains",
-    "chains_for",
 ]
 
 SVC_PREFIX = "KUBE-SVC-"
@@ -90,25 +90,26 @@ def is_service_chain(chain: str) -> bool:
     return chain.startswith(SERVICE_CHAIN_PREFIXES)
 
 
-class ServiceChains:
-    """The per-service chain names of one service port, computed once."""
+class _Chains(NamedTuple):
+    name: str
+    protocol: str
+    svc: str
+    svl: str
+    ext: str
+    fw: str
 
-    __slots__ = ("name", "protocol", "svc", "svl", "ext", "fw")
 
-    def __init__(self, spn: ServicePortName) -> None:
-        self.name = str(spn)
-        self.protocol = spn.protocol.lower
-        h = port_proto_hash(self.name, self.protocol)
-        self.svc = SVC_PREFIX + h
-        self.svl = SVL_PREFIX + h
-        self.ext = EXT_PREFIX + h
-        self.fw = FW_PREFIX + h
+class ServiceChains(_Chains):
+    """The per-service chain names of one service port, computed once (immutable)."""
+
+    __slots__ = ()
+
+    def __new__(cls, spn: ServicePortName) -> "ServiceChains":
+        name = str(spn)
+        protocol = spn.protocol.lower
+        h = port_proto_hash(name, protocol)
+        return tuple.__new__(cls, (name, protocol, SVC_PREFIX + h, SVL_PREFIX + h, EXT_PREFIX + h, FW_PREFIX + h))
 
     def sep(self, ep: Endpoint) -> str:
         """The ``KUBE-SEP-`` chain of ``ep`` for this service port."""
         return endpoint_chain(self.name, self.protocol, str(ep))
-
-
-def chains_for(spn: ServicePortName) -> ServiceChains:
-    """Chain names for ``spn`` (see :class:`ServiceChains`)."""
-    return ServiceChains(spn)

@@ -12,13 +12,19 @@ Contract:
    backslash, ``#`` or newline) and length-capped. Addresses, CIDRs and ports are parsed and re-printed in canonical
    form; anything that does not parse, or is of the other IP family, is left
    out and reported in ``RenderedRules.warnings`` (the snapshot builder is the
-   first line of defence; this is the second).
+   first line of defence; this is the second). Validation happens once, when
+   the plan is built.
 4. Stale per-service chains (present in ``existing_chains``, absent from the
    new ruleset) are flushed and deleted (``-X``) in the same restore, as
    kube-proxy does, so one atomic ``iptables-restore`` moves the whole state.
 5. Endpoint choice follows ``pkg/proxy/topology.go`` ``CategorizeEndpoints``
    (ready first, else serving-terminating; Local policies use local endpoints
    only) without topology hints, which the model does not carry.
+6. Two stages: :func:`plan_ports` turns each service port into a frozen
+   :class:`PortPlan` (canonical addresses, chain names, every routing
+   decision); the emitters (:func:`filter_rules`, :func:`nat_frontend_rules`,
+   :func:`service_chain_rules`) only format a plan. A partial sync is the
+   choice not to run :func:`service_chain_rules` for unchanged ports.
 """
 
 from __future__ import annotations
@@ -29,15 +35,21 @@ import re
 import dataclasses
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Collection, Iterable, Mapping, Sequence
+from typing import Collection, Iterable, Mapping, NamedTuple, Sequence
 
 from refproxy.model import Endpoint, IPFamily, ServicePort, ServicePortName, Snapshot
-from refproxy.rules.hashing import ServiceChains, is_service_chain
+from refproxy.rules.hashing import ServiceChains, endpoint_chain, is_service_chain
 
 __all__ = [
     "RenderConfig",
     "RenderedRules",
     "render",
+    "PortPlan",
+    "PlannedEndpoint",
+    "plan_ports",
+    "filter_rules",
+    "nat_frontend_rules",
+    "service_chain_rules",
     "categorize_endpoints",
     "compute_probability",
     "KUBE_SERVICES",
@@ -207,6 +219,10 @@ class RenderedRules:
     filter_rules: int = 0
     nat_rules: int = 0
     large_cluster_mode: bool = False
+    #: nat rules of the per-service chains a partial sync left out (what they
+    #: would have had): ``nat_rules + skipped_nat_rules`` is upstream's
+    #: ``sync_proxy_rules_iptables_total{table="nat"}``; 0 for a full render.
+    skipped_nat_rules: int = 0
 
     @property
     def size(self) -> int:
@@ -287,7 +303,7 @@ def _categorize(
 ) -> tuple[list[Endpoint], list[Endpoint], list[Endpoint], bool]:
     # Even with external policy Local, Cluster endpoints are needed for the
     # short-circuit of node/pod-originated external traffic (upstream
-    # UsesClusterEndpoints).
+    # UsesClusterEndpoints). Either list is empty when its policy is unused.
     uses_cluster = not internal_local or ext_accessible
     uses_local = internal_local or (external_local and ext_accessible)
     cluster: list[Endpoint] = []
@@ -328,27 +344,484 @@ def _externally_accessible(sp: ServicePort) -> bool:
     return bool(sp.node_port or sp.external_ips or sp.load_balancer_ips)
 
 
+def _chain_line(chain: str) -> str:
+    return f":{chain} - [0:0]"
+
+
+# ---------------------------------------------------------------- the plan
+
+
+class PlannedEndpoint(NamedTuple):
+    """One endpoint as the rules use it: canonical IP, ``ip:port`` text, its SEP chain."""
+
+    ip: str
+    address: str
+    chain: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """What every port's plan shares, derived once per render from the config and snapshot."""
+
+    version: int
+    hostname: str
+    node_ips: tuple[str, ...]  # canonical node addresses of the family, sorted
+    # The match of the ClusterIP masquerade rule: "" masquerades every client
+    # (--masquerade-all), " ! -s CIDR" (or "! -i IF") only off-cluster ones,
+    # None writes no rule (no local detection).
+    masq_match: str | None
+    pod_match: str | None  # "-s CIDR" / "-i IF": traffic from pods of this node
+    comments: bool  # False in large cluster mode
+
+
+class _Valid(NamedTuple):
+    """The parts of one service port that survived validation, in canonical form."""
+
+    cluster_ip: str | None
+    external_ips: tuple[str, ...]
+    lb_ips: tuple[str, ...]
+    source_ranges: tuple[str, ...]
+    endpoints: tuple[Endpoint, ...]
+    affinity: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class PortPlan:
+    """Everything the rules of one service port depend on, decided once.
+
+    Built by :func:`plan_ports` from a snapshot and a :class:`RenderConfig`:
+    addresses are validated and canonical, chain names hashed, and the
+    routing decisions of kube-proxy's ``syncProxyRules`` taken (which
+    endpoints serve which policy, which chains exist, where each frontend
+    jumps). The emitters only format what is here.
+    """
+
+    name: ServicePortName
+    label: str  # the service port name as comments show it (sanitised)
+    proto: str  # "-m tcp -p tcp"
+    port: int
+    node_port: int
+    health_check_node_port: int  # 0: none
+    cluster_ip: str | None
+    external_ips: tuple[str, ...]
+    lb_ips: tuple[str, ...]
+    source_ranges: tuple[str, ...]
+    affinity: int | None
+    chains: ServiceChains
+    has_endpoints: bool  # a usable endpoint exists anywhere (else REJECT)
+    has_internal: bool  # the internal policy has endpoints (else DROP)
+    has_external: bool  # the external policy has endpoints (else DROP)
+    internal_chain: str  # SVC, or SVL under internalTrafficPolicy Local
+    external_policy_chain: str  # SVC, or SVL under externalTrafficPolicy Local
+    external_local: bool
+    uses_ext_chain: bool
+    uses_fw: bool
+    fw_node_allowed: bool  # a source range holds a node address: LB IPs loop back allowed
+    cluster_endpoints: tuple[PlannedEndpoint, ...]  # dispatched to from SVC
+    local_endpoints: tuple[PlannedEndpoint, ...]  # dispatched to from SVL
+    endpoints: tuple[PlannedEndpoint, ...]  # every SEP chain this port has
+    masq_match: str | None  # the ClusterIP masquerade rule's match ("" all clients), None: no rule
+    pod_match: str | None  # "-s CIDR" / "-i IF" of this node's pods, None: no detection
+    comments: bool  # endpoint comments (off in large cluster mode)
+    nat_chains: tuple[str, ...]  # the per-service chains, in declaration order
+
+    @property
+    def lb_chain(self) -> str:
+        """Where LoadBalancer IP traffic goes: the firewall chain when source ranges apply."""
+        return self.chains.fw if self.uses_fw else self.chains.ext
+
+    def service_rule_count(self) -> int:
+        """The number of rules :func:`service_chain_rules` writes for this plan.
+
+        What a partial sync reports for a port it leaves out (upstream counts
+        the lines of its discarded ``skippedNatRules`` buffer).
+        """
+        n = int(self.has_internal and self.cluster_ip is not None and self.masq_match is not None)
+        if self.uses_ext_chain:
+            n += (2 + (self.pod_match is not None)) if self.external_local else 1
+            n += self.has_external
+        if self.uses_fw:
+            n += len(self.source_ranges) + (len(self.lb_ips) if self.fw_node_allowed else 0) + 1
+        per_ep = 1 if self.affinity is None else 2
+        return n + per_ep * (len(self.cluster_endpoints) + len(self.local_endpoints)) + 2 * len(self.endpoints)
+
+
+def _context(snapshot: Snapshot, config: RenderConfig) -> _Context:
+    v = config.family.value
+    local = config.local_detector()
+    total_eps = sum(len(snapshot.endpoints_of(name)) for name in snapshot.services)
+    if config.masquerade_all:
+        masq: str | None = ""
+    else:
+        masq = None if local is None else f" {local[1]}"
+    return _Context(
+        version=v,
+        hostname=config.hostname,
+        node_ips=tuple(sorted(a for a in (_canon_ip(x, v) for x in config.node_addresses) if a)),
+        masq_match=masq,
+        pod_match=None if local is None else local[0],
+        comments=total_eps <= config.large_cluster_threshold,
+    )
+
+
+def _canon_list(warnings: list[str], name: str, what: str, ips: Iterable[str], v: int) -> tuple[str, ...]:
+    out: list[str] = []
+    for ip in ips:
+        c = _canon_ip(ip, v)
+        if c is None:
+            warnings.append(f"{name}: bad {what} {ip!r} ignored")
+        elif c not in out:
+            out.append(c)
+    return tuple(out)
+
+
+def _validate(sp: ServicePort, raw_endpoints: Sequence[Endpoint], v: int, warnings: list[str]) -> _Valid | None:
+    """Canonical addresses of ``sp`` (the second line of defence), or None to skip it."""
+    name = str(sp.name)
+    if not _port_ok(sp.port) or (sp.node_port and not _port_ok(sp.node_port)):
+        warnings.append(f"{name}: bad port/nodePort, service skipped")
+        return None
+    cluster_ip = None
+    if sp.cluster_ip is not None:
+        cluster_ip = _canon_ip(sp.cluster_ip, v)
+        if cluster_ip is None:
+            warnings.append(f"{name}: bad clusterIP {sp.cluster_ip!r}, service skipped")
+            return None
+    ext_ips = _canon_list(warnings, name, "externalIP", sp.external_ips, v)
+    lb_ips = _canon_list(warnings, name, "loadBalancer IP", sp.load_balancer_ips, v)
+    ranges = []
+    for c in sp.load_balancer_source_ranges:
+        cc = _canon_cidr(c, v)
+        if cc is None:
+            warnings.append(f"{name}: bad loadBalancerSourceRange {c!r} ignored")
+        else:
+            ranges.append(cc)
+    if sp.load_balancer_source_ranges and not ranges:
+        # Every range was unusable: failing closed beats opening the LB to all.
+        warnings.append(f"{name}: no usable loadBalancerSourceRanges, LB IPs skipped")
+        lb_ips = ()
+    endpoints = []
+    for ep in raw_endpoints:
+        ip = _canon_ip(ep.ip, v)
+        if ip is None or not _port_ok(ep.port):
+            warnings.append(f"{name}: bad endpoint {ep.ip!r}:{ep.port!r} ignored")
+            continue
+        endpoints.append(ep if ip == ep.ip else dataclasses.replace(ep, ip=ip))
+    affinity = sp.session_affinity_seconds
+    if affinity is not None and not (isinstance(affinity, int) and 0 < affinity <= 86400):
+        warnings.append(f"{name}: bad sessionAffinity timeout {affinity!r}, affinity ignored")
+        affinity = None
+    return _Valid(cluster_ip, ext_ips, lb_ips, tuple(ranges), tuple(endpoints), affinity)
+
+
+def _plan_port(sp: ServicePort, ok: _Valid, ctx: _Context) -> PortPlan:
+    """kube-proxy's per-service routing decisions (proxier.go syncProxyRules) for validated ``ok``."""
+    ch = ServiceChains(sp.name)
+    ext_accessible = bool(sp.node_port or ok.external_ips or ok.lb_ips)
+    cluster, local, reachable, has_any = _categorize(
+        ok.endpoints, sp.internal_policy_local, sp.external_policy_local, ext_accessible, ctx.hostname
+    )
+    external_local = sp.external_policy_local and ext_accessible
+    uses_ext_chain = has_any and ext_accessible
+    uses_fw = has_any and bool(ok.lb_ips) and bool(ok.source_ranges)
+    fw_node_allowed = False
+    if uses_fw:
+        nets = [ipaddress.ip_network(c) for c in ok.source_ranges]
+        fw_node_allowed = any(ipaddress.ip_address(a) in n for a in ctx.node_ips for n in nets)
+    seps, cluster_p, local_p = _plan_endpoints(ch, cluster, local, reachable)
+    # Declaration order: EXT, FW, SVC, SVL, then the SEPs (syncProxyRules' order).
+    own = [c for c, used in ((ch.ext, uses_ext_chain), (ch.fw, uses_fw), (ch.svc, cluster), (ch.svl, local)) if used]
+    own.extend([pe.chain for pe in seps])
+    proto = ch.protocol
+    return PortPlan(
+        name=sp.name,
+        label=_NAME_UNSAFE.sub("_", str(sp.name))[:_NAME_MAX] or "_",
+        proto=f"-m {proto} -p {proto}",
+        port=sp.port,
+        node_port=sp.node_port,
+        health_check_node_port=sp.health_check_node_port if _port_ok(sp.health_check_node_port) else 0,
+        cluster_ip=ok.cluster_ip,
+        external_ips=ok.external_ips,
+        lb_ips=ok.lb_ips,
+        source_ranges=ok.source_ranges,
+        affinity=ok.affinity,
+        chains=ch,
+        has_endpoints=has_any,
+        has_internal=bool(local) if sp.internal_policy_local else has_any,
+        has_external=bool(local) if external_local else has_any,
+        internal_chain=ch.svl if sp.internal_policy_local else ch.svc,
+        external_policy_chain=ch.svl if external_local else ch.svc,
+        external_local=external_local,
+        uses_ext_chain=uses_ext_chain,
+        uses_fw=uses_fw,
+        fw_node_allowed=fw_node_allowed,
+        cluster_endpoints=cluster_p,
+        local_endpoints=local_p,
+        endpoints=seps,
+        masq_match=ctx.masq_match,
+        pod_match=ctx.pod_match,
+        comments=ctx.comments,
+        nat_chains=tuple(own),
+    )
+
+
+def _plan_endpoints(
+    ch: ServiceChains, cluster: list[Endpoint], local: list[Endpoint], reachable: list[Endpoint]
+) -> tuple[tuple[PlannedEndpoint, ...], tuple[PlannedEndpoint, ...], tuple[PlannedEndpoint, ...]]:
+    """(every SEP, the SVC dispatch list, the SVL dispatch list); ``reachable`` holds both lists."""
+    name, proto = ch.name, ch.protocol
+    # Duplicates (a hand-built snapshot's) stay, as kube-proxy keeps them.
+    all_p = tuple([PlannedEndpoint(ep.ip, a, endpoint_chain(name, proto, a)) for ep in reachable for a in (str(ep),)])
+    by_address = {pe.address: pe for pe in all_p}
+
+    def subset(eps: list[Endpoint]) -> tuple[PlannedEndpoint, ...]:
+        # Usually the same list (Cluster policy only, or Local only): share the tuple.
+        return all_p if eps is reachable else tuple([by_address[str(ep)] for ep in eps])
+
+    return all_p, subset(cluster), subset(local)
+
+
+def _plan_all(snapshot: Snapshot, ctx: _Context) -> tuple[tuple[PortPlan, ...], tuple[str, ...]]:
+    plans: list[PortPlan] = []
+    warnings: list[str] = []
+    for sp in snapshot.ports():
+        ok = _validate(sp, snapshot.endpoints_of(sp.name), ctx.version, warnings)
+        if ok is not None:
+            plans.append(_plan_port(sp, ok, ctx))
+    return tuple(plans), tuple(warnings)
+
+
+def plan_ports(snapshot: Snapshot, config: RenderConfig) -> tuple[tuple[PortPlan, ...], tuple[str, ...]]:
+    """The plan of every usable service port of ``snapshot`` (name order), and the warnings.
+
+    Ports whose port, nodePort or ClusterIP does not parse (or is of the
+    other family) get no plan; bad secondary addresses and endpoints are
+    left out of their plan. Each omission is one warning.
+    """
+    _check_family(snapshot, config)
+    return _plan_all(snapshot, _context(snapshot, config))
+
+
+def _check_family(snapshot: Snapshot, config: RenderConfig) -> None:
+    if snapshot.family is not config.family:  # a programming error, not bad input
+        raise ValueError(f"snapshot is {snapshot.family.name}, config is {config.family.name}")
+
+
+# ---------------------------------------------------------------- emitters
+
+
+def _verdict(p: PortPlan) -> tuple[str, str]:
+    """Target and comment for a frontend whose policy has no endpoint."""
+    if not p.has_endpoints:
+        return "REJECT", f'"{p.label} has no endpoints"'
+    return "DROP", f'"{p.label} has no local endpoints"'
+
+
+def filter_rules(p: PortPlan) -> list[str]:
+    """The port's rules in the filter table's top-level chains (REJECT/DROP, firewall, health check)."""
+    out: list[str] = []
+    pm, port = p.proto, p.port
+    if p.cluster_ip is not None and not p.has_internal:
+        target, comment = _verdict(p)
+        out.append(f"-A {KUBE_SERVICES} -m comment --comment {comment} {pm} "
+                   f"-d {p.cluster_ip} --dport {port} -j {target}")
+    target, comment = _verdict(p)
+    ext_verdict = f"-A {KUBE_EXTERNAL_SERVICES} -m comment --comment {comment}"
+    if not p.has_external:
+        out.extend(f"{ext_verdict} {pm} -d {ip} --dport {port} -j {target}" for ip in p.external_ips)
+    if p.uses_fw:
+        out.extend(
+            f'-A {KUBE_PROXY_FIREWALL} -m comment --comment "{p.label} traffic not accepted by {p.chains.fw}" '
+            f"{pm} -d {ip} --dport {port} -j DROP"
+            for ip in p.lb_ips
+        )
+    if not p.has_external:
+        out.extend(f"{ext_verdict} {pm} -d {ip} --dport {port} -j {target}" for ip in p.lb_ips)
+        if p.node_port:
+            out.append(f"{ext_verdict} -m addrtype --dst-type LOCAL {pm} --dport {p.node_port} -j {target}")
+    if p.health_check_node_port:
+        out.append(f'-A {KUBE_NODEPORTS} -m comment --comment "{p.label} health check node port" -m tcp -p tcp '
+                   f"--dport {p.health_check_node_port} -j ACCEPT")
+    return out
+
+
+def nat_frontend_rules(p: PortPlan) -> list[str]:
+    """The port's jumps from the nat table's KUBE-SERVICES and KUBE-NODEPORTS."""
+    out: list[str] = []
+    pm, port, name = p.proto, p.port, p.label
+    if p.cluster_ip is not None and p.has_internal:
+        out.append(f'-A {KUBE_SERVICES} -m comment --comment "{name} cluster IP" {pm} '
+                   f"-d {p.cluster_ip} --dport {port} -j {p.internal_chain}")
+    if not p.has_endpoints:
+        return out
+    ext = p.chains.ext
+    out.extend(f'-A {KUBE_SERVICES} -m comment --comment "{name} external IP" {pm} -d {ip} --dport {port} -j {ext}'
+               for ip in p.external_ips)
+    lb = p.lb_chain
+    out.extend(f'-A {KUBE_SERVICES} -m comment --comment "{name} loadbalancer IP" {pm} -d {ip} --dport {port} -j {lb}'
+               for ip in p.lb_ips)
+    if p.node_port:
+        # NodePorts are not subject to loadBalancerSourceRanges (upstream, same).
+        out.append(f"-A {KUBE_NODEPORTS} -m comment --comment {name} {pm} --dport {p.node_port} -j {ext}")
+    return out
+
+
+def _ext_chain_rules(p: PortPlan) -> list[str]:
+    ext, name = p.chains.ext, p.label
+    head = f'-A {ext} -m comment --comment "'
+    if not p.external_local:
+        # Endpoints may be on other nodes: masquerade so replies return here.
+        out = [f'{head}masquerade traffic for {name} external destinations" -j {KUBE_MARK_MASQ}']
+    else:
+        out = []
+        if p.pod_match is not None:
+            # Pod -> external IP short-circuits to Cluster policy, as if it
+            # had gone out to the load balancer and come back.
+            out.append(f'{head}pod traffic for {name} external destinations" {p.pod_match} -j {p.chains.svc}')
+        out.append(f'{head}masquerade LOCAL traffic for {name} external destinations" '
+                   f"-m addrtype --src-type LOCAL -j {KUBE_MARK_MASQ}")
+        out.append(f'{head}route LOCAL traffic for {name} external destinations" '
+                   f"-m addrtype --src-type LOCAL -j {p.chains.svc}")
+    if p.has_external:
+        out.append(f"-A {ext} -j {p.external_policy_chain}")
+    return out
+
+
+def _fw_chain_rules(p: PortPlan) -> list[str]:
+    fw, ext = p.chains.fw, p.chains.ext
+    head = f'-A {fw} -m comment --comment "{p.label} loadbalancer IP"'
+    out = [f"{head} -s {c} -j {ext}" for c in p.source_ranges]
+    if p.fw_node_allowed:
+        # A VIP bound locally loops node->VIP traffic back with the VIP as
+        # source; let it through when the node itself is an allowed source.
+        out.extend(f"{head} -s {ip} -j {ext}" for ip in p.lb_ips)
+    out.append(f'-A {fw} -m comment --comment "other traffic to {p.label} will be dropped by {KUBE_PROXY_FIREWALL}"')
+    return out
+
+
+def _dispatch_rules(p: PortPlan, chain: str, eps: Sequence[PlannedEndpoint]) -> list[str]:
+    # kube-proxy's writeServiceToEndpointRules: affinity lookups first, then
+    # an n-way random split where rule i matches with probability 1/(n-i).
+    cmts = [f' -m comment --comment "{p.label} -> {ep.address}"' if p.comments else "" for ep in eps]
+    out: list[str] = []
+    if p.affinity is not None:
+        out.extend(f"-A {chain}{cmt} -m recent --name {ep.chain} --rcheck --seconds {p.affinity} --reap -j {ep.chain}"
+                   for ep, cmt in zip(eps, cmts))
+    n = len(eps)
+    for i, (ep, cmt) in enumerate(zip(eps, cmts)):
+        if i < n - 1:
+            out.append(f"-A {chain}{cmt} -m statistic --mode random --probability {_probability(n - i)} -j {ep.chain}")
+        else:
+            out.append(f"-A {chain}{cmt} -j {ep.chain}")
+    return out
+
+
+def _endpoint_chain_rules(p: PortPlan) -> list[str]:
+    cmt = f" -m comment --comment {p.label}" if p.comments else ""
+    out: list[str] = []
+    for ep in p.endpoints:
+        # Hairpin: a pod reaching itself through the service must be SNATed
+        # or it would answer itself directly and drop the reply.
+        out.append(f"-A {ep.chain}{cmt} -s {ep.ip} -j {KUBE_MARK_MASQ}")
+        recent = f" -m recent --name {ep.chain} --set" if p.affinity is not None else ""
+        out.append(f"-A {ep.chain}{cmt}{recent} {p.proto} -j DNAT --to-destination {ep.address}")
+    return out
+
+
+def service_chain_rules(p: PortPlan) -> list[str]:
+    """The rules of the port's own chains (``p.nat_chains``: EXT, FW, SVC, SVL, SEPs), in kube-proxy's order."""
+    out: list[str] = []
+    if p.has_internal and p.cluster_ip is not None and p.masq_match is not None:
+        # Masquerade off-cluster clients of the VIP: they may be routed to
+        # any node, and the reply must come back through this one.
+        out.append(f'-A {p.internal_chain} -m comment --comment "{p.label} cluster IP" {p.proto} '
+                   f"-d {p.cluster_ip} --dport {p.port}{p.masq_match} -j {KUBE_MARK_MASQ}")
+    if p.uses_ext_chain:
+        out += _ext_chain_rules(p)
+    if p.uses_fw:
+        out += _fw_chain_rules(p)
+    if p.cluster_endpoints:
+        out += _dispatch_rules(p, p.chains.svc, p.cluster_endpoints)
+    if p.local_endpoints:
+        out += _dispatch_rules(p, p.chains.svl, p.local_endpoints)
+    out += _endpoint_chain_rules(p)
+    return out
+
+
+def _postrouting_rules(config: RenderConfig) -> list[str]:
+    mark = config.masquerade_mark
+    return [
+        f"-A {KUBE_POSTROUTING} -m mark ! --mark {mark}/{mark} -j RETURN",
+        # Clear the mark so a packet that re-traverses the stack is not re-masqueraded.
+        f"-A {KUBE_POSTROUTING} -j MARK --xor-mark {mark}",
+        f'-A {KUBE_POSTROUTING} -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE'
+        + (" --random-fully" if config.random_fully else ""),
+        f"-A {KUBE_MARK_MASQ} -j MARK --or-mark {mark}",
+    ]
+
+
+def _nodeports_jumps(config: RenderConfig, node_ips: Sequence[str]) -> list[str]:
+    # The jump to KUBE-NODEPORTS must be the last rule of KUBE-SERVICES.
+    fam = config.family
+    cidrs = [c for c in (_canon_cidr(x, fam.value) for x in config.nodeport_addresses) if c]
+    head = f"-A {KUBE_SERVICES} -m comment --comment {_NODEPORTS_COMMENT}"
+    if not config.nodeport_addresses or fam.any_cidr in cidrs:
+        # Loopback NodePorts only work with route_localnet (IPv4, and only
+        # when --iptables-localhost-nodeports is on): exclude loopback otherwise.
+        dst = "-m addrtype --dst-type LOCAL"
+        if fam is IPFamily.IPv6:
+            dst += " ! -d ::1/128"
+        elif not config.localhost_nodeports_active:
+            dst += " ! -d 127.0.0.0/8"
+        return [f"{head} {dst} -j {KUBE_NODEPORTS}"]
+    nets = [ipaddress.ip_network(c) for c in cidrs]
+    out = []
+    for ip in node_ips:
+        a = ipaddress.ip_address(ip)
+        if (a.is_loopback and not config.localhost_nodeports_active) or not any(a in n for n in nets):
+            continue
+        out.append(f"{head} -d {ip} -j {KUBE_NODEPORTS}")
+    return out
+
+
+def _filter_tail(config: RenderConfig) -> tuple[list[str], list[str]]:
+    """(chain lines, rules) of the filter table after the services'."""
+    chains: list[str] = []
+    rules: list[str] = []
+    if config.localhost_nodeports_active:
+        # route_localnet opens 127.0.0.0/8 to other hosts (kubernetes#90259):
+        # kube-proxy then writes kubelet's mitigation rule itself.
+        chains.append(_chain_line(KUBE_FIREWALL))
+        rules.append(
+            f'-A {KUBE_FIREWALL} -m comment --comment "block incoming localnet connections" '
+            "-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+        )
+    mark = config.masquerade_mark
+    # Drop INVALID packets that would otherwise reset connections
+    # (kubernetes#74839, #117924); kube-proxy skips this only when
+    # nf_conntrack_tcp_be_liberal is set.
+    rules.append(f"-A {KUBE_FORWARD} -m conntrack --ctstate INVALID -j DROP")
+    rules.append(
+        f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding rules" -m mark --mark {mark}/{mark} -j ACCEPT'
+    )
+    rules.append(
+        f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding conntrack rule" '
+        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+    )
+    return chains, rules
+
+
+def _stale_chains(existing: Mapping[str, Iterable[str]], active: Mapping[str, frozenset[str]]
+                  ) -> dict[str, tuple[str, ...]]:
+    """Per table, the per-service chains in the kernel that the new ruleset does not use."""
+    deleted: dict[str, tuple[str, ...]] = {"filter": (), "nat": ()}
+    for table, chains in existing.items():
+        if table in active:
+            deleted[table] = tuple(sorted(c for c in set(chains) - active[table] if is_service_chain(c)))
+    return deleted
+
+
 # ---------------------------------------------------------------- render
-
-
-class _Tables:
-    """Line buffers for one render (kube-proxy's four LineBuffers)."""
-
-    __slots__ = ("filter_chains", "filter_rules", "nat_chains", "nat_rules", "active_nat", "warnings", "skip")
-
-    def __init__(self) -> None:
-        self.filter_chains: list[str] = []
-        self.filter_rules: list[str] = []
-        self.nat_chains: list[str] = []
-        self.nat_rules: list[str] = []
-        self.active_nat: set[str] = set()
-        self.warnings: list[str] = []
-        self.skip = False  # current service's chains are unchanged: compute, don't write
-
-    def nat_chain(self, chain: str) -> None:
-        if not self.skip:
-            self.nat_chains.append(f":{chain} - [0:0]")
-        self.active_nat.add(chain)
 
 
 def render(
@@ -366,391 +839,54 @@ def render(
 
     ``changed`` asks for a partial sync (kube-proxy's, since 1.26): the
     per-service chains (SVC/SVL/EXT/FW/SEP) of ports *not* in it are left
-    out of the text, so ``--noflush`` keeps them as they are in the kernel.
-    Top-level chains are always rewritten in full. Only valid when the
-    kernel holds the previous render of this family (a successful restore);
-    after a failure the caller must render in full (``changed=None``).
+    out of the text, so ``--noflush`` keeps them as they are in the kernel;
+    their rule count is reported as ``skipped_nat_rules``. Top-level chains
+    are always rewritten in full. Only valid when the kernel holds the
+    previous render of this family (a successful restore); after a failure
+    the caller must render in full (``changed=None``).
     """
-    if snapshot.family is not config.family:
-        raise ValueError(f"snapshot is {snapshot.family.name}, config is {config.family.name}")
-    fam = config.family
-    v = fam.value
-    t = _Tables()
-    mark = config.masquerade_mark
-
-    local = config.local_detector()
-
-    t.filter_chains.extend(f":{c} - [0:0]" for c in FILTER_CHAINS)
-    t.nat_chains.extend(f":{c} - [0:0]" for c in NAT_CHAINS)
-    nr = t.nat_rules
-    nr.append(f"-A {KUBE_POSTROUTING} -m mark ! --mark {mark}/{mark} -j RETURN")
-    # Clear the mark so a packet that re-traverses the stack is not re-masqueraded.
-    nr.append(f"-A {KUBE_POSTROUTING} -j MARK --xor-mark {mark}")
-    nr.append(
-        f'-A {KUBE_POSTROUTING} -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE'
-        + (" --random-fully" if config.random_fully else "")
-    )
-    nr.append(f"-A {KUBE_MARK_MASQ} -j MARK --or-mark {mark}")
-
-    ports = list(snapshot.ports())
-    total_eps = sum(len(snapshot.endpoints_of(sp.name)) for sp in ports)
-    large = total_eps > config.large_cluster_threshold
-    node_ips = sorted(a for a in (_canon_ip(x, v) for x in config.node_addresses) if a)
-
-    sep_count = 0
+    _check_family(snapshot, config)
+    ctx = _context(snapshot, config)
+    plans, warnings = _plan_all(snapshot, ctx)
     only = None if changed is None else frozenset(changed)
-    for sp in ports:
-        t.skip = only is not None and sp.name not in only
-        sep_count += _render_port(t, sp, snapshot.endpoints_of(sp.name), config, v, local, large, node_ips)
-    t.skip = False
+    filter_chains = [_chain_line(c) for c in FILTER_CHAINS]
+    nat_chains = [_chain_line(c) for c in NAT_CHAINS]
+    filter_out: list[str] = []
+    nat_out = _postrouting_rules(config)
+    active_nat = set(NAT_CHAINS)
+    skipped = 0
+    for p in plans:
+        filter_out += filter_rules(p)
+        nat_out += nat_frontend_rules(p)
+        active_nat.update(p.nat_chains)
+        if only is None or p.name in only:
+            nat_chains += [_chain_line(c) for c in p.nat_chains]
+            nat_out += service_chain_rules(p)
+        else:  # unchanged: its chains stay as they are in the kernel
+            skipped += p.service_rule_count()
+    nat_out += _nodeports_jumps(config, ctx.node_ips)
+    tail_chains, tail_rules = _filter_tail(config)
+    filter_chains += tail_chains
+    filter_out += tail_rules
 
-    _render_nodeports_tail(t, config, fam, node_ips)
-
-    fr = t.filter_rules
-    if config.localhost_nodeports_active:
-        # route_localnet opens 127.0.0.0/8 to other hosts (kubernetes#90259):
-        # kube-proxy then writes kubelet's mitigation rule itself.
-        t.filter_chains.append(f":{KUBE_FIREWALL} - [0:0]")
-        fr.append(
-            f'-A {KUBE_FIREWALL} -m comment --comment "block incoming localnet connections" '
-            "-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
-        )
-    # Drop INVALID packets that would otherwise reset connections
-    # (kubernetes#74839, #117924); kube-proxy skips this only when
-    # nf_conntrack_tcp_be_liberal is set.
-    fr.append(f"-A {KUBE_FORWARD} -m conntrack --ctstate INVALID -j DROP")
-    fr.append(
-        f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding rules" -m mark --mark {mark}/{mark} -j ACCEPT'
-    )
-    fr.append(
-        f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding conntrack rule" '
-        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
-    )
-
-    active = {
-        "filter": frozenset(FILTER_CHAINS),
-        "nat": frozenset(NAT_CHAINS) | t.active_nat,
-    }
-    deleted: dict[str, tuple[str, ...]] = {"filter": (), "nat": ()}
-    tails: dict[str, list[str]] = {"filter": [], "nat": []}
-    for table, chains in (existing_chains or {}).items():
-        if table not in active:
-            continue
-        stale = sorted(c for c in set(chains) - active[table] if is_service_chain(c))
-        deleted[table] = tuple(stale)
-        decl = t.filter_chains if table == "filter" else t.nat_chains
-        # A chain line flushes the chain; only then can -X remove it.
-        decl.extend(f":{c} - [0:0]" for c in stale)
-        tails[table].extend(f"-X {c}" for c in stale)
-
-    out: list[str] = ["*filter"]
-    out += t.filter_chains
-    out += t.filter_rules
-    out += tails["filter"]
-    out.append("COMMIT")
-    out.append("*nat")
-    out += t.nat_chains
-    out += t.nat_rules
-    out += tails["nat"]
-    out.append("COMMIT")
-    out.append("")
+    active = {"filter": frozenset(FILTER_CHAINS), "nat": frozenset(active_nat)}
+    deleted = _stale_chains(existing_chains or {}, active)
+    # A chain line flushes the chain; only then can -X remove it.
+    text = "\n".join([
+        "*filter", *filter_chains, *(_chain_line(c) for c in deleted["filter"]), *filter_out,
+        *(f"-X {c}" for c in deleted["filter"]), "COMMIT",
+        "*nat", *nat_chains, *(_chain_line(c) for c in deleted["nat"]), *nat_out,
+        *(f"-X {c}" for c in deleted["nat"]), "COMMIT", "",
+    ])
     return RenderedRules(
-        text="\n".join(out),
+        text=text,
         chains=MappingProxyType(active),
         deleted=MappingProxyType(deleted),
-        warnings=tuple(t.warnings),
-        services=len(ports),
-        endpoint_chains=sep_count,
-        filter_rules=len(t.filter_rules),
-        nat_rules=len(t.nat_rules),
-        large_cluster_mode=large,
+        warnings=warnings,
+        services=len(snapshot.services),
+        endpoint_chains=sum(len(p.endpoints) for p in plans),
+        filter_rules=len(filter_out),
+        nat_rules=len(nat_out),
+        skipped_nat_rules=skipped,
+        large_cluster_mode=not ctx.comments,
     )
-
-
-def _render_nodeports_tail(t: _Tables, config: RenderConfig, fam: IPFamily, node_ips: list[str]) -> None:
-    # The jump to KUBE-NODEPORTS must be the last rule of KUBE-SERVICES.
-    v = fam.value
-    cidrs = [c for c in (_canon_cidr(x, v) for x in config.nodeport_addresses) if c]
-    match_all = not config.nodeport_addresses or fam.any_cidr in cidrs
-    if match_all:
-        # Loopback NodePorts only work with route_localnet (IPv4, and only
-        # when --iptables-localhost-nodeports is on): exclude loopback otherwise.
-        dst = "-m addrtype --dst-type LOCAL"
-        if fam is IPFamily.IPv6:
-            dst += " ! -d ::1/128"
-        elif not config.localhost_nodeports_active:
-            dst += " ! -d 127.0.0.0/8"
-        t.nat_rules.append(f"-A {KUBE_SERVICES} -m comment --comment {_NODEPORTS_COMMENT} {dst} -j {KUBE_NODEPORTS}")
-        return
-    nets = [ipaddress.ip_network(c) for c in cidrs]
-    for ip in node_ips:
-        a = ipaddress.ip_address(ip)
-        if (a.is_loopback and not config.localhost_nodeports_active) or not any(a in n for n in nets):
-            continue
-        t.nat_rules.append(f"-A {KUBE_SERVICES} -m comment --comment {_NODEPORTS_COMMENT} -d {ip} -j {KUBE_NODEPORTS}")
-
-
-def _render_port(
-    t: _Tables,
-    sp: ServicePort,
-    raw_endpoints: Sequence[Endpoint],
-    config: RenderConfig,
-    v: int,
-    local: tuple[str, str] | None,
-    large: bool,
-    node_ips: list[str],
-) -> int:
-    """Append one service port's rules; returns the number of SEP chains."""
-    name_raw = str(sp.name)
-    if not _port_ok(sp.port) or (sp.node_port and not _port_ok(sp.node_port)):
-        t.warnings.append(f"{name_raw}: bad port/nodePort, service skipped")
-        return 0
-    cluster_ip = None
-    if sp.cluster_ip is not None:
-        cluster_ip = _canon_ip(sp.cluster_ip, v)
-        if cluster_ip is None:
-            t.warnings.append(f"{name_raw}: bad clusterIP {sp.cluster_ip!r}, service skipped")
-            return 0
-    ext_ips = _canon_list(t, name_raw, "externalIP", sp.external_ips, v)
-    lb_ips = _canon_list(t, name_raw, "loadBalancer IP", sp.load_balancer_ips, v)
-    src_ranges = []
-    for c in sp.load_balancer_source_ranges:
-        cc = _canon_cidr(c, v)
-        if cc is None:
-            t.warnings.append(f"{name_raw}: bad loadBalancerSourceRange {c!r} ignored")
-        else:
-            src_ranges.append(cc)
-    if sp.load_balancer_source_ranges and not src_ranges:
-        # Every range was unusable: failing closed beats opening the LB to all.
-        t.warnings.append(f"{name_raw}: no usable loadBalancerSourceRanges, LB IPs skipped")
-        lb_ips = []
-    endpoints = []
-    for ep in raw_endpoints:
-        ip = _canon_ip(ep.ip, v)
-        if ip is None or not _port_ok(ep.port):
-            t.warnings.append(f"{name_raw}: bad endpoint {ep.ip!r}:{ep.port!r} ignored")
-            continue
-        endpoints.append(ep if ip == ep.ip else _replace_ip(ep, ip))
-    affinity = sp.session_affinity_seconds
-    if affinity is not None and not (isinstance(affinity, int) and 0 < affinity <= 86400):
-        t.warnings.append(f"{name_raw}: bad sessionAffinity timeout {affinity!r}, affinity ignored")
-        affinity = None
-
-    ch = ServiceChains(sp.name)
-    proto = ch.protocol
-    name = _NAME_UNSAFE.sub("_", name_raw)[:_NAME_MAX] or "_"
-    pm = f"-m {proto} -p {proto}"
-    port = sp.port
-
-    ext_accessible = bool(sp.node_port or ext_ips or lb_ips)
-    cluster_eps, local_eps, all_eps, has_any = _categorize(
-        endpoints, sp.internal_policy_local, sp.external_policy_local, ext_accessible, config.hostname
-    )
-    internal_local = sp.internal_policy_local
-    external_local = sp.external_policy_local and ext_accessible
-    uses_cluster = not internal_local or ext_accessible
-    uses_local = internal_local or external_local
-
-    internal_chain = ch.svc
-    has_internal = has_any
-    if internal_local:
-        internal_chain = ch.svl
-        has_internal = bool(local_eps)
-    external_policy_chain = ch.svc
-    has_external = has_any
-    if external_local:
-        external_policy_chain = ch.svl
-        has_external = bool(local_eps)
-    ext_chain = ch.ext
-    uses_ext_chain = has_any and ext_accessible
-    lb_chain = ext_chain
-    uses_fw = has_any and bool(lb_ips) and bool(src_ranges)
-    if uses_fw:
-        lb_chain = ch.fw
-
-    if not has_any:
-        int_target = ext_target = "REJECT"
-        int_comment = ext_comment = f'"{name} has no endpoints"'
-    else:
-        int_target = ext_target = ""
-        int_comment = ext_comment = ""
-        if not has_internal:
-            int_target, int_comment = "DROP", f'"{name} has no local endpoints"'
-        if not has_external:
-            ext_target, ext_comment = "DROP", f'"{name} has no local endpoints"'
-
-    nr = t.nat_rules
-    fr = t.filter_rules
-
-    if cluster_ip is not None:
-        if has_internal:
-            nr.append(
-                f'-A {KUBE_SERVICES} -m comment --comment "{name} cluster IP" {pm} '
-                f"-d {cluster_ip} --dport {port} -j {internal_chain}"
-            )
-        else:
-            fr.append(
-                f"-A {KUBE_SERVICES} -m comment --comment {int_comment} {pm} "
-                f"-d {cluster_ip} --dport {port} -j {int_target}"
-            )
-
-    for ip in ext_ips:
-        if has_any:
-            nr.append(
-                f'-A {KUBE_SERVICES} -m comment --comment "{name} external IP" {pm} '
-                f"-d {ip} --dport {port} -j {ext_chain}"
-            )
-        if not has_external:
-            fr.append(
-                f"-A {KUBE_EXTERNAL_SERVICES} -m comment --comment {ext_comment} {pm} "
-                f"-d {ip} --dport {port} -j {ext_target}"
-            )
-
-    for ip in lb_ips:
-        if has_any:
-            nr.append(
-                f'-A {KUBE_SERVICES} -m comment --comment "{name} loadbalancer IP" {pm} '
-                f"-d {ip} --dport {port} -j {lb_chain}"
-            )
-        if uses_fw:
-            fr.append(
-                f'-A {KUBE_PROXY_FIREWALL} -m comment --comment "{name} traffic not accepted by {ch.fw}" {pm} '
-                f"-d {ip} --dport {port} -j DROP"
-            )
-    if not has_external:
-        for ip in lb_ips:
-            fr.append(
-                f"-A {KUBE_EXTERNAL_SERVICES} -m comment --comment {ext_comment} {pm} "
-                f"-d {ip} --dport {port} -j {ext_target}"
-            )
-
-    if sp.node_port:
-        if has_any:
-            # NodePorts are not subject to loadBalancerSourceRanges (upstream, same).
-            nr.append(
-                f"-A {KUBE_NODEPORTS} -m comment --comment {name} {pm} --dport {sp.node_port} -j {ext_chain}"
-            )
-        if not has_external:
-            fr.append(
-                f"-A {KUBE_EXTERNAL_SERVICES} -m comment --comment {ext_comment} -m addrtype --dst-type LOCAL "
-                f"{pm} --dport {sp.node_port} -j {ext_target}"
-            )
-
-    if _port_ok(sp.health_check_node_port):
-        fr.append(
-            f'-A {KUBE_NODEPORTS} -m comment --comment "{name} health check node port" -m tcp -p tcp '
-            f"--dport {sp.health_check_node_port} -j ACCEPT"
-        )
-
-    if t.skip:
-        nr = []  # unchanged service: its chains stay as they are in the kernel
-
-    if has_internal and cluster_ip is not None:
-        base = f'-A {internal_chain} -m comment --comment "{name} cluster IP" {pm} -d {cluster_ip} --dport {port}'
-        if config.masquerade_all:
-            nr.append(f"{base} -j {KUBE_MARK_MASQ}")
-        elif local is not None:
-            # Masquerade off-cluster clients of the VIP: they may be routed to
-            # any node, and the reply must come back through this one.
-            nr.append(f"{base} {local[1]} -j {KUBE_MARK_MASQ}")
-
-    if uses_ext_chain:
-        t.nat_chain(ext_chain)
-        if not external_local:
-            # Endpoints may be on other nodes: masquerade so replies return here.
-            nr.append(
-                f'-A {ext_chain} -m comment --comment "masquerade traffic for {name} external destinations" '
-                f"-j {KUBE_MARK_MASQ}"
-            )
-        else:
-            if local is not None:
-                # Pod -> external IP short-circuits to Cluster policy, as if it
-                # had gone out to the load balancer and come back.
-                nr.append(
-                    f'-A {ext_chain} -m comment --comment "pod traffic for {name} external destinations" '
-                    f"{local[0]} -j {ch.svc}"
-                )
-            nr.append(
-                f'-A {ext_chain} -m comment --comment "masquerade LOCAL traffic for {name} external destinations" '
-                f"-m addrtype --src-type LOCAL -j {KUBE_MARK_MASQ}"
-            )
-            nr.append(
-                f'-A {ext_chain} -m comment --comment "route LOCAL traffic for {name} external destinations" '
-                f"-m addrtype --src-type LOCAL -j {ch.svc}"
-            )
-        if has_external:
-            nr.append(f"-A {ext_chain} -j {external_policy_chain}")
-
-    if uses_fw:
-        t.nat_chain(ch.fw)
-        head = f'-A {ch.fw} -m comment --comment "{name} loadbalancer IP"'
-        nets = [ipaddress.ip_network(c) for c in src_ranges]
-        for c in src_ranges:
-            nr.append(f"{head} -s {c} -j {ext_chain}")
-        # A VIP bound locally loops node->VIP traffic back with the VIP as
-        # source; let it through when the node itself is an allowed source.
-        if any(ipaddress.ip_address(a) in n for a in node_ips for n in nets):
-            for ip in lb_ips:
-                nr.append(f"{head} -s {ip} -j {ext_chain}")
-        nr.append(
-            f'-A {ch.fw} -m comment --comment "other traffic to {name} will be dropped by {KUBE_PROXY_FIREWALL}"'
-        )
-
-    if cluster_eps and uses_cluster:
-        t.nat_chain(ch.svc)
-        _endpoint_rules(nr, ch, name, ch.svc, cluster_eps, affinity, large)
-    if local_eps and uses_local:
-        t.nat_chain(ch.svl)
-        _endpoint_rules(nr, ch, name, ch.svl, local_eps, affinity, large)
-
-    cmt = "" if large else f" -m comment --comment {name}"
-    for ep in all_eps:
-        sep = ch.sep(ep)
-        t.nat_chain(sep)
-        # Hairpin: a pod reaching itself through the service must be SNATed
-        # or it would answer itself directly and drop the reply.
-        nr.append(f"-A {sep}{cmt} -s {ep.ip} -j {KUBE_MARK_MASQ}")
-        recent = f" -m recent --name {sep} --set" if affinity is not None else ""
-        nr.append(f"-A {sep}{cmt}{recent} {pm} -j DNAT --to-destination {ep}")
-    return len(all_eps)
-
-
-def _endpoint_rules(
-    nr: list[str],
-    ch: ServiceChains,
-    name: str,
-    chain: str,
-    eps: Sequence[Endpoint],
-    affinity: int | None,
-    large: bool,
-) -> None:
-    # kube-proxy's writeServiceToEndpointRules: affinity lookups first, then
-    # an n-way random split where rule i matches with probability 1/(n-i).
-    if affinity is not None:
-        for ep in eps:
-            sep = ch.sep(ep)
-            cmt = "" if large else f' -m comment --comment "{name} -> {ep}"'
-            nr.append(f"-A {chain}{cmt} -m recent --name {sep} --rcheck --seconds {affinity} --reap -j {sep}")
-    n = len(eps)
-    for i, ep in enumerate(eps):
-        sep = ch.sep(ep)
-        cmt = "" if large else f' -m comment --comment "{name} -> {ep}"'
-        if i < n - 1:
-            nr.append(f"-A {chain}{cmt} -m statistic --mode random --probability {_probability(n - i)} -j {sep}")
-        else:
-            nr.append(f"-A {chain}{cmt} -j {sep}")
-
-
-def _canon_list(t: _Tables, name: str, what: str, ips: Iterable[str], v: int) -> list[str]:
-    out = []
-    for ip in ips:
-        c = _canon_ip(ip, v)
-        if c is None:
-            t.warnings.append(f"{name}: bad {what} {ip!r} ignored")
-        elif c not in out:
-            out.append(c)
-    return out
-
-
-def _replace_ip(ep: Endpoint, ip: str) -> Endpoint:
-    return dataclasses.replace(ep, ip=ip)

@@ -632,3 +632,58 @@ def test_partial_sync_deletes_chains_of_removed_endpoints():
     part = render(snapshot((svc(), [EP1])), CONFIG, existing_chains=full.chains, changed={spn()})
     assert part.deleted["nat"] == ("KUBE-SEP-LXVODXWDISEETFEF",)
     check_jumps(part.text)
+
+
+# ----------------------------------------------------------------- plan and partial-sync counts
+
+
+def test_partial_sync_reports_the_rules_it_left_out():
+    s1, s2 = svc(node_port=3001, session_affinity_seconds=60), svc("172.30.0.42", ns="ns2", name="svc2")
+    snap = snapshot((s1, [EP1, EP2]), (s2, [Endpoint("10.180.0.2", 80)]))
+    full = render(snap, CONFIG)
+    assert full.skipped_nat_rules == 0
+    part = render(snap, CONFIG, existing_chains=full.chains, changed={s2.name})
+    # svc1's SVC (ClusterIP masquerade, 2 affinity, 2 split), EXT (masquerade,
+    # jump) and 2 SEPs x 2 rules.
+    assert part.skipped_nat_rules == 11
+    # upstream's sync_proxy_rules_iptables_total{table="nat"}: written + left out.
+    assert part.nat_rules + part.skipped_nat_rules == full.nat_rules
+    none = render(snap, CONFIG, existing_chains=full.chains, changed=())
+    assert none.nat_rules + none.skipped_nat_rules == full.nat_rules
+
+
+def test_plan_holds_the_routing_decisions():
+    from refproxy.rules.render import plan_ports
+
+    s = svc(node_port=3001, external_policy_local=True, load_balancer_ips=("5.6.7.8",),
+            load_balancer_source_ranges=("203.0.113.0/25",))
+    remote = Endpoint("10.180.0.2", 80)
+    local = Endpoint("10.180.0.1", 80, is_local=True)
+    (plan,), warnings = plan_ports(snapshot((s, [remote, local])), CONFIG)
+    assert warnings == ()
+    assert plan.uses_ext_chain and plan.uses_fw and plan.external_local and plan.has_external
+    assert plan.internal_chain == plan.chains.svc and plan.external_policy_chain == plan.chains.svl
+    assert [e.address for e in plan.cluster_endpoints] == ["10.180.0.1:80", "10.180.0.2:80"]
+    assert [e.address for e in plan.local_endpoints] == ["10.180.0.1:80"]
+    assert plan.nat_chains[:4] == (plan.chains.ext, plan.chains.fw, plan.chains.svc, plan.chains.svl)
+    assert plan.lb_chain == plan.chains.fw
+    with pytest.raises(AttributeError):
+        plan.has_external = False  # frozen
+
+
+@settings(max_examples=200, deadline=None)
+@given(snap=snapshots(), data=st.data())
+def test_any_partial_sync_counts_the_rules_it_skips(snap, data):
+    from refproxy.rules.render import plan_ports, service_chain_rules
+
+    cfg = RenderConfig(cluster_cidrs=("10.0.0.0/8",))
+    plans, _ = plan_ports(snap, cfg)
+    for p in plans:
+        assert len(service_chain_rules(p)) == p.service_rule_count()
+    full = render(snap, cfg)
+    names = sorted(snap.services)
+    changed = data.draw(st.sets(st.sampled_from(names))) if names else set()
+    part = render(snap, cfg, existing_chains=full.chains, changed=changed)
+    assert part.nat_rules + part.skipped_nat_rules == full.nat_rules
+    assert part.chains == full.chains
+    check_jumps(full.text)
