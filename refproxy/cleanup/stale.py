@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from refproxy.conntrack.types import IPPROTO_SCTP, IPPROTO_UDP, ConntrackEntry, DumpFilter, TupleFilter
+from refproxy.conntrack.types import IPPROTO_UDP, ConntrackEntry, DumpFilter, TupleFilter
 from refproxy.model import Snapshot
 
 __all__ = ["Frontend", "StaleIndex", "affected_frontends", "DEFAULT_PROTOCOLS"]
