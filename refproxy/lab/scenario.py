@@ -478,7 +478,9 @@ def load_scenario(name_or_path: str) -> Scenario:
 
 def validate_plugins(names: Iterable[str], installed: Iterable[str]) -> tuple[str, ...]:
     """Check plugin names against the installed ones (plus ``none``, the control)."""
-    known = set(installed) | {"none"}
+    from refproxy.config import NO_CLEANUP
+
+    known = set(installed) | {NO_CLEANUP}
     out = []
     for n in names:
         n = n.strip()
