@@ -17,7 +17,8 @@ import signal
 import subprocess
 from typing import Iterator, Sequence
 
-from refproxy.errors import LabError
+from refproxy.conntrack import nsenter as _nsenter
+from refproxy.errors import ConntrackError, LabError
 
 __all__ = [
     "NetNS",
@@ -28,7 +29,7 @@ __all__ = [
     "remove_leftovers",
 ]
 
-NETNS_DIR = "/run/netns"
+NETNS_DIR = _nsenter.NETNS_DIR
 
 
 def unique_name(prefix: str) -> str:
@@ -138,41 +139,16 @@ def entered(name: str) -> Iterator[None]:
 
     Sockets created inside stay bound to that namespace after the block. A
     missing namespace is an error (pyroute2's ``setns`` would create it), and
-    the thread always returns to the namespace it came from. Uses ``setns(2)``
-    through libc directly, so the hot paths (the netlink conntrack table) do
-    not pay pyroute2's import (~12 MB RSS).
+    the thread always returns to the namespace it came from. The lab's face
+    of the production helper :func:`refproxy.conntrack.nsenter.entered`: the
+    same code, raising ``LabError`` as the rest of this kit does.
     """
-    path = os.path.join(NETNS_DIR, name)
-    if "/" in name or not os.path.exists(path):
-        raise LabError(f"network namespace {name!r} does not exist")
-    own = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    with contextlib.ExitStack() as stack:
         try:
-            _setns(target, name)
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            _setns(own, "the original namespace")
-    finally:
-        os.close(own)
-
-
-_CLONE_NEWNET = 0x40000000
-
-
-def _setns(fd: int, what: str) -> None:
-    if hasattr(os, "setns"):  # Python >= 3.12
-        os.setns(fd, _CLONE_NEWNET)
-        return
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise LabError(f"setns into {what} failed: {os.strerror(err)}")
+            stack.enter_context(_nsenter.entered(name))
+        except ConntrackError as err:
+            raise LabError(str(err)) from err
+        yield
 
 
 def _ip(*args: str) -> None:

@@ -7,6 +7,7 @@ from refproxy.conntrack.types import (
     ConntrackEntry,
     ConntrackTable,
     DeleteResult,
+    InsertResult,
     DumpFilter,
     TupleFilter,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "ConntrackEntry",
     "ConntrackTable",
     "DeleteResult",
+    "InsertResult",
     "DumpFilter",
     "TupleFilter",
 ]

@@ -2,7 +2,8 @@
 
 Contract: a mixin of ``test_*`` methods with readable, table-driven cases. A
 test module subclasses :class:`ConntrackTableContract` as ``Test...`` and
-provides :meth:`make_table` (a table holding exactly the given entries). The
+provides :meth:`make_table` (a table holding exactly the given entries) and,
+if its table has no ``insert``, :meth:`create_flows`. The
 in-memory table runs it without root (tests/unit); the netlink table runs it
 inside a namespace the test creates (tests/kernel). Third-party tables get the
 same checks for free, as kube-proxy keeps ``fake.go`` honest against the real
@@ -100,6 +101,15 @@ class ConntrackTableContract:
         """A table holding every entry of :data:`CONTRACT_ENTRIES`."""
         return self.make_table(CONTRACT_ENTRIES.values(), **kw)
 
+    def create_flows(self, table: ConntrackTable, entries: list[ConntrackEntry]) -> None:
+        """Create ``entries`` in ``table`` as new flows would (each gets a fresh id).
+
+        The default uses the table's ``insert`` (the netlink and in-memory
+        tables have one); a table without it overrides this.
+        """
+        r = table.insert(entries)  # type: ignore[attr-defined]
+        assert (r.inserted, r.failed) == (len(entries), ()), r
+
     def test_is_a_conntrack_table(self):
         assert isinstance(self.full_table(), ConntrackTable)
 
@@ -144,6 +154,28 @@ class ConntrackTableContract:
         r = t.delete([same_tuple_other_zone])
         assert (r.deleted, r.not_found) == (0, 1)
         assert a1 in set(t.dump())
+
+    def test_delete_spares_a_new_flow_that_reused_the_tuple(self):
+        """Exact deletes (guarantee 5): between a dump and its delete, the
+        dumped flow ends and a new one with the same original tuple starts
+        (DNATed elsewhere now); the delete of the dumped entry leaves it."""
+        t = self.full_table()
+        a1 = CONTRACT_ENTRIES["a1"]
+        [old] = [e for e in t.dump() if e == a1]
+        assert old.id != 0, "a dumped entry carries its id"
+        gone = t.delete([a1])  # the flow ends (a1 as built here has no id: by tuple)
+        assert (gone.deleted, gone.not_found) == (1, 0)
+        renewed = a1._replace(reply_src=EP_2)
+        self.create_flows(t, [renewed])
+        r = t.delete([old])
+        assert (r.deleted, r.not_found, r.failed) == (0, 1, ())
+        # The kernel may give the new flow the very same id (it hashes the
+        # entry's address and original tuple); what must hold is that it stays.
+        [now] = [e for e in t.dump() if e.orig_key == a1.orig_key]
+        assert now == renewed and now.id != 0
+        r = t.delete([now])  # the entry as dumped now goes
+        assert (r.deleted, r.not_found) == (1, 0)
+        assert _names(t.dump()) == set(_V4_NAMES) - {"a1"}
 
     def test_delete_empty_sends_nothing(self):
         t = self.full_table()

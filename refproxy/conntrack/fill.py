@@ -1,8 +1,10 @@
 """Fast, batched conntrack inserts: pad a namespace's table with synthetic flows.
 
 Contract: builds synthetic :class:`ConntrackEntry` values (pure generators)
-and inserts them with IPCTNL_MSG_CT_NEW, thousands per ``sendmsg`` (~150k
-entries/s on this machine, where ``conntrack -I`` manages a few hundred).
+and inserts them through ``NetlinkConntrackTable.insert`` (IPCTNL_MSG_CT_NEW,
+thousands per ``sendmsg``: ~150k entries/s on this machine, where
+``conntrack -I`` manages a few hundred). Test kit: production code never
+imports this module.
 Used by the cleanup benchmark, the contract tests and the lab's background
 padding. Only ever inserts into the namespace it is given; raising the
 host-wide ``nf_conntrack_max`` for a run is the one global change, undone by
@@ -24,7 +26,6 @@ import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
-from refproxy.conntrack import nlmsg as nl
 from refproxy.conntrack.types import IPPROTO_TCP, IPPROTO_UDP, ConntrackEntry
 from refproxy.errors import ConntrackError
 from refproxy.model import IPFamily
@@ -137,55 +138,24 @@ def insert(
 ) -> FillResult:
     """Create ``entries`` in netns ``netns``'s table, ``batch_size`` per sendmsg.
 
-    ``table`` (a :class:`NetlinkConntrackTable`) reuses that table's socket
-    and namespace instead of opening one. Entries already present count as
-    ``existed``; other failures (e.g. ENOMEM when the table is full) count
-    as ``failed`` and the first is described in ``first_error``.
+    ``table`` (a :class:`NetlinkConntrackTable`) is used instead of opening
+    one (``netns``, ``family`` and ``batch_size`` are then the table's). The sending is the
+    table's public :meth:`~NetlinkConntrackTable.insert`. Entries already
+    present count as ``existed``; other failures (e.g. ENOMEM when the table
+    is full) count as ``failed`` and the first is described in
+    ``first_error``.
     """
-    from refproxy.conntrack.netlink import NetlinkConntrackTable, _collect, _send
+    from refproxy.conntrack.netlink import NetlinkConntrackTable
 
     own = table is None
-    t = NetlinkConntrackTable(family, netns) if own else table
+    t = NetlinkConntrackTable(family, netns, batch_size=batch_size) if own else table
     try:
-        sock = t._delete_socket()
-        batch_size = min(batch_size, t._max_batch)
-        pack = nl.EntryPacker(family).create
-        flags = nl.NLM_F_CREATE | nl.NLM_F_EXCL
-        inserted = existed = failed = requests = 0
-        first_error = ""
-        parts: list[bytes] = []
-        seq0 = 0
-
-        def flush() -> None:
-            nonlocal inserted, existed, failed, requests, first_error
-            last = len(parts) - 1
-            parts[last] = parts[last][:6] + (flags | nl.NLM_F_REQUEST | nl.NLM_F_ACK).to_bytes(2, "little") + parts[last][8:]
-            requests += 1
-            t._requests += 1
-            _send(sock, b"".join(parts), "insert", None)
-            errs = _collect(sock, seq0, seq0 + last)
-            for code in errs.values():
-                if code == 17:  # EEXIST
-                    existed += 1
-                else:
-                    failed += 1
-                    if not first_error:
-                        first_error = os.strerror(code)
-            inserted += len(parts) - len(errs)
-            parts.clear()
-
-        for e in entries:
-            if not parts:
-                seq0 = t._take_seq(batch_size)
-            parts.append(pack(e, seq0 + len(parts), flags, timeout))
-            if len(parts) >= batch_size:
-                flush()
-        if parts:
-            flush()
-        return FillResult(inserted, existed, failed, requests, first_error)
+        r = t.insert(entries, timeout=timeout)
     finally:
         if own:
             t.close()
+    first_error = os.strerror(r.failed[0][1]) if r.failed else ""
+    return FillResult(r.inserted, r.existed, len(r.failed), r.requests, first_error)
 
 
 _max_lock = threading.Lock()

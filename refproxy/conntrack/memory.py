@@ -4,13 +4,17 @@ Contract: for unit and property tests, simulations, and third-party plugin
 authors (like kube-proxy's ``conntrack/fake.go``). It counts netlink requests
 as the netlink table would send them (one per dump, one per delete batch, one
 per flush) and can inject failures so retry paths are testable. No I/O.
+
+Ids are modelled as the kernel's: every entry created (``add``, ``insert``)
+gets a fresh ``id``, so a recreated tuple is a new instance, and a delete
+carrying an id that no longer matches removes nothing (``not_found``).
 """
 
 from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator
 
-from refproxy.conntrack.types import ConntrackEntry, DeleteResult, DumpFilter
+from refproxy.conntrack.types import ConntrackEntry, DeleteResult, DumpFilter, InsertResult
 from refproxy.errors import ConntrackError
 from refproxy.model import IPFamily
 
@@ -21,6 +25,9 @@ FailureHook = Callable[[ConntrackEntry], int | None]
 
 class MemoryConntrackTable:
     """A conntrack table held in a dict keyed by the original tuple.
+
+    Entries created here get ids 1, 2, 3... in creation order (the kernel's
+    are hashes; only "a new instance gets a new id" carries over).
 
     ``delete_failure`` (optional) is called for every entry about to be
     deleted; returning an errno makes that delete fail with it (the entry
@@ -45,15 +52,22 @@ class MemoryConntrackTable:
         self.supports_filtered_flush = supports_filtered_flush
         self._entries: dict[tuple, ConntrackEntry] = {}
         self._requests = 0
+        self._next_id = 1
         self.dumps = 0
         self.dumped_entries = 0
         for e in entries:
             self.add(e)
 
     # -- test helpers (not part of the ConntrackTable protocol) -------------
-    def add(self, entry: ConntrackEntry) -> None:
-        """Insert or replace an entry (what a packet creating a flow does)."""
-        self._entries[entry.orig_key] = entry
+    def add(self, entry: ConntrackEntry) -> ConntrackEntry:
+        """Insert or replace an entry (what a packet creating a flow does).
+
+        The stored entry gets a fresh id (``entry.id`` is ignored, as the
+        kernel ignores it on creation) and is returned.
+        """
+        stored = self._entries[entry.orig_key] = entry._replace(id=self._next_id)
+        self._next_id += 1
+        return stored
 
     def entries(self) -> list[ConntrackEntry]:
         """Every entry, of every family, in insertion order."""
@@ -101,11 +115,35 @@ class MemoryConntrackTable:
             if err:
                 failed.append((e, err))
                 continue
-            if self._entries.pop(e.orig_key, None) is None:
-                not_found += 1
+            key = e.orig_key
+            present = self._entries.get(key)
+            if present is None or (e.id and e.id != present.id):
+                not_found += 1  # gone, or its tuple now belongs to a new flow (the kernel's ENOENT)
             else:
+                del self._entries[key]
                 deleted += 1
         return DeleteResult(deleted=deleted, not_found=not_found, failed=tuple(failed), requests=batches)
+
+    def insert(self, entries: Iterable[ConntrackEntry], **_kernel_options: object) -> InsertResult:
+        """Create entries as ``NetlinkConntrackTable.insert`` does (batched, exclusive).
+
+        An entry whose original tuple is present counts as ``existed`` (the
+        kernel also refuses a clash of the reply tuple; not modelled here).
+        Keyword options of the netlink insert (``timeout``, ``dnat``) are
+        accepted and ignored: entries here never expire.
+        """
+        inserted = existed = pending = batches = 0
+        for e in entries:
+            if pending == 0:
+                batches += 1
+                self._requests += 1
+            pending = (pending + 1) % self.batch_size
+            if e.orig_key in self._entries:
+                existed += 1
+            else:
+                self.add(e)
+                inserted += 1
+        return InsertResult(inserted=inserted, existed=existed, requests=batches)
 
     def flush(self, flt: DumpFilter) -> int:
         from refproxy.errors import ConntrackUnsupported

@@ -19,20 +19,25 @@ from __future__ import annotations
 
 import contextlib
 import errno as E
+import functools
 import os
 import socket
-import threading
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from refproxy.conntrack import nlmsg as nl
-from refproxy.conntrack.types import ConntrackEntry, DeleteResult, DumpFilter, TupleFilter, IPPROTO_UDP
+from refproxy.conntrack.nsenter import entered
+from refproxy.conntrack.probe import KernelSupport, kernel_support
+from refproxy.conntrack.types import ConntrackEntry, DeleteResult, DumpFilter, InsertResult, TupleFilter
 from refproxy.errors import ConntrackError, ConntrackUnsupported
 from refproxy.model import IPFamily
-from refproxy.netns import NETNS_DIR, entered
 
-__all__ = ["NetlinkConntrackTable", "KernelSupport", "kernel_support"]
+# KernelSupport and kernel_support live in probe.py; they stay importable
+# from here for callers written before the split.
+__all__ = ["NetlinkConntrackTable", "KernelSupport", "kernel_support", "DEFAULT_INSERT_TIMEOUT"]
 
 DEFAULT_BATCH = 2048
+DEFAULT_INSERT_TIMEOUT = 120  # seconds: the kernel's nf_conntrack_udp_timeout_stream default
+ACK_BUF = 64 << 10
 RCVBUF = 32 << 20
 SNDBUF = 8 << 20
 RECV_SIZE = 256 << 10
@@ -56,10 +61,14 @@ class NetlinkConntrackTable:
        of filter; only the rest is matched in userspace. So results are exact
        on any kernel -- including IPv6, whose kernel address filter is
        inverted (see ``KernelSupport``).
-    2. ``delete`` sends ``batch_size`` deletes per ``sendmsg``; the kernel
-       answers only failures plus one ACK closing each batch (NETLINK_CAP_ACK
-       keeps those short). ENOENT counts as ``not_found``; other errnos land
-       in ``failed``.
+    2. ``delete`` and ``insert`` share one batch sender: ``batch_size``
+       messages per ``sendmsg``; the kernel answers only failures plus one
+       ACK closing each batch (NETLINK_CAP_ACK keeps those short), read in
+       bulk. A batch never exceeds what the receive buffer can hold in error
+       replies (else the kernel drops them: ENOBUFS). A delete carries the
+       entry's CTA_ID when known, so only the dumped instance can go; ENOENT
+       (gone, or the tuple now belongs to a new flow) counts as
+       ``not_found``; other errnos land in ``failed``.
     3. ``flush`` with only a mark is one request on every kernel; a flush by
        tuple, protocol or zone is sent only if a probe in a throwaway
        namespace proved this kernel honours the filter (Linux >= 6.11),
@@ -81,6 +90,7 @@ class NetlinkConntrackTable:
         self._del_sock: socket.socket | None = None
         self._max_batch = batch_size
         self._packer = nl.EntryPacker(family)
+        self._ack_buf = bytearray(ACK_BUF)
         self._count_fd: int | None = None
         self._closed = False
 
@@ -112,10 +122,8 @@ class NetlinkConntrackTable:
         if self.netns is None:
             yield
             return
-        # Never conjure an empty namespace for a misspelt name (pyroute2's
-        # setns would, with its O_CREAT default); say which one is missing.
-        if not os.path.exists(os.path.join(NETNS_DIR, self.netns)):
-            raise ConntrackError(f"network namespace {self.netns!r} does not exist", errno=E.ENOENT)
+        # nsenter never conjures an empty namespace for a misspelt name: it
+        # raises ConntrackError(errno=ENOENT) naming the missing one.
         with entered(self.netns):
             yield
 
@@ -127,8 +135,6 @@ class NetlinkConntrackTable:
             raise
         except OSError as err:
             raise ConntrackError(f"opening a ctnetlink socket in netns {self.netns or '(own)'}: {err}", errno=err.errno) from err
-        except Exception as err:  # refproxy.netns raises LabError on setns failure
-            raise ConntrackError(f"entering netns {self.netns!r} to open a ctnetlink socket: {err}") from err
         _tune(s)
         s.bind((0, 0))
         return s
@@ -238,46 +244,83 @@ class NetlinkConntrackTable:
         raise ConntrackError(f"dumping conntrack ({_what(flt)}): interrupted {DUMP_RETRIES + 1} times", errno=E.EINTR)
 
     def delete(self, entries: Iterable[ConntrackEntry]) -> DeleteResult:
-        """Delete ``entries`` by original tuple and zone, ``batch_size`` per sendmsg."""
+        """Delete ``entries``, ``batch_size`` per sendmsg.
+
+        A dumped entry (``id`` set) goes exactly: reply tuple, zone and
+        CTA_ID (``nlmsg.EntryPacker.delete`` says why the reply tuple), so a
+        new flow that reused its original tuple since is left alone
+        (ENOENT: ``not_found``). An entry with ``id == 0`` (built by hand)
+        goes by original tuple and zone.
+        """
+        done, errs, batches = self._batched(entries, self._packer.delete, 0, "delete")
+        failed = tuple((e, code) for e, code in errs if code != E.ENOENT)
+        not_found = len(errs) - len(failed)
+        return DeleteResult(deleted=done, not_found=not_found, failed=failed, requests=batches)
+
+    def insert(self, entries: Iterable[ConntrackEntry], *, timeout: int = DEFAULT_INSERT_TIMEOUT,
+               dnat: bool = True) -> InsertResult:
+        """Create ``entries`` (IPCTNL_MSG_CT_NEW, exclusive), ``batch_size`` per sendmsg.
+
+        Each entry lives ``timeout`` seconds; with ``dnat`` an entry whose
+        reply source differs from its original destination is set up as a
+        real DNAT (see ``nlmsg.EntryPacker.create``). The kernel assigns every
+        new entry its own id (``entry.id`` is ignored). An entry clashing with
+        one present (either tuple) counts as ``existed``; other failures
+        (ENOMEM when the table is full, ...) land in ``failed``.
+        """
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        pack = functools.partial(self._packer.create, timeout=timeout, dnat=dnat)
+        done, errs, batches = self._batched(entries, pack, nl.NLM_F_CREATE | nl.NLM_F_EXCL, "insert")
+        failed = tuple((e, code) for e, code in errs if code != E.EEXIST)
+        return InsertResult(inserted=done, existed=len(errs) - len(failed), failed=failed, requests=batches)
+
+    def _batched(self, entries: Iterable[ConntrackEntry], pack: Callable[[ConntrackEntry, int, int], bytes],
+                 flags: int, what: str) -> tuple[int, list[tuple[ConntrackEntry, int]], int]:
+        """The one batch sender: one message per entry, a batch per ``sendmsg``.
+
+        Returns ``(succeeded, [(entry, errno) of failures], batches sent)``.
+        ``pack(entry, seq, flags)`` builds one message. Only the last message
+        of a batch asks for an ACK: the kernel still reports every failure,
+        and one reply per batch bounds the receive queue. Each batch reserves
+        its sequence numbers, so a reply maps back to its entry.
+        """
         sock = self._delete_socket()
         limit = min(self.batch_size, self._max_batch)
-        deleted = not_found = batches = 0
-        failed: list[tuple[ConntrackEntry, int]] = []
-        pack = self._packer.delete
+        ok = batches = 0
+        errs: list[tuple[ConntrackEntry, int]] = []
         batch: list[ConntrackEntry] = []
         parts: list[bytes] = []
         seq0 = 0
 
         def flush_batch() -> None:
-            nonlocal deleted, not_found, batches
+            nonlocal ok, batches
             batches += 1
             self._requests += 1
-            # Only the last message asks for an ACK: the kernel still reports
-            # every failure, and one reply per batch bounds the receive queue.
             last = len(batch) - 1
-            parts[last] = pack(batch[last], seq0 + last, nl.NLM_F_ACK)
-            _send(sock, b"".join(parts), "delete", None)
-            errs = _collect(sock, seq0, seq0 + last)
-            for off, code in errs.items():
-                if code == E.ENOENT:
-                    not_found += 1
-                else:
-                    failed.append((batch[off], code))
-            deleted += len(batch) - len(errs)
+            parts[last] = pack(batch[last], seq0 + last, flags | nl.NLM_F_ACK)
+            try:
+                _send(sock, b"".join(parts), what, None)
+            except ConntrackError:
+                self._drop_request_socket()  # part of the batch may have gone out; its replies must not linger
+                raise
+            failures = self._collect(sock, seq0, seq0 + last, what)
+            for off, code in failures.items():
+                errs.append((batch[off], code))
+            ok += len(batch) - len(failures)
             batch.clear()
             parts.clear()
 
         for e in entries:
             if not batch:
-                # Reserve the batch's sequence numbers so replies map to entries.
                 seq0 = self._take_seq(limit)
-            parts.append(pack(e, seq0 + len(batch), 0))
+            parts.append(pack(e, seq0 + len(batch), flags))
             batch.append(e)
             if len(batch) >= limit:
                 flush_batch()
         if batch:
             flush_batch()
-        return DeleteResult(deleted=deleted, not_found=not_found, failed=tuple(failed), requests=batches)
+        return ok, errs, batches
 
     def flush(self, flt: DumpFilter) -> int:
         """Delete every entry of this family matching ``flt`` in one request.
@@ -322,12 +365,37 @@ class NetlinkConntrackTable:
             self._max_batch = max(16, rcvbuf // 1024)
         return self._del_sock
 
+    def _collect(self, sock: socket.socket, first: int, last: int, what: str) -> dict[int, int]:
+        try:
+            return _collect(sock, first, last, self._ack_buf)
+        except OSError as err:
+            # The batch outcome is unknown. ENOBUFS: the kernel dropped
+            # replies (receive buffer full), so the ACK awaited may never
+            # come; start the next request on a fresh socket either way.
+            self._drop_request_socket()
+            why = " (replies dropped: receive buffer full)" if err.errno == E.ENOBUFS else ""
+            raise ConntrackError(f"reading conntrack {what} replies{why}: {err}", errno=err.errno) from err
+
+    def _drop_request_socket(self) -> None:
+        if self._del_sock is not None:
+            with contextlib.suppress(OSError):
+                self._del_sock.close()
+            self._del_sock = None
+
+    def _unchecked_dump(self, flt: DumpFilter | None) -> Iterator[ConntrackEntry]:
+        """Whatever the kernel returns for the whole of ``flt``, not re-checked (``probe.py`` only)."""
+        return self._dump(nl.filter_attrs(self.family, flt), None, flt)
+
+    def _unchecked_flush(self, flt: DumpFilter) -> None:
+        """A flush with the whole of ``flt``, no capability check (``probe.py`` only, in its own namespace)."""
+        self._request(nl.IPCTNL_MSG_CT_DELETE, nl.filter_attrs(self.family, flt), "probe flush", version=1)
+
     def _request(self, ct_msg: int, payload: bytes, what: str, *, version: int = 0) -> None:
         self._delete_socket()
         seq = self._take_seq(1)
         self._requests += 1
         _send(self._del_sock, nl.message(ct_msg, nl.NLM_F_ACK, seq, self.family.af, payload, version=version), what, None)
-        errs = _collect(self._del_sock, seq, seq)
+        errs = self._collect(self._del_sock, seq, seq, what)
         if errs:
             code = errs[0]
             exc = ConntrackUnsupported if code in (E.EOPNOTSUPP, E.EINVAL) and "flush" in what else ConntrackError
@@ -352,15 +420,15 @@ def _send(sock: socket.socket, data: bytes, what: str, flt) -> None:
         raise ConntrackError(f"sending conntrack {what} ({_what(flt)}): {err}", errno=err.errno) from err
 
 
-def _collect(sock: socket.socket, first: int, last: int) -> dict[int, int]:
-    """Read replies until the ACK of ``last``; return {seq - first: errno} of failures."""
+def _collect(sock: socket.socket, first: int, last: int, buf: bytearray) -> dict[int, int]:
+    """Read replies until the ACK of ``last``; return {seq - first: errno} of failures.
+
+    Replies are read in bulk (one ``recv`` holds many); replies to other
+    sequence numbers (left by an earlier, failed batch) are skipped.
+    """
     errs: dict[int, int] = {}
-    buf = bytearray(65536)
     while True:
-        try:
-            n = sock.recv_into(buf)
-        except OSError as err:
-            raise ConntrackError(f"reading conntrack replies: {err}", errno=err.errno) from err
+        n = sock.recv_into(buf)
         m = 0
         while m + 16 <= n:
             mlen, mtype, _flags, mseq, _ = nl.read_header(buf, m)
@@ -377,122 +445,3 @@ def _collect(sock: socket.socket, first: int, last: int) -> dict[int, int]:
 
 def _what(flt: DumpFilter | None) -> str:
     return "no filter" if flt is None else f"filter {flt}"
-
-
-# -- kernel capability probe -------------------------------------------------
-
-class KernelSupport:
-    """What this kernel's ctnetlink honours (probed once per family).
-
-    ``dump_l4``: a CTA_FILTER dump by protocol and ports returns exactly the
-    matches (5.8+); ``dump_addr``: the same by address -- false for IPv6 on
-    every kernel to date, whose ``ctnetlink_filter_match_tuple`` tests
-    ``!ipv6_addr_cmp(...)`` and so keeps exactly the *non*-matching entries;
-    ``dump_zone``: a zone-0 filter is honoured (6.7+); ``flush_tuple``: a
-    flush with CTA_FILTER deletes only matches (6.11+, IPv4); ``flush_zone``:
-    the same with a zone-0 filter.
-    """
-
-    __slots__ = ("dump_l4", "dump_addr", "dump_zone", "flush_tuple", "flush_zone", "reason")
-
-    def __init__(self, dump_l4=False, dump_addr=False, dump_zone=False, flush_tuple=False, flush_zone=False,
-                 reason="") -> None:
-        self.dump_l4 = dump_l4
-        self.dump_addr = dump_addr
-        self.dump_zone = dump_zone
-        self.flush_tuple = flush_tuple
-        self.flush_zone = flush_zone
-        self.reason = reason
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
-        return f"KernelSupport({fields})"
-
-
-_probe_lock = threading.Lock()
-_probed: dict[IPFamily, KernelSupport] = {}
-CLONE_NEWNET = 0x40000000
-
-
-def kernel_support(family: IPFamily) -> KernelSupport:
-    """Probe, once per process and family, which ctnetlink filters the kernel honours.
-
-    The probe runs in an anonymous network namespace made by ``unshare`` in a
-    short-lived thread (the namespace dies with the thread's last socket), so
-    a kernel that ignored a flush filter could only ever flush the probe's own
-    three entries. Each capability is checked by what actually comes back or
-    stays behind, never by kernel version. A failed probe reports nothing
-    supported: callers then re-check in userspace and fall back to dump +
-    delete, which is always correct.
-    """
-    with _probe_lock:
-        if family not in _probed:
-            box: list[KernelSupport] = []
-            t = threading.Thread(target=lambda: box.append(_probe(family)), name="ct-probe", daemon=True)
-            t.start()
-            t.join(30)
-            _probed[family] = box[0] if box else KernelSupport(reason="probe timed out")
-        return _probed[family]
-
-
-def _probe(family: IPFamily) -> KernelSupport:
-    import ctypes  # only here: it costs ~1.5 MB of RSS in every process
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.unshare(CLONE_NEWNET) != 0:
-            return KernelSupport(reason=f"cannot make a probe namespace: {os.strerror(ctypes.get_errno())}")
-    except OSError as err:
-        return KernelSupport(reason=f"cannot make a probe namespace: {err}")
-    # This thread now lives in a fresh, unnamed namespace; the table below
-    # (netns=None) opens its sockets here.
-    from refproxy.conntrack.fill import insert
-
-    a, b = ("198.18.0.1", "198.18.0.2") if family is IPFamily.IPv4 else ("2001:2::1", "2001:2::2")
-    c = "198.18.0.3" if family is IPFamily.IPv4 else "2001:2::3"
-
-    def mk(dst: str, zone: int) -> ConntrackEntry:
-        return ConntrackEntry(family, IPPROTO_UDP, c, dst, 1000 + zone, 53, dst, c, 53, 1000 + zone, 0, zone)
-
-    victim, bystander, other_zone = mk(a, 0), mk(b, 0), mk(a, 7)
-    by_tuple = DumpFilter(proto=IPPROTO_UDP, orig=TupleFilter(dst=a))
-    by_zone = DumpFilter(proto=IPPROTO_UDP, orig=TupleFilter(dst=a), zone=0)
-    ks = KernelSupport(reason="probed")
-    try:
-        with NetlinkConntrackTable(family) as t:
-
-            def raw_dump(flt: DumpFilter) -> set[ConntrackEntry]:
-                return set(t._dump(nl.filter_attrs(family, flt), None, flt))  # no userspace re-check
-
-            insert(None, [victim, bystander, other_zone], family=family, timeout=60, table=t)
-            if t.count() != 3:
-                return KernelSupport(reason="probe entries were not created")
-            ks.dump_l4 = raw_dump(DumpFilter(proto=IPPROTO_UDP, orig=TupleFilter(sport=1007))) == {other_zone}
-            ks.dump_addr = raw_dump(by_tuple) == {victim, other_zone}
-            ks.dump_zone = raw_dump(DumpFilter(zone=0)) == {victim, bystander}
-            if not ks.dump_addr:
-                ks.reason = "kernel inverts or ignores address filters"
-            if not (ks.dump_addr and ks.dump_l4):
-                return ks  # never try a flush the dump filter already gets wrong
-            try:
-                t._request(nl.IPCTNL_MSG_CT_DELETE, nl.filter_attrs(family, by_tuple), "probe flush", version=1)
-            except ConntrackError as err:
-                ks.reason = f"kernel rejected a CTA_FILTER flush: {err}"
-                return ks
-            left = set(t.dump())
-            if left != {bystander}:
-                ks.reason = f"kernel flushed {3 - len(left)} of 3 probe entries, not 2"
-                return ks
-            ks.flush_tuple = True
-            insert(None, [victim, other_zone], family=family, timeout=60, table=t)
-            try:
-                t._request(nl.IPCTNL_MSG_CT_DELETE, nl.filter_attrs(family, by_zone), "probe flush", version=1)
-            except ConntrackError as err:
-                ks.reason = f"kernel rejected a zone flush: {err}"
-                return ks
-            ks.flush_zone = set(t.dump()) == {bystander, other_zone}
-            if not ks.flush_zone:
-                ks.reason = "kernel ignores a zone-0 flush filter"
-            return ks
-    except ConntrackError as err:
-        return KernelSupport(reason=f"probe failed: {err}")

@@ -79,6 +79,7 @@ CTA_PROTOINFO = 4
 CTA_TIMEOUT = 7
 CTA_NAT_DST = 13
 CTA_MARK = 8
+CTA_ID = 12
 CTA_ZONE = 18
 CTA_MARK_MASK = 21
 CTA_FILTER = 25
@@ -277,9 +278,11 @@ class EntryPacker:
                               CTA_TUPLE_PROTO | NLA_F_NESTED, 5, CTA_PROTO_NUM, 6, CTA_PROTO_SRC_PORT, 6,
                               CTA_PROTO_DST_PORT)
         hdr = "IHHII BBH"
-        # DELETE: orig tuple + CTA_ZONE
+        # DELETE: orig tuple + CTA_ZONE, or (exact) reply tuple + CTA_ZONE + CTA_ID
         self._del = struct.Struct("<" + hdr + self._tuple_fmt + " HH2s2x")
         self.delete_len = self._del.size
+        self._del_id = struct.Struct("<" + hdr + self._tuple_fmt + " HH2s2x HH4s")
+        self._del_id_type = msg_type(IPCTNL_MSG_CT_DELETE)
         # NEW (UDP & co): orig + reply + timeout + mark + zone
         new_fmt = "<" + hdr + self._tuple_fmt + self._tuple_fmt + " HH4s HH4s HH2s2x"
         self._new = struct.Struct(new_fmt)
@@ -313,12 +316,33 @@ class EntryPacker:
                 c[6], c[7], c[8], c[9], proto, c[10], c[11], BE16[sport], c[12], c[13], BE16[dport])
 
     def delete(self, e: ConntrackEntry, seq: int, flags: int) -> bytes:
-        """An IPCTNL_MSG_CT_DELETE for ``e`` identified by its original tuple and zone."""
+        """An IPCTNL_MSG_CT_DELETE for ``e``: by original tuple and zone, or exactly.
+
+        With a nonzero ``e.id`` (a dumped entry) the message names the entry
+        by its *reply* tuple, zone and CTA_ID. ``ctnetlink_del_conntrack``
+        looks the tuple up (either direction; every tuple is unique in the
+        table) and answers ENOENT when the id differs from ``nf_ct_get_id``.
+        The reply tuple, not the original one, because that id hashes only
+        the entry's address and original tuple: a new flow reusing the
+        original tuple often lands in the freed slot and gets the very same
+        id (measured: 6 of 50 recreations). The reply tuple carries the
+        endpoint the flow was DNATed to, so a new flow sent elsewhere is
+        never hit; one sent to the same endpoint is just as stale.
+        """
         if e.proto not in PORT_PROTOS:
             payload = tuple_attr(CTA_TUPLE_ORIG, self.family, src=e.orig_src, dst=e.orig_dst, proto=e.proto) + attr(
                 CTA_ZONE, BE16[e.zone]
             )
+            if e.id:
+                payload += attr(CTA_ID, _BE32.pack(e.id))
             return message(IPCTNL_MSG_CT_DELETE, flags, seq, self.af, payload)
+        if e.id:
+            st = self._del_id
+            return st.pack(
+                st.size, self._del_id_type, flags | NLM_F_REQUEST, seq, 0, self.af, 0, 0,
+                *self._tuple_values(CTA_TUPLE_REPLY, e.reply_src, e.reply_dst, e.proto, e.reply_sport, e.reply_dport),
+                6, CTA_ZONE, BE16[e.zone], 8, CTA_ID, _BE32.pack(e.id),
+            )
         return self._del.pack(
             self.delete_len, msg_type(IPCTNL_MSG_CT_DELETE), flags | NLM_F_REQUEST, seq, 0, self.af, 0, 0,
             *self._tuple_values(CTA_TUPLE_ORIG, e.orig_src, e.orig_dst, e.proto, e.orig_sport, e.orig_dport),
@@ -394,11 +418,13 @@ class Decoder:
         self._tup_len = tup_len
         one = f"8s4x{alen}s4x{alen}s4s4xB3x4xH2x4xH2x"
         self._fast = struct.Struct(">" + one + one)
-        # The usual layout continues with CTA_STATUS then CTA_MARK (no zone):
-        # reading them in the same call saves the attribute walk.
-        self._fast_mark = struct.Struct(">" + one + one + "4s4x4sI")
+        # The usual layout continues with CTA_STATUS, CTA_MARK, CTA_ID (no
+        # zone; ctnetlink_fill_info order): reading them in the same call
+        # saves the attribute walk.
+        self._fast_mark = struct.Struct(">" + one + one + "4s4x4sI4sI")
         self._status_hdr = _NLA.pack(8, CTA_STATUS)
         self._mark_hdr = _NLA.pack(8, CTA_MARK)
+        self._id_hdr = _NLA.pack(8, CTA_ID)
         self._orig_hdr = _NLA.pack(tup_len, CTA_TUPLE_ORIG | NLA_F_NESTED) + _NLA.pack(ip_len, CTA_TUPLE_IP | NLA_F_NESTED)
         self._reply_hdr = _NLA.pack(tup_len, CTA_TUPLE_REPLY | NLA_F_NESTED) + _NLA.pack(ip_len, CTA_TUPLE_IP | NLA_F_NESTED)
         self._proto_hdr = _NLA.pack(28, CTA_TUPLE_PROTO | NLA_F_NESTED)
@@ -419,26 +445,25 @@ class Decoder:
             return None
         end = m + mlen
         o = m + self._fast_end
-        if o + 16 <= end:
-            (oh, osrc, odst, oph, proto, osp, odp, rh, rsrc, rdst, rph, _rproto, rsp, rdp, sh, mh, mark) = (
+        if o + 24 <= end:
+            (oh, osrc, odst, oph, proto, osp, odp, rh, rsrc, rdst, rph, _rproto, rsp, rdp, sh, mh, mark, ih, cid) = (
                 self._fast_mark.unpack_from(buf, m + 20)
             )
-            if sh == self._status_hdr and mh == self._mark_hdr:
-                zone = 0
-            else:
-                mark = zone = -1
+            tail_ok = sh == self._status_hdr and mh == self._mark_hdr and ih == self._id_hdr
         elif o <= end:
             (oh, osrc, odst, oph, proto, osp, odp, rh, rsrc, rdst, rph, _rproto, rsp, rdp) = self._fast.unpack_from(
                 buf, m + 20
             )
-            mark = zone = -1
+            tail_ok = False
         else:
             return self._generic(buf, m + 20, end)
         if oh != self._orig_hdr or rh != self._reply_hdr or oph != self._proto_hdr or rph != oph:
             return self._generic(buf, m + 20, end)
-        if mark < 0:
-            # Unusual tail (a zone, no mark support...): walk the attributes.
-            mark = zone = 0
+        zone = 0
+        if not tail_ok:
+            # Unusual tail (a zone, no mark support, a security context...):
+            # walk the attributes after the tuples.
+            mark = cid = 0
             unpack = _NLA.unpack_from
             while o + 4 <= end:
                 alen, atype = unpack(buf, o)
@@ -449,6 +474,8 @@ class Decoder:
                     mark = _BE32.unpack_from(buf, o + 4)[0]
                 elif atype == CTA_ZONE:
                     zone = _BE16.unpack_from(buf, o + 4)[0]
+                elif atype == CTA_ID:
+                    cid = _BE32.unpack_from(buf, o + 4)[0]
                 o += (alen + 3) & ~3
         names = self._names
         return tuple.__new__(
@@ -457,7 +484,7 @@ class Decoder:
                 self.family, proto,
                 names.get(osrc) or self._name(osrc), names.get(odst) or self._name(odst), osp, odp,
                 names.get(rsrc) or self._name(rsrc), names.get(rdst) or self._name(rdst), rsp, rdp,
-                mark, zone,
+                mark, zone, cid,
             ),
         )
 
@@ -478,7 +505,8 @@ class Decoder:
         fam = self.family
         af = self.af
         oh_ok, rh_ok, ph_ok, sh_ok, mh_ok = self._orig_hdr, self._reply_hdr, self._proto_hdr, self._status_hdr, self._mark_hdr
-        need = self._fast_end + 16
+        ih_ok = self._id_hdr
+        need = self._fast_end + 24
         new_type = msg_type(IPCTNL_MSG_CT_NEW)
         append = out.append
         interrupted = False
@@ -493,14 +521,15 @@ class Decoder:
                 if mtype == new_type:
                     if buf[m + 16] == af:
                         if mlen >= need:
-                            (oh, osrc, odst, oph, proto, osp, odp, rh, rsrc, rdst, rph, _p, rsp, rdp, sh, mh, mark) = fast(
-                                buf, m + 20)
-                            if oh == oh_ok and rh == rh_ok and oph == ph_ok and rph == ph_ok and sh == sh_ok and mh == mh_ok:
+                            (oh, osrc, odst, oph, proto, osp, odp, rh, rsrc, rdst, rph, _p, rsp, rdp, sh, mh, mark, ih,
+                             cid) = fast(buf, m + 20)
+                            if (oh == oh_ok and rh == rh_ok and oph == ph_ok and rph == ph_ok and sh == sh_ok
+                                    and mh == mh_ok and ih == ih_ok):
                                 append(new(ConntrackEntry, (
                                     fam, proto,
                                     names.get(osrc) or name(osrc), names.get(odst) or name(odst), osp, odp,
                                     names.get(rsrc) or name(rsrc), names.get(rdst) or name(rdst), rsp, rdp,
-                                    mark, 0,
+                                    mark, 0, cid,
                                 )))
                                 m += (mlen + 3) & ~3
                                 continue
@@ -518,7 +547,7 @@ class Decoder:
 
     def _generic(self, buf, o: int, end: int) -> ConntrackEntry:
         orig = reply = None
-        mark = zone = 0
+        mark = zone = cid = 0
         for atype, start, stop in _walk(buf, o, end):
             if atype == CTA_TUPLE_ORIG:
                 orig = self._tuple(buf, start, stop)
@@ -528,10 +557,13 @@ class Decoder:
                 mark = _BE32.unpack_from(buf, start)[0]
             elif atype == CTA_ZONE:
                 zone = _BE16.unpack_from(buf, start)[0]
+            elif atype == CTA_ID:
+                cid = _BE32.unpack_from(buf, start)[0]
         unknown = ("", "", 0, 0, 0)
         o_ = orig or unknown
         r_ = reply or unknown
-        return ConntrackEntry(self.family, o_[4], o_[0], o_[1], o_[2], o_[3], r_[0], r_[1], r_[2], r_[3], mark, zone)
+        return ConntrackEntry(self.family, o_[4], o_[0], o_[1], o_[2], o_[3], r_[0], r_[1], r_[2], r_[3], mark, zone,
+                              cid)
 
     def _tuple(self, buf, o: int, end: int) -> tuple[str, str, int, int, int]:
         src = dst = ""

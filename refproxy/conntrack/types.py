@@ -10,6 +10,16 @@ purpose: a full dump decodes up to millions of them, and a NamedTuple is built
 several times faster than a frozen slotted dataclass (whose ``__init__`` goes
 through ``object.__setattr__``). Addresses are text (``"10.96.0.10"``), ports
 ints, ``proto`` the IP protocol number (17 = UDP).
+
+``ConntrackEntry.id`` is the kernel's ``CTA_ID`` of that instance of the
+flow: a delete carrying it removes only the entry that was dumped, never a
+new flow that reused the original tuple since and was sent elsewhere (the
+kernel answers ENOENT, which is "gone"; see ``nlmsg.EntryPacker.delete`` for
+why such a delete names the reply tuple). Like a dataclass field with
+``compare=False`` it takes no part in
+equality or hashing: two dumps of one flow are equal whatever their ids, so
+code comparing entries by their tuples keeps working; compare ``.id`` to
+tell a recreated flow apart. ``0`` means "unknown": delete by tuple alone.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ __all__ = [
     "TupleFilter",
     "DumpFilter",
     "DeleteResult",
+    "InsertResult",
     "ConntrackTable",
 ]
 
@@ -41,7 +52,8 @@ class ConntrackEntry(NamedTuple):
     For a DNATed service flow ``orig_dst:orig_dport`` is the frontend
     (ClusterIP:port) and ``reply_src:reply_sport`` the endpoint it was
     translated to. For an entry created while no DNAT applied, the reply source
-    equals the original destination.
+    equals the original destination. ``id`` is the kernel's CTA_ID (0 when
+    unknown); equality and hashing ignore it (see the module doc).
     """
 
     family: IPFamily
@@ -56,18 +68,36 @@ class ConntrackEntry(NamedTuple):
     reply_dport: int
     mark: int = 0
     zone: int = 0
+    id: int = 0
 
     @property
     def orig_key(self) -> tuple:
-        """The original tuple, which identifies the entry for a delete."""
+        """The original tuple and zone: the table's key for this flow (one entry at a time)."""
         return (self.proto, self.orig_src, self.orig_dst, self.orig_sport, self.orig_dport, self.zone)
+
+    # Equality and hash over the first 12 fields: ``id`` is a handle, not a
+    # value (module doc). A NamedTuple may define these; fields stay as fast.
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ConntrackEntry):
+            return self[:_VALUE_FIELDS] == other[:_VALUE_FIELDS]
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    def __hash__(self) -> int:
+        return hash(self[:_VALUE_FIELDS])
 
     def __str__(self) -> str:
         return (
             f"proto={self.proto} src={self.orig_src} dst={self.orig_dst} sport={self.orig_sport} "
             f"dport={self.orig_dport} | src={self.reply_src} dst={self.reply_dst} "
-            f"sport={self.reply_sport} dport={self.reply_dport} mark={self.mark} zone={self.zone}"
+            f"sport={self.reply_sport} dport={self.reply_dport} mark={self.mark} zone={self.zone} id={self.id}"
         )
+
+
+_VALUE_FIELDS = 12  # every field but ``id``
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +178,21 @@ class DeleteResult:
     requests: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class InsertResult:
+    """The outcome of a batched insert (``NetlinkConntrackTable.insert``).
+
+    ``existed`` entries clashed with one already present (EEXIST, either
+    tuple); ``failed`` holds the others with their errno (ENOMEM when the
+    table is full, ...). The kernel assigns each new entry its own id.
+    """
+
+    inserted: int = 0
+    existed: int = 0
+    failed: tuple[tuple[ConntrackEntry, int], ...] = ()
+    requests: int = 0
+
+
 @runtime_checkable
 class ConntrackTable(TypingProtocol):
     """The only way a cleanup plugin touches conntrack.
@@ -162,6 +207,10 @@ class ConntrackTable(TypingProtocol):
        the same table; it batches requests and never raises for ENOENT.
     4. ``requests`` counts netlink requests (messages sent) since creation; the
        in-memory table counts what the netlink one would send.
+    5. ``delete`` is exact: an entry carrying an ``id`` (every dumped entry
+       does) removes only that instance of the flow. A new flow that reused
+       its original tuple between the dump and the delete, DNATed elsewhere,
+       stays; the delete counts ``not_found``.
     """
 
     family: IPFamily
@@ -180,7 +229,11 @@ class ConntrackTable(TypingProtocol):
         ...
 
     def delete(self, entries: Iterable[ConntrackEntry]) -> DeleteResult:
-        """Delete entries by their original tuple, batched."""
+        """Delete entries, batched: exactly (that instance) when ``id`` is known, else by original tuple and zone.
+
+        An entry whose id no longer matches (its tuple now belongs to a new
+        flow) is left alone and counted ``not_found``.
+        """
         ...
 
     def flush(self, flt: DumpFilter) -> int:

@@ -7,7 +7,8 @@ import tracemalloc
 import pytest
 
 from refproxy.conntrack.fill import ClientPool, flows_to, insert, pad_table, padding
-from refproxy.conntrack.netlink import NetlinkConntrackTable, kernel_support
+from refproxy.conntrack.netlink import NetlinkConntrackTable
+from refproxy.conntrack.probe import kernel_support
 from refproxy.conntrack.types import IPPROTO_UDP, DumpFilter, TupleFilter
 from refproxy.errors import ConntrackUnsupported
 from refproxy.model import IPFamily
@@ -75,6 +76,54 @@ def test_large_delete_from_concurrent_dump(ns):
         assert r.requests == 10 and t.requests - before == 11  # 10 batches + 1 dump
         assert t.count() == 5300
         assert set(t.dump(DumpFilter(proto=IPPROTO_UDP, orig=TupleFilter(dst="198.18.0.10")))) == set(live)
+
+
+@pytest.mark.parametrize("family", [V4, V6], ids=["ipv4", "ipv6"])
+def test_delete_spares_new_flows_that_reused_a_dumped_tuple(ns, family):
+    """Issue 10, exact deletes: while a cleanup streams a dump into delete(),
+    some dumped flows end and their clients start new flows with the same
+    original tuple, now DNATed to the serving endpoint. Only the dumped
+    instances may go; by tuple alone, every new flow would have been deleted."""
+    svc, old_ep, new_ep = (("198.18.0.10", "198.18.64.1", "198.18.64.2") if family is V4
+                           else ("2001:2::10", "2001:2::40:1", "2001:2::40:2"))
+    clients = ClientPool(family)
+    stale = list(flows_to((svc, 53), [(old_ep, 5353)], 600, clients))
+    r = insert(ns.name, stale + list(padding(2000, clients)), family=family)
+    assert (r.inserted, r.failed) == (2600, 0)
+    reused = set(stale[::3])
+    renewed = {e._replace(reply_src=new_ep) for e in reused}
+    flt = DumpFilter(proto=IPPROTO_UDP, orig=TupleFilter(dst=svc, dport=53), reply=TupleFilter(src=old_ep))
+    with NetlinkConntrackTable(family, ns.name, batch_size=64) as t, NetlinkConntrackTable(family, ns.name) as clients_side:
+
+        def dumped_then_raced():
+            for e in t.dump(flt):
+                if e in reused:  # the flow ends and its client comes back, after the dump saw it
+                    gone = clients_side.delete([e._replace(id=0)])
+                    made = clients_side.insert([e._replace(reply_src=new_ep)])
+                    assert (gone.deleted, made.inserted) == (1, 1)
+                yield e
+
+        res = t.delete(dumped_then_raced())
+        assert (res.deleted, res.not_found, res.failed) == (400, 200, ())
+        left = set(t.dump(DumpFilter(proto=IPPROTO_UDP, orig=TupleFilter(dst=svc))))
+        assert left == renewed
+        assert t.count() == 2000 + 200
+        # The dumped instances are what the ids pin down: a delete by tuple
+        # alone would have taken the new flows.
+        by_tuple = t.delete(e._replace(id=0) for e in reused)
+        assert (by_tuple.deleted, by_tuple.not_found) == (200, 0)
+
+
+def test_insert_is_the_tables_own_batch_sender(ns):
+    """The public insert() (what fill uses): batches, EEXIST as existed, ids assigned by the kernel."""
+    es = list(padding(5000, ClientPool()))
+    with NetlinkConntrackTable(V4, ns.name, batch_size=1000) as t:
+        r = t.insert(es[:3000], timeout=600)
+        assert (r.inserted, r.existed, r.failed, r.requests) == (3000, 0, (), 3)
+        again = t.insert(es[2500:3500])
+        assert (again.inserted, again.existed, again.failed) == (500, 500, ())
+        assert t.count() == 3500 and set(t.dump()) == set(es[:3500])
+        assert all(e.id != 0 for e in t.dump())
 
 
 def test_ipv6_table_is_separate(ns):

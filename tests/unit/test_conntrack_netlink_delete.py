@@ -4,9 +4,12 @@ which replies map to which entries, ENOENT vs other errnos, batch sizes."""
 import errno
 import struct
 
+import pytest
+
 from refproxy.conntrack import nlmsg as nl
 from refproxy.conntrack.netlink import NetlinkConntrackTable
 from refproxy.conntrack.types import ConntrackEntry
+from refproxy.errors import ConntrackError
 from refproxy.model import IPFamily
 
 
@@ -73,3 +76,33 @@ def test_batch_shrinks_to_what_the_receive_buffer_can_hold():
     t._max_batch = 100
     r = t.delete(entry(3000 + i) for i in range(250))
     assert r.requests == 3 and t._del_sock.sent == [100, 100, 50]
+
+
+def test_insert_shares_the_batch_sender():
+    """insert() and delete() go through one sender: same batching, same error mapping."""
+    t = table({4001: errno.EEXIST, 4002: errno.ENOMEM}, batch_size=2)
+    es = [entry(4000 + i) for i in range(5)]
+    r = t.insert(iter(es), timeout=60)
+    assert (r.inserted, r.existed) == (3, 1) and r.failed == ((es[2], errno.ENOMEM),)
+    assert r.requests == 3 and t.requests == 3 and t._del_sock.sent == [2, 2, 1]
+    assert t._del_sock.replies == []
+
+
+def test_insert_timeout_must_be_positive():
+    with pytest.raises(ValueError):
+        table({}, batch_size=2).insert([entry(1)], timeout=0)
+
+
+def test_a_failed_reply_read_drops_the_request_socket():
+    """ENOBUFS (replies dropped): the batch outcome is unknown; raise, and never reuse that socket."""
+
+    class Overflowing(ScriptedSocket):
+        def recv_into(self, buf) -> int:
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+
+    t = NetlinkConntrackTable(IPFamily.IPv4, "rpct-0-scripted", batch_size=4)
+    t._del_sock = Overflowing({})
+    with pytest.raises(ConntrackError) as ei:
+        t.delete([entry(1), entry(2)])
+    assert ei.value.errno == errno.ENOBUFS and "receive buffer full" in str(ei.value)
+    assert t._del_sock is None

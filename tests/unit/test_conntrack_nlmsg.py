@@ -181,3 +181,49 @@ def test_chunk_reports_interrupt_and_errors():
     assert out == [E4]  # an interrupted dump's entries are still real entries
     err = struct.pack("<IHHII", 36, nl.NLMSG_ERROR, 0, 5, 0) + struct.pack("<i", -22) + b"\0" * 16
     assert nl.Decoder(V4).chunk(bytearray(err), len(err), 5, []) == (True, False, 22)
+
+
+@pytest.mark.parametrize("entry", [E4._replace(id=0xCE443161), E4._replace(id=5, zone=3), E6._replace(id=7)],
+                         ids=["v4", "v4-zone", "v6"])
+def test_exact_delete_names_the_reply_tuple_and_the_id(entry):
+    """Exact deletes: reply tuple + zone + CTA_ID. The kernel's id hashes only the
+    original tuple and the entry's address, so a new flow reusing the original
+    tuple can get the same id; its reply tuple (its endpoint) is what differs."""
+    fast = nl.EntryPacker(entry.family).delete(entry, 42, nl.NLM_F_ACK)
+    slow = nl.message(
+        nl.IPCTNL_MSG_CT_DELETE, nl.NLM_F_ACK, 42, entry.family.af,
+        nl.tuple_attr(nl.CTA_TUPLE_REPLY, entry.family, src=entry.reply_src, dst=entry.reply_dst, proto=entry.proto,
+                      sport=entry.reply_sport, dport=entry.reply_dport)
+        + nl.attr(nl.CTA_ZONE, struct.pack(">H", entry.zone)) + nl.attr(nl.CTA_ID, struct.pack(">I", entry.id)),
+    )
+    assert fast == slow
+
+
+def test_exact_delete_without_ports_keeps_the_original_tuple():
+    e = ICMP._replace(id=99)
+    with_id = nl.EntryPacker(V4).delete(e, 42, 0)
+    without = nl.EntryPacker(V4).delete(e._replace(id=0), 42, 0)
+    assert with_id[16:] == without[16:] + nl.attr(nl.CTA_ID, struct.pack(">I", 99))
+    assert struct.unpack_from("<I", with_id)[0] == len(with_id)
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"zone_attr": True}, {"zone_attr": True, "tuple_zone": True}, {"mark": False}],
+    ids=["fast", "zone-walk", "generic", "no-mark-walk"],
+)
+def test_decoded_entries_carry_the_kernel_id(kw):
+    e = E4._replace(zone=5) if kw.get("zone_attr") else E4
+    msg = kernel_message(e, **kw)  # CTA_ID 1
+    got = nl.Decoder(V4).entry(msg, 0, len(msg))
+    assert got.id == 1
+    out = []
+    nl.Decoder(V4).chunk(bytearray(msg), len(msg), 1, out)
+    assert [x.id for x in out] == [1]
+
+
+def test_entries_compare_without_their_id():
+    """The id is a handle (types.py): equal tuples are equal entries, whatever the id."""
+    a, b = E4._replace(id=1), E4._replace(id=2)
+    assert a == b and hash(a) == hash(b) and not (a != b) and len({a, b, E4}) == 1
+    assert a != E4._replace(id=1, mark=0)
+    assert a.id != b.id and "id=1" in str(a)
