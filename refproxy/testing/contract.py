@@ -21,13 +21,21 @@ every discovered plugin. The checks (``CleanupPlugin``'s guarantees):
    some run's request and still stale).
 5. Failures are retried, not forgotten: after the failures stop, repeated
    runs on an unchanged snapshot leave no due entry, within ``quiet_runs``.
+
+A plugin may own only some frontends (``scope``: a predicate over
+:class:`Frontend` or a collection of ports; default everything). Checks 2-5
+then hold within the scope, and outside it the plugin must delete nothing;
+"due" counts only in-scope entries. An entry's frontend is the one the stale
+predicate judges it by (``StaleIndex.frontend_of``: an ExternalIP on a node
+address before a NodePort on the same port). A scope that selects no
+frontend of any scenario is a violation: the check would prove nothing.
 """
 
 from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Union
 
 from refproxy.cleanup.api import CleanupReport, CleanupRequest, OptionSpec
 from refproxy.cleanup.registry import SUPPORTED_API_VERSIONS, discover, load_factory
@@ -35,11 +43,25 @@ from refproxy.cleanup.stale import Frontend, StaleIndex
 from refproxy.conntrack.memory import MemoryConntrackTable
 from refproxy.conntrack.types import ConntrackEntry
 from refproxy.model import Snapshot
-from refproxy.testing.scenarios import NODES, Chooser, RandomChooser, flows_under, gen_snapshot, junk_flows, mutate
+from refproxy.testing.scenarios import (
+    NODE_PORTS,
+    NODES,
+    PORTS,
+    Chooser,
+    RandomChooser,
+    flows_under,
+    gen_snapshot,
+    junk_flows,
+    mutate,
+)
 
 __all__ = [
     "ContractViolation",
     "ContractResult",
+    "Scope",
+    "EVERYTHING",
+    "scope_predicate",
+    "SCENARIO_PORTS",
     "check_metadata",
     "check_plugin",
     "run_scenario",
@@ -52,6 +74,36 @@ class ContractViolation(AssertionError):
     """A plugin broke the cleanup contract; the message says how to replay it."""
 
 
+# What a plugin owns: a predicate over frontends, or the ports it cleans
+# (``Frontend.port``: the service port of a ClusterIP, ExternalIP or
+# LoadBalancer frontend, the NodePort number of a NodePort frontend).
+Scope = Union[Callable[[Frontend], bool], Iterable[int]]
+
+
+def EVERYTHING(frontend: Frontend) -> bool:
+    """The default scope: the plugin owns every frontend."""
+    return True
+
+
+# The ports the generated scenarios use (service ports, then NodePorts): a
+# port scope must name at least one of them.
+SCENARIO_PORTS: tuple[int, ...] = tuple(sorted(set(PORTS) | set(NODE_PORTS)))
+
+
+def scope_predicate(scope: Scope | None) -> Callable[[Frontend], bool]:
+    """``scope`` as a predicate: ``None`` is :func:`EVERYTHING`, a callable is
+    used as is, anything else is a collection of ports (``{53}``)."""
+    if scope is None:
+        return EVERYTHING
+    if callable(scope):
+        return scope
+    ports = frozenset(scope)
+    bad = [p for p in ports if not isinstance(p, int) or isinstance(p, bool) or not 0 < p < 65536]
+    if bad or not ports:
+        raise ValueError(f"scope: expected a predicate over Frontend or a non-empty set of ports, got {scope!r}")
+    return lambda f: f.port in ports
+
+
 @dataclass(frozen=True, slots=True)
 class ContractResult:
     """What ``check_plugin`` exercised (for the test log)."""
@@ -61,6 +113,7 @@ class ContractResult:
     runs: int
     deleted: int
     injected_failures: int
+    frontends_in_scope: int = 0  # summed over scenarios: what the scope let the check judge
 
 
 class _Faults:
@@ -108,27 +161,29 @@ def _frontends(snap: Snapshot, nodes: frozenset[str]) -> frozenset[Frontend]:
     return StaleIndex(snap, None, nodes).frontends
 
 
-def _fail(name: str, seed: object, step: int, what: str) -> ContractViolation:
+def _fail(name: str, seed: object, step: int, what: str, scoped: bool = False) -> ContractViolation:
+    extra = ", scope=SCOPE" if scoped else ""
     return ContractViolation(
         f"plugin {name!r}, scenario seed={seed!r}, run {step}: {what}\n"
-        f"replay: refproxy.testing.contract.check_plugin(factory, seeds=[{seed!r}])"
+        f"replay: refproxy.testing.contract.check_plugin(factory, seeds=[{seed!r}]{extra})"
     )
 
 
-def _check_report(name: str, seed: object, step: int, r: CleanupReport, removed: int, requests: int) -> None:
+def _check_report(name: str, seed: object, step: int, r: CleanupReport, removed: int, requests: int,
+                  scoped: bool = False) -> None:
     if not isinstance(r, CleanupReport):
-        raise _fail(name, seed, step, f"cleanup() returned {r!r}, not a CleanupReport")
+        raise _fail(name, seed, step, scoped=scoped, what=f"cleanup() returned {r!r}, not a CleanupReport")
     if r.plugin != name:
-        raise _fail(name, seed, step, f"report.plugin is {r.plugin!r}")
+        raise _fail(name, seed, step, scoped=scoped, what=f"report.plugin is {r.plugin!r}")
     for field in ("examined", "deleted", "pending", "requests"):
         if getattr(r, field) < 0:
-            raise _fail(name, seed, step, f"report.{field} is negative: {getattr(r, field)}")
+            raise _fail(name, seed, step, scoped=scoped, what=f"report.{field} is negative: {getattr(r, field)}")
     if r.wall_seconds < 0 or r.cpu_seconds < 0:
-        raise _fail(name, seed, step, "negative wall or CPU seconds")
+        raise _fail(name, seed, step, scoped=scoped, what="negative wall or CPU seconds")
     if r.deleted != removed:
-        raise _fail(name, seed, step, f"report.deleted={r.deleted} but {removed} entries were removed")
+        raise _fail(name, seed, step, scoped=scoped, what=f"report.deleted={r.deleted} but {removed} entries were removed")
     if r.requests != requests:
-        raise _fail(name, seed, step, f"report.requests={r.requests} but the table counted {requests}")
+        raise _fail(name, seed, step, scoped=scoped, what=f"report.requests={r.requests} but the table counted {requests}")
 
 
 def run_scenario(
@@ -139,6 +194,7 @@ def run_scenario(
     seed: object = "hypothesis",
     steps: int | None = None,
     quiet_runs: int = 64,
+    scope: Scope | None = None,
 ) -> tuple[int, int, int]:
     """Run one generated scenario and check every run; returns (runs, deleted, injected).
 
@@ -147,9 +203,43 @@ def run_scenario(
     new flows created under the rules in force before the change, and
     failures injected during a random window; then runs on an unchanged
     snapshot until the plugin reports nothing pending (at most
-    ``quiet_runs``), and the final check for due entries.
+    ``quiet_runs``), and the final check for due entries. ``scope``: what
+    the plugin owns (module docstring).
     """
+    r = _run(factory, ch, options=options, seed=seed, steps=steps, quiet_runs=quiet_runs, scope=scope)
+    return r.runs, r.deleted, r.injected_failures
+
+
+def _run(
+    factory: Callable[[Mapping[str, str]], Any],
+    ch: Chooser,
+    *,
+    options: Mapping[str, str] | None,
+    seed: object,
+    steps: int | None,
+    quiet_runs: int,
+    scope: Scope | None,
+) -> ContractResult:
     name = factory.name
+    owns = scope_predicate(scope)
+    scoped = scope is not None
+
+    def fail(step: int, what: str) -> ContractViolation:
+        return _fail(name, seed, step, what, scoped)
+
+    def owned(index: StaleIndex, e: ConntrackEntry) -> bool:
+        # Due: attributed as the plugin's own index attributes it.
+        f = index.frontend_of(e)
+        return f is not None and bool(owns(f))
+
+    def may_own(frontends: frozenset[Frontend], e: ConntrackEntry) -> bool:
+        # Deleted: fine if any frontend the entry was sent to is owned (a
+        # frontend retired long ago may shadow the NodePort it now goes to).
+        cands = [Frontend(e.proto, e.orig_dst, e.orig_dport)]
+        if e.orig_dst in nodes:
+            cands.append(Frontend(e.proto, None, e.orig_dport))
+        return any(f in frontends and owns(f) for f in cands)
+
     plugin = factory(dict(options or {}))
     faults = _Faults(ch)
     nodes = frozenset(NODES[: ch.integer(1, len(NODES))])
@@ -184,33 +274,37 @@ def run_scenario(
         try:
             report = plugin.cleanup(request, table)
         except Exception as err:
-            raise _fail(name, seed, step, f"cleanup() raised {type(err).__name__}: {err}") from err
+            raise fail(step, f"cleanup() raised {type(err).__name__}: {err}") from err
         runs += 1
         after = {e.orig_key: e for e in table.entries()}
         removed = [e for k, e in before.items() if k not in after]
         broad = StaleIndex(current, None, nodes, also_retired=ever)
+        everywhere = broad.frontends
         for e in removed:
             if not broad.is_stale(e):
-                raise _fail(name, seed, step, f"deleted a non-stale entry: {e}")
-        _check_report(name, seed, step, report, len(removed), table.requests - r0)
+                raise fail(step, f"deleted a non-stale entry: {e}")
+            if not may_own(everywhere, e):
+                raise fail(step, f"deleted an entry outside its scope (frontend {broad.frontend_of(e)}): {e}")
+        _check_report(name, seed, step, report, len(removed), table.requests - r0, scoped)
         deleted += len(removed)
         narrow = StaleIndex(current, previous, nodes)
         for k, e in after.items():
-            if narrow.is_stale(e):
+            if narrow.is_stale(e) and owned(narrow, e):
                 due[k] = e
         left = [e for k, e in due.items() if after.get(k) is e and broad.is_stale(e)]
         if not faults.active and report.pending == 0 and not report.errors and left:
-            raise _fail(name, seed, step, f"reported nothing pending but left {len(left)} stale entries, e.g. {left[0]}")
+            raise fail(step, f"reported nothing pending but left {len(left)} stale entries, e.g. {left[0]}")
         previous, snap = current, current
         if not changing and ((report.pending == 0 and not report.errors and report.deleted == 0) or quiet_left <= 0):
             break
     if left:
-        raise _fail(
-            name, seed, step,
+        raise fail(
+            step,
             f"{len(left)} stale entries never cleaned after failures stopped and {quiet_runs} quiet runs, "
             f"e.g. {left[0]}",
         )
-    return runs, deleted, faults.injected
+    in_scope = sum(1 for f in ever if owns(f))
+    return ContractResult(name, 1, runs, deleted, faults.injected, in_scope)
 
 
 def check_plugin(
@@ -219,24 +313,37 @@ def check_plugin(
     *,
     seeds: Any = range(40),
     quiet_runs: int = 64,
+    scope: Scope | None = None,
 ) -> ContractResult:
     """Run the contract over the seeded scenarios; raise ``ContractViolation`` on a breach.
 
     ``factory`` is the plugin class (what the entry point resolves to) or an
-    installed plugin's name; ``options`` are ``--cleanup-opt`` texts.
+    installed plugin's name; ``options`` are ``--cleanup-opt`` texts;
+    ``scope`` is what the plugin owns — a predicate over :class:`Frontend`
+    or a collection of ports (``{53}``); ``None``, the default, is every
+    frontend. Within the scope the full contract holds; outside it the plugin
+    must delete nothing.
     """
     if isinstance(factory, str):
         factory = load_factory(factory)
     check_metadata(factory)
+    scope_predicate(scope)  # a malformed scope fails before any scenario runs
     try:
         factory(dict(options or {}))
     except Exception as err:
         raise ContractViolation(f"plugin {factory.name!r}: cannot be built with options {dict(options or {})}: {err}") from err
-    runs = deleted = injected = n = 0
+    runs = deleted = injected = frontends = n = 0
     for seed in seeds:
-        r, d, i = run_scenario(factory, RandomChooser(seed), options=options, seed=seed, quiet_runs=quiet_runs)
-        runs, deleted, injected, n = runs + r, deleted + d, injected + i, n + 1
-    return ContractResult(factory.name, n, runs, deleted, injected)
+        r = _run(factory, RandomChooser(seed), options=options, seed=seed, steps=None, quiet_runs=quiet_runs,
+                 scope=scope)
+        runs, deleted, injected = runs + r.runs, deleted + r.deleted, injected + r.injected_failures
+        frontends, n = frontends + r.frontends_in_scope, n + 1
+    if scope is not None and n and not frontends:
+        raise ContractViolation(
+            f"plugin {factory.name!r}: scope {scope!r} selects no frontend of {n} scenarios "
+            f"(their ports: {', '.join(map(str, SCENARIO_PORTS))}), so nothing was checked"
+        )
+    return ContractResult(factory.name, n, runs, deleted, injected, frontends)
 
 
 def discovered_plugin_names() -> list[str]:

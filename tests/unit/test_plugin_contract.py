@@ -8,7 +8,13 @@ import sys
 
 import pytest
 
-from refproxy.cleanup.api import API_VERSION, CleanupReport, OptionSpec
+from refproxy.cleanup.api import (
+    API_VERSION,
+    CleanupReport,
+    ConntrackError,
+    OptionSpec,
+    StaleIndex,
+)
 from refproxy.conntrack.types import DumpFilter
 from refproxy.testing.contract import ContractViolation, check_plugin, parametrize_plugins
 from refproxy_plugins.full import FullCleanup
@@ -149,6 +155,96 @@ def test_unbuildable_defaults_are_reported():
 
     with pytest.raises(ContractViolation, match="cannot be built with options"):
         check_plugin(BadDefault, seeds=range(1))
+
+
+# --- scoped plugins: the contract within the scope, nothing outside it ------
+
+
+class DnsOnly:
+    """Owns the frontends on port 53 only (e.g. a node-local DNS cache's
+    proxy): reads each with a kernel filter and deletes what is stale."""
+
+    name = "dns-only"
+    api_version = API_VERSION
+    description = "stale entries to port-53 frontends only"
+    options = ()
+
+    def __init__(self, options):
+        self._carry = frozenset()
+
+    def cleanup(self, request, table):
+        r0 = table.requests
+        index = StaleIndex.for_request(request, also_retired=self._carry)
+        errors = []
+        deleted = failed = 0
+
+        def stale(flt):
+            try:
+                for e in table.dump(flt):
+                    f = index.frontend_of(e)
+                    if f is not None and f.port == 53 and index.is_stale(e):
+                        yield e
+            except ConntrackError as err:
+                errors.append(str(err))
+
+        for f in [f for f in index.frontends if f.port == 53]:
+            for flt in f.filters(request.node_addresses):
+                res = table.delete(stale(flt))
+                deleted += res.deleted + res.not_found
+                failed += len(res.failed)
+        self._carry = index.retired if (errors or failed) else frozenset()
+        return CleanupReport(
+            plugin=self.name, deleted=deleted, pending=failed + (1 if errors and not failed else 0),
+            requests=table.requests - r0, errors=tuple(errors) + (("delete failed",) if failed else ()),
+        )
+
+
+@pytest.mark.parametrize("scope", [{53}, [53], lambda f: f.port == 53], ids=["set", "list", "predicate"])
+def test_a_scoped_plugin_passes_within_its_scope(scope):
+    result = check_plugin(DnsOnly, seeds=range(120), scope=scope)
+    assert result.deleted > 0 and result.injected_failures > 0 and result.frontends_in_scope > 0
+
+
+def test_the_same_plugin_fails_unscoped():
+    """Unscoped, it owns every frontend and leaves the non-DNS ones stale."""
+    with pytest.raises(ContractViolation, match="stale entries") as exc:
+        check_plugin(DnsOnly, seeds=range(120))
+    assert "scope=" not in str(exc.value)
+
+
+def test_deleting_outside_the_scope_is_a_violation():
+    with pytest.raises(ContractViolation, match="outside its scope") as exc:
+        check_plugin(FullCleanup, seeds=range(120), scope={53})
+    assert "scope=SCOPE" in str(exc.value)
+
+
+def test_a_scope_that_leaves_out_some_dns_frontends_fails_dns_only():
+    """Scope narrower than what the plugin cleans: ClusterIPs only, so its
+    deletes on ExternalIP/LoadBalancer :53 frontends are outside."""
+    from refproxy.testing.scenarios import CLUSTER_IPS
+
+    with pytest.raises(ContractViolation, match="outside its scope"):
+        check_plugin(DnsOnly, seeds=range(200), scope=lambda f: f.port == 53 and f.ip in CLUSTER_IPS)
+
+
+def test_a_scope_selecting_nothing_checks_nothing_and_says_so():
+    """A plugin that does nothing passes every per-run check for a scope no
+    scenario has; that must not read as a pass."""
+
+    class DoesNothing(DnsOnly):
+        def cleanup(self, request, table):
+            return CleanupReport(plugin=self.name)
+
+    with pytest.raises(ContractViolation, match="selects no frontend"):
+        check_plugin(DoesNothing, seeds=range(5), scope={9999})
+    with pytest.raises(ContractViolation, match="stale entries"):
+        check_plugin(DoesNothing, seeds=range(5), scope={53})
+
+
+@pytest.mark.parametrize("scope", [set(), {0}, {"53"}, {70000}])
+def test_a_malformed_scope_is_refused(scope):
+    with pytest.raises(ValueError, match="scope"):
+        check_plugin(DnsOnly, seeds=range(1), scope=scope)
 
 
 def test_the_template_plugin_passes_the_contract():
