@@ -1,18 +1,44 @@
-"""``refproxy plugins``: the listing users read and the JSON tools read."""
+"""``refproxy plugins``: the listing users read and the JSON tools read.
+
+Every test runs against a fixed set of entry points (the built-ins as
+refproxy's ``pyproject.toml`` registers them), never the environment's: a
+third-party plugin installed next to refproxy must not change these results.
+"""
 
 from __future__ import annotations
 
 import argparse
 import io
 import json
+import pathlib
+import tomllib
+from importlib.metadata import EntryPoint
 
 import pytest
 
 from refproxy.cleanup import cli as plugins_cli
+from refproxy.cleanup import registry
 from refproxy.cleanup.api import OptionSpec
-from refproxy.cleanup.registry import PluginInfo
+from refproxy.cleanup.registry import ENTRY_POINT_GROUP, PluginInfo
 from refproxy.cli import main as refproxy_main
 from refproxy.errors import PluginError
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def builtin_entry_points() -> list[EntryPoint]:
+    """The built-ins' registrations, read from refproxy's own pyproject.toml."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    group = project["entry-points"][ENTRY_POINT_GROUP]
+    return [EntryPoint(name, value, ENTRY_POINT_GROUP) for name, value in group.items()]
+
+
+@pytest.fixture(autouse=True)
+def only_these_plugins(monkeypatch):
+    """``refproxy plugins`` sees exactly the returned list (mutable per test)."""
+    eps = builtin_entry_points()
+    monkeypatch.setattr(plugins_cli, "discover", lambda: registry.discover(eps=list(eps)))
+    return eps
 
 
 def test_text_lists_every_builtin_with_api_version_and_option_defaults(capsys):
@@ -58,6 +84,27 @@ def test_broken_plugins_are_shown_with_their_error():
     assert "ok      api 1  works" in text
     assert "k=v  a key" in text
     assert plugins_cli.as_json(infos)[0]["load_error"].endswith("ImportError: x")
+
+
+def test_the_fixed_set_is_what_is_listed(only_these_plugins, capsys):
+    """A third-party plugin shows up only when it is in the set: the results
+    above cannot depend on what else is installed."""
+    only_these_plugins.append(EntryPoint("extra", "refproxy_plugins.full:FullCleanup", ENTRY_POINT_GROUP))
+    assert refproxy_main(["plugins", "--json"]) == 0
+    data = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
+    assert sorted(data) == ["extra", "full", "targeted", "thresholded"]
+    assert "entry point name and the plugin's name 'full' differ" in data["extra"]["load_error"]
+    del only_these_plugins[:]
+    assert refproxy_main(["plugins"]) == 0
+    assert capsys.readouterr().out.startswith("no cleanup plugins installed")
+
+
+def test_a_broken_third_party_plugin_does_not_hide_the_others(only_these_plugins, capsys):
+    only_these_plugins.append(EntryPoint("vendor", "no_such_module_xyz:Cleanup", ENTRY_POINT_GROUP))
+    assert refproxy_main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "vendor       BROKEN  no_such_module_xyz:Cleanup" in out
+    assert "ModuleNotFoundError" in out and any(line.startswith("full ") for line in out.splitlines())
 
 
 def test_naming_a_broken_plugin_is_an_error(monkeypatch):
