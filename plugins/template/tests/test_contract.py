@@ -14,6 +14,8 @@ from refproxy_cleanup_example import PerFrontendCleanup
 
 
 def test_contract():
+    # A plugin that owns only some frontends says which:
+    # check_plugin(MyCleanup, scope={53}) or scope=lambda f: f.port == 53.
     result = check_plugin(PerFrontendCleanup, seeds=range(100))
     assert result.deleted > 0
 
