@@ -22,12 +22,12 @@ import struct
 from typing import Iterable
 
 from refproxy.conntrack import nlmsg as nl
-from refproxy.conntrack.fill import ClientPool, padding
+from refproxy.conntrack.fill import ClientPool, padding  # noqa: F401 (re-exported for the tests)
 from refproxy.conntrack.nsenter import entered
 from refproxy.conntrack.types import ConntrackEntry
 from refproxy.model import IPFamily
 
-__all__ = ["fill_assured", "create", "count", "conntrack_max"]
+__all__ = ["fill_assured", "create", "count", "conntrack_max", "ClientPool", "padding"]
 
 IPS_SEEN_REPLY, IPS_ASSURED, IPS_CONFIRMED = 1 << 1, 1 << 2, 1 << 3
 BATCH = 1024

@@ -103,7 +103,5 @@ def second_instance_refused(node, proxies, argv0=REFPROXY):
     first.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="needs the single-instance lock wired into refproxy/cmd_run.py "
-                                       "(refproxy.instancelock.acquire_instance_lock); remove this mark with it")
 def test_second_instance_in_one_namespace_refuses(node, proxies):
     second_instance_refused(node, proxies)
