@@ -160,6 +160,11 @@ def main(args: argparse.Namespace) -> int:
         setup_logging(verbosity_level(getattr(args, "verbose", 0), config.verbosity))
     for w in config.warnings:
         kv(log, logging.WARNING, "Configuration", warning=w)
+    from refproxy.instancelock import acquire_instance_lock
+
+    # One refproxy per network namespace (two would rewrite each other's chains);
+    # held until the process ends, released by the kernel even on SIGKILL.
+    lock = acquire_instance_lock()  # noqa: F841 (kept alive for the process)
 
     from refproxy.rules.apply import IptablesRunner
 
