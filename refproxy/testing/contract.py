@@ -27,7 +27,8 @@ A plugin may own only some frontends (``scope``: a predicate over
 then hold within the scope, and outside it the plugin must delete nothing;
 "due" counts only in-scope entries. An entry's frontend is the one the stale
 predicate judges it by (``StaleIndex.frontend_of``: an ExternalIP on a node
-address before a NodePort on the same port). A scope that selects no
+address before a NodePort on the same port); a deleted entry that matches
+both may be deleted by a plugin owning either. A scope that selects no
 frontend of any scenario is a violation: the check would prove nothing.
 """
 
