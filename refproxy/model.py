@@ -49,11 +49,8 @@ class IPFamily(enum.Enum):
 
     @property
     def any_cidr(self) -> str:
+        """The all-addresses CIDR of this family."""
         return "0.0.0.0/0" if self is IPFamily.IPv4 else "::/0"
-
-    @property
-    def host_prefix(self) -> int:
-        return 32 if self is IPFamily.IPv4 else 128
 
     def owns(self, ip: str) -> bool:
         """True when ``ip`` parses as an address of this family."""

@@ -109,7 +109,7 @@ def _text(v: Any, limit: int = 80) -> str:
     return s if len(s) <= limit else s[:limit] + "..."
 
 
-def _ip(value: Any, family: IPFamily | None = None) -> str:
+def _ip(value: Any) -> str:
     """Canonical text of an IP address; raises ``_Skip`` when invalid."""
     if not isinstance(value, str):
         raise _Skip(f"IP {_text(value)} is not a string")
@@ -291,6 +291,108 @@ def _target_port(value: Any, port: int) -> int | str:
     raise _Skip(f"targetPort {_text(value)} is neither a port nor a port name")
 
 
+@dataclass(frozen=True, slots=True)
+class _ServiceHead:
+    """What every port of one Service shares (newBaseServiceInfo's inputs), parsed once."""
+
+    namespace: str
+    name: str
+    svc_type: str
+    cluster_ip: str
+    external_ips: tuple[str, ...]
+    lb_ips: tuple[str, ...]
+    ranges: tuple[str, ...]
+    affinity: int | None
+    ext_local: bool
+    int_local: bool
+    hc_port: int
+    raw_ports: list
+    notes: tuple[str, ...]  # addresses dropped on the way, one problem each
+
+
+def _service_head(obj: Any, family: IPFamily, ident: list[str]) -> _ServiceHead | None:
+    """The Service-wide fields, or None for a service kube-proxy ignores; raises ``_Skip``.
+
+    ``ident`` (namespace, name) is updated as each is validated, so a problem
+    names the object as far as it could be read.
+    """
+    if not _is_map(obj):
+        raise _Skip("not an object")
+    meta = _mapping(obj.get("metadata"), "metadata", optional=False)
+    ident[0] = ns = _label(meta.get("namespace", "default"), "namespace")
+    ident[1] = name = _label(meta.get("name"), "name")
+    if LABEL_SERVICE_PROXY_NAME in _labels(meta):
+        return None
+    spec = _mapping(obj.get("spec"), "spec", optional=False)
+    status = _mapping(obj.get("status"), "status")
+    svc_type = spec.get("type", "ClusterIP")
+    if svc_type == "ExternalName":
+        return None
+    if svc_type not in ("ClusterIP", "NodePort", "LoadBalancer"):
+        raise _Skip(f"unknown type {_text(svc_type)}")
+    # proxyutil.ShouldSkipService: headless (None) or unset ClusterIP.
+    if spec.get("clusterIP") in (None, "", "None") and not spec.get("clusterIPs"):
+        return None
+    if spec.get("clusterIP") == "None":
+        return None
+    cluster_ip = _cluster_ip(spec, family)
+    if cluster_ip is None:
+        return None
+    notes: list[str] = []
+    external_ips = _family_ips(spec.get("externalIPs"), "spec.externalIPs", family, notes)
+    lb_ips = _lb_ingress_ips(status, family, notes) if svc_type == "LoadBalancer" else ()
+    ranges = _source_ranges(spec.get("loadBalancerSourceRanges"), family, notes)
+    affinity = _affinity_seconds(spec)
+    # apiservice.ExternallyAccessible / ExternalPolicyLocal / NeedsHealthCheck
+    accessible = svc_type in ("NodePort", "LoadBalancer") or bool(external_ips)
+    ext_local = accessible and spec.get("externalTrafficPolicy") == "Local"
+    hc_port = 0
+    if svc_type == "LoadBalancer" and ext_local:
+        try:
+            hc_port = _port(spec.get("healthCheckNodePort", 0), "healthCheckNodePort", allow_zero=True)
+        except _Skip as e:
+            notes.append(str(e))
+    return _ServiceHead(
+        namespace=ns, name=name, svc_type=svc_type, cluster_ip=cluster_ip, external_ips=external_ips,
+        lb_ips=lb_ips, ranges=ranges, affinity=affinity, ext_local=ext_local,
+        int_local=spec.get("internalTrafficPolicy") == "Local", hc_port=hc_port,
+        raw_ports=_list(spec.get("ports"), "spec.ports"), notes=tuple(notes),
+    )
+
+
+def _service_port(raw: Any, i: int, head: _ServiceHead, seen: set[ServicePortName]) -> ServicePort:
+    """One entry of ``spec.ports``; raises ``_Skip`` (the port alone is dropped)."""
+    p = _mapping(raw, f"spec.ports[{i}]", optional=False)
+    pname = p.get("name", "")
+    if pname != "":
+        pname = _label(pname, f"spec.ports[{i}].name")
+    proto = _protocol(p.get("protocol"))
+    number = _port(p.get("port"), f"spec.ports[{i}].port")
+    node_port = 0
+    if head.svc_type != "ClusterIP":
+        node_port = _port(p.get("nodePort", 0) or 0, f"spec.ports[{i}].nodePort", allow_zero=True)
+    target = _target_port(p.get("targetPort"), number)
+    spn = ServicePortName(head.namespace, head.name, pname, proto)
+    if spn in seen:
+        raise _Skip(f"duplicate port {spn}/{proto.value}")
+    seen.add(spn)
+    return ServicePort(
+        name=spn,
+        cluster_ip=head.cluster_ip,
+        port=number,
+        protocol=proto,
+        node_port=node_port,
+        target_port=target,
+        external_ips=head.external_ips,
+        load_balancer_ips=head.lb_ips,
+        load_balancer_source_ranges=head.ranges,
+        session_affinity_seconds=head.affinity,
+        external_policy_local=head.ext_local,
+        internal_policy_local=head.int_local,
+        health_check_node_port=head.hc_port,
+    )
+
+
 def service_ports(obj: Any, family: IPFamily) -> tuple[list[ServicePort], list[Problem]]:
     """The service ports of one v1 Service for ``family`` (kube-proxy semantics).
 
@@ -299,93 +401,21 @@ def service_ports(obj: Any, family: IPFamily) -> tuple[list[ServicePort], list[P
     ``([], [problem])`` for unusable objects, and otherwise every valid port
     plus one problem per port (or address) that was dropped.
     """
-    ns, name = _ident(obj)
-    problems: list[Problem] = []
-
-    def problem(reason: str) -> Problem:
-        return Problem("Service", ns, name, reason)
-
+    ident = list(_ident(obj))
     try:
-        if not _is_map(obj):
-            raise _Skip("not an object")
-        meta = _mapping(obj.get("metadata"), "metadata", optional=False)
-        ns = _label(meta.get("namespace", "default"), "namespace")
-        name = _label(meta.get("name"), "name")
-        if LABEL_SERVICE_PROXY_NAME in _labels(meta):
-            return [], []
-        spec = _mapping(obj.get("spec"), "spec", optional=False)
-        status = _mapping(obj.get("status"), "status")
-        svc_type = spec.get("type", "ClusterIP")
-        if svc_type == "ExternalName":
-            return [], []
-        if svc_type not in ("ClusterIP", "NodePort", "LoadBalancer"):
-            raise _Skip(f"unknown type {_text(svc_type)}")
-        # proxyutil.ShouldSkipService: headless (None) or unset ClusterIP.
-        if spec.get("clusterIP") in (None, "", "None") and not spec.get("clusterIPs"):
-            return [], []
-        if spec.get("clusterIP") == "None":
-            return [], []
-        cluster_ip = _cluster_ip(spec, family)
-        if cluster_ip is None:
-            return [], []
-        notes: list[str] = []
-        external_ips = _family_ips(spec.get("externalIPs"), "spec.externalIPs", family, notes)
-        lb_ips = _lb_ingress_ips(status, family, notes) if svc_type == "LoadBalancer" else ()
-        ranges = _source_ranges(spec.get("loadBalancerSourceRanges"), family, notes)
-        problems.extend(problem(n) for n in notes)
-        affinity = _affinity_seconds(spec)
-        # apiservice.ExternallyAccessible / ExternalPolicyLocal / NeedsHealthCheck
-        accessible = svc_type in ("NodePort", "LoadBalancer") or bool(external_ips)
-        ext_local = accessible and spec.get("externalTrafficPolicy") == "Local"
-        int_local = spec.get("internalTrafficPolicy") == "Local"
-        hc_port = 0
-        if svc_type == "LoadBalancer" and ext_local:
-            try:
-                hc_port = _port(spec.get("healthCheckNodePort", 0), "healthCheckNodePort", allow_zero=True)
-            except _Skip as e:
-                problems.append(problem(str(e)))
-        raw_ports = _list(spec.get("ports"), "spec.ports")
+        head = _service_head(obj, family, ident)
     except _Skip as e:
-        return [], [problem(str(e))]
-
+        return [], [Problem("Service", ident[0], ident[1], str(e))]
+    if head is None:
+        return [], []
+    problems = [Problem("Service", head.namespace, head.name, n) for n in head.notes]
     ports: list[ServicePort] = []
     seen: set[ServicePortName] = set()
-    for i, raw in enumerate(raw_ports):
+    for i, raw in enumerate(head.raw_ports):
         try:
-            p = _mapping(raw, f"spec.ports[{i}]", optional=False)
-            pname = p.get("name", "")
-            if pname != "":
-                pname = _label(pname, f"spec.ports[{i}].name")
-            proto = _protocol(p.get("protocol"))
-            number = _port(p.get("port"), f"spec.ports[{i}].port")
-            node_port = 0
-            if svc_type != "ClusterIP":
-                node_port = _port(p.get("nodePort", 0) or 0, f"spec.ports[{i}].nodePort", allow_zero=True)
-            target = _target_port(p.get("targetPort"), number)
-            spn = ServicePortName(ns, name, pname, proto)
-            if spn in seen:
-                raise _Skip(f"duplicate port {spn}/{proto.value}")
-            seen.add(spn)
+            ports.append(_service_port(raw, i, head, seen))
         except _Skip as e:
-            problems.append(problem(f"port skipped: {e}"))
-            continue
-        ports.append(
-            ServicePort(
-                name=spn,
-                cluster_ip=cluster_ip,
-                port=number,
-                protocol=proto,
-                node_port=node_port,
-                target_port=target,
-                external_ips=external_ips,
-                load_balancer_ips=lb_ips,
-                load_balancer_source_ranges=ranges,
-                session_affinity_seconds=affinity,
-                external_policy_local=ext_local,
-                internal_policy_local=int_local,
-                health_check_node_port=hc_port,
-            )
-        )
+            problems.append(Problem("Service", head.namespace, head.name, f"port skipped: {e}"))
     return ports, problems
 
 
@@ -407,102 +437,105 @@ class SliceInfo:
     by_port: tuple[tuple[ServicePortName, tuple[Endpoint, ...]], ...]
 
 
+def _slice_head(obj: Any, family: IPFamily, ident: list[str]) -> tuple[str, list, list] | None:
+    """(service name, raw ports, raw endpoints), or None when the slice is not for us; raises ``_Skip``."""
+    if not _is_map(obj):
+        raise _Skip("not an object")
+    meta = _mapping(obj.get("metadata"), "metadata", optional=False)
+    ident[0] = _label(meta.get("namespace", "default"), "namespace")
+    ident[1] = _label(meta.get("name"), "name", _DNS_SUBDOMAIN)
+    labels = _labels(meta)
+    if LABEL_SERVICE_PROXY_NAME in labels or LABEL_HEADLESS in labels:
+        return None
+    service = _label(labels.get(LABEL_SERVICE_NAME), f"label {LABEL_SERVICE_NAME}")
+    address_type = obj.get("addressType")
+    if address_type not in ("IPv4", "IPv6", "FQDN"):
+        raise _Skip(f"unknown addressType {_text(address_type)}")
+    if address_type != family.name:
+        return None
+    return service, _list(obj.get("ports"), "ports"), _list(obj.get("endpoints"), "endpoints")
+
+
+def _slice_port(raw: Any, i: int) -> tuple[str, Protocol, int]:
+    p = _mapping(raw, f"ports[{i}]", optional=False)
+    pname = p.get("name", "")
+    if pname is None:
+        pname = ""
+    if pname != "":
+        pname = _label(pname, f"ports[{i}].name")
+    proto = _protocol(p.get("protocol"))
+    # endpointslicecache: nil or zero port is ignored (nil would mean
+    # "all ports", which kube-proxy does not implement either).
+    return pname, proto, _port(p.get("port"), f"ports[{i}].port")
+
+
+def _slice_endpoint(raw: Any, i: int, family: IPFamily, node_name: str) -> Endpoint:
+    """One entry of ``endpoints`` (port 0: set per slice port later); raises ``_Skip``."""
+    ep = _mapping(raw, f"endpoints[{i}]", optional=False)
+    addresses = _list(ep.get("addresses"), f"endpoints[{i}].addresses")
+    if not addresses:
+        raise _Skip("no addresses")
+    ip = _ip(addresses[0])
+    if _family_of(ip) is not family:
+        raise _Skip(f"address {ip} is not {family.name}")
+    cond = _mapping(ep.get("conditions"), f"endpoints[{i}].conditions")
+    ready = _opt_bool(cond.get("ready"), "ready")
+    serving = _opt_bool(cond.get("serving"), "serving")
+    terminating = _opt_bool(cond.get("terminating"), "terminating")
+    ready = True if ready is None else ready
+    ep_node = _opt_str(ep.get("nodeName"), "nodeName")
+    zone = _opt_str(ep.get("zone"), "zone")
+    return Endpoint(
+        ip=ip,
+        port=0,
+        ready=ready,
+        serving=ready if serving is None else serving,
+        terminating=bool(terminating),
+        node_name=ep_node,
+        zone=zone,
+        is_local=bool(node_name) and ep_node == node_name,
+    )
+
+
 def slice_info(obj: Any, family: IPFamily, node_name: str) -> tuple[SliceInfo | None, list[Problem]]:
     """Parse one discovery.k8s.io/v1 EndpointSlice for ``family``.
 
     ``None`` with no problems means "not for us" (another family, FQDN,
     another proxy's, headless); ``None`` with a problem means unusable.
     """
-    ns, name = _ident(obj)
-    problems: list[Problem] = []
-
-    def problem(reason: str) -> Problem:
-        return Problem("EndpointSlice", ns, name, reason)
-
+    ident = list(_ident(obj))
     try:
-        if not _is_map(obj):
-            raise _Skip("not an object")
-        meta = _mapping(obj.get("metadata"), "metadata", optional=False)
-        ns = _label(meta.get("namespace", "default"), "namespace")
-        name = _label(meta.get("name"), "name", _DNS_SUBDOMAIN)
-        labels = _labels(meta)
-        if LABEL_SERVICE_PROXY_NAME in labels or LABEL_HEADLESS in labels:
-            return None, []
-        service = _label(labels.get(LABEL_SERVICE_NAME), f"label {LABEL_SERVICE_NAME}")
-        address_type = obj.get("addressType")
-        if address_type not in ("IPv4", "IPv6", "FQDN"):
-            raise _Skip(f"unknown addressType {_text(address_type)}")
-        if address_type != family.name:
-            return None, []
-        raw_ports = _list(obj.get("ports"), "ports")
-        raw_eps = _list(obj.get("endpoints"), "endpoints")
+        head = _slice_head(obj, family, ident)
     except _Skip as e:
-        return None, [problem(str(e))]
-
+        return None, [Problem("EndpointSlice", ident[0], ident[1], str(e))]
+    if head is None:
+        return None, []
+    ns, name = ident
+    service, raw_ports, raw_eps = head
+    problems: list[Problem] = []
     ports: list[tuple[str, Protocol, int]] = []
     for i, raw in enumerate(raw_ports):
         try:
-            p = _mapping(raw, f"ports[{i}]", optional=False)
-            pname = p.get("name", "")
-            if pname is None:
-                pname = ""
-            if pname != "":
-                pname = _label(pname, f"ports[{i}].name")
-            proto = _protocol(p.get("protocol"))
-            # endpointslicecache: nil or zero port is ignored (nil would mean
-            # "all ports", which kube-proxy does not implement either).
-            number = _port(p.get("port"), f"ports[{i}].port")
+            ports.append(_slice_port(raw, i))
         except _Skip as e:
-            problems.append(problem(f"port skipped: {e}"))
-            continue
-        ports.append((pname, proto, number))
-
-    endpoints: list[tuple[str, Endpoint]] = []
+            problems.append(Problem("EndpointSlice", ns, name, f"port skipped: {e}"))
+    endpoints: list[Endpoint] = []
     for i, raw in enumerate(raw_eps):
         try:
-            ep = _mapping(raw, f"endpoints[{i}]", optional=False)
-            addresses = _list(ep.get("addresses"), f"endpoints[{i}].addresses")
-            if not addresses:
-                raise _Skip("no addresses")
-            ip = _ip(addresses[0])
-            if _family_of(ip) is not family:
-                raise _Skip(f"address {ip} is not {family.name}")
-            cond = _mapping(ep.get("conditions"), f"endpoints[{i}].conditions")
-            ready = _opt_bool(cond.get("ready"), "ready")
-            serving = _opt_bool(cond.get("serving"), "serving")
-            terminating = _opt_bool(cond.get("terminating"), "terminating")
-            ready = True if ready is None else ready
-            ep_node = _opt_str(ep.get("nodeName"), "nodeName")
-            zone = _opt_str(ep.get("zone"), "zone")
+            endpoints.append(_slice_endpoint(raw, i, family, node_name))
         except _Skip as e:
-            problems.append(problem(f"endpoint skipped: {e}"))
-            continue
-        endpoints.append(
-            (
-                ip,
-                Endpoint(
-                    ip=ip,
-                    port=0,
-                    ready=ready,
-                    serving=ready if serving is None else serving,
-                    terminating=bool(terminating),
-                    node_name=ep_node,
-                    zone=zone,
-                    is_local=bool(node_name) and ep_node == node_name,
-                ),
-            )
-        )
+            problems.append(Problem("EndpointSlice", ns, name, f"endpoint skipped: {e}"))
     by_port: dict[ServicePortName, tuple[Endpoint, ...]] = {}
     for pname, proto, number in ports:
         spn = ServicePortName(ns, service, pname, proto)
         if spn in by_port:
-            problems.append(problem(f"port skipped: duplicate port {spn}/{proto.value}"))
+            problems.append(Problem("EndpointSlice", ns, name, f"port skipped: duplicate port {spn}/{proto.value}"))
             continue
         uniq: dict[str, Endpoint] = {}
-        for ip, ep in endpoints:
-            if ip not in uniq or ep.is_local:
-                uniq[ip] = Endpoint(ip, number, ep.ready, ep.serving, ep.terminating,
-                                    ep.node_name, ep.zone, ep.is_local)
+        for ep in endpoints:
+            if ep.ip not in uniq or ep.is_local:
+                uniq[ep.ip] = Endpoint(ep.ip, number, ep.ready, ep.serving, ep.terminating,
+                                       ep.node_name, ep.zone, ep.is_local)
         by_port[spn] = tuple(uniq.values())
     return SliceInfo(ns, service, name, tuple(by_port.items())), problems
 
@@ -534,7 +567,7 @@ def _endpoints_map(slices: Iterable[SliceInfo]) -> dict[ServicePortName, tuple[E
 
 
 def _assemble(
-    svc_results: Iterable[tuple[Any, tuple[list[ServicePort], list[Problem]]]],
+    svc_results: Iterable[tuple[list[ServicePort], list[Problem]]],
     slice_results: Iterable[tuple[SliceInfo | None, list[Problem]]],
     family: IPFamily,
     node_name: str,
@@ -543,7 +576,7 @@ def _assemble(
     problems: list[Problem] = []
     services: dict[ServicePortName, ServicePort] = {}
     owners: set[tuple[str, str]] = set()
-    for key, (ports, probs) in svc_results:
+    for ports, probs in svc_results:
         problems.extend(probs)
         if not ports:
             continue
@@ -594,7 +627,7 @@ def build_snapshot(
        and the second is a problem.
     """
     return _assemble(
-        ((None, service_ports(s, family)) for s in services),
+        (service_ports(s, family) for s in services),
         (slice_info(s, family, node_name) for s in slices),
         family,
         node_name,
@@ -664,4 +697,4 @@ class SnapshotBuilder:
         svc_res = self._memo(services, self._services, new_svc, lambda o: service_ports(o, fam))
         sl_res = self._memo(slices, self._slices, new_sl, lambda o: slice_info(o, fam, node))
         self._services, self._slices = new_svc, new_sl
-        return _assemble(((None, r) for r in svc_res), sl_res, fam, node, generation)
+        return _assemble(svc_res, sl_res, fam, node, generation)
