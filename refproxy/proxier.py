@@ -231,6 +231,10 @@ class Proxier:
             return self._sync()
         except Exception as err:  # guarantee 4: the runner loop must survive
             log.exception("sync failed unexpectedly: %r", err)
+            if self.cleanup is not None:
+                # An announced snapshot whose restore never completed must not
+                # keep protecting entries (as after a rejected restore).
+                self.cleanup.expect(None)
             self.need_full_sync = True
             self.request_retry()
             return False
