@@ -1,8 +1,8 @@
 """ctnetlink wire format: constants, message encoders and a streaming decoder.
 
 Contract: pure bytes in, bytes or values out -- no sockets, no namespaces, so
-all of it is unit-testable without root. ``netlink.py`` (the table) and
-``fill.py`` (bulk inserts) do the I/O on top of it.
+all of it is unit-testable without root. ``netlink.py`` (the table: dumps,
+deletes, inserts, flushes) does the I/O on top of it.
 
 Why hand-rolled instead of pyroute2: pyroute2 0.9.7 decodes a dump at
 ~190 us/entry (1M entries: 187 s, 236 MB RSS); a ``struct`` decoder over a
