@@ -306,7 +306,8 @@ def _split_variant(method: str, options: dict[str, str]) -> tuple[str, dict[str,
 def _run_plugin(method: str, netns: str, sc: Scenario, options: dict[str, str], warm: bool = True) -> RunResult:
     from refproxy.cleanup.api import CleanupRequest
     from refproxy.cleanup.registry import load_plugin
-    from refproxy.conntrack.netlink import NetlinkConntrackTable, kernel_support
+    from refproxy.conntrack.netlink import NetlinkConntrackTable
+    from refproxy.conntrack.probe import kernel_support
 
     name, options = _split_variant(method, options)
     previous, current = sc.snapshots()

@@ -23,7 +23,8 @@ from refproxy.cleanup.api import CleanupRequest
 from refproxy.cleanup.registry import discover, load_plugin
 from refproxy.conntrack import nlmsg as nl
 from refproxy.conntrack.fill import ClientPool, flows_to, insert
-from refproxy.conntrack.netlink import NetlinkConntrackTable, kernel_support
+from refproxy.conntrack.netlink import NetlinkConntrackTable
+from refproxy.conntrack.probe import kernel_support
 from refproxy.conntrack.types import IPPROTO_TCP, IPPROTO_UDP, DumpFilter, TupleFilter
 from refproxy.errors import ConntrackUnsupported
 from refproxy.model import IPFamily
