@@ -33,7 +33,7 @@ import struct
 
 from refproxy.errors import ConfigError
 
-__all__ = ["InstanceLock", "acquire_instance_lock", "LOCK_NAME"]
+__all__ = ["LOCK_NAME", "InstanceLock", "acquire_instance_lock"]
 
 LOCK_NAME = "refproxy/instance"
 _BACKLOG = 16  # connects from refused instances queue here (nobody accepts)
@@ -55,7 +55,7 @@ class InstanceLock:
         if s is not None:
             s.close()
 
-    def __enter__(self) -> "InstanceLock":
+    def __enter__(self) -> InstanceLock:
         return self
 
     def __exit__(self, *exc: object) -> None:

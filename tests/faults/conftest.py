@@ -11,8 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from harness import (
+    PREFIX,
+    TARGET,
+    FaultBin,
+    Proxy,
+    dns_objects,
+    echo_objects,
+    write_manifest,
+)
 
-from harness import PREFIX, TARGET, FaultBin, Proxy, dns_objects, echo_objects, write_manifest
 from refproxy.lab.topology import Client, Pod, Topology
 from refproxy.netns import remove_leftovers
 

@@ -16,18 +16,17 @@ inserts fail with ENOMEM).
 
 from __future__ import annotations
 
-import errno
 import socket
 import struct
-from typing import Iterable
+from collections.abc import Iterable
 
 from refproxy.conntrack import nlmsg as nl
-from refproxy.conntrack.fill import ClientPool, padding  # noqa: F401 (re-exported for the tests)
+from refproxy.conntrack.fill import ClientPool, padding
 from refproxy.conntrack.nsenter import entered
 from refproxy.conntrack.types import ConntrackEntry
 from refproxy.model import IPFamily
 
-__all__ = ["fill_assured", "create", "count", "conntrack_max", "ClientPool", "padding"]
+__all__ = ["ClientPool", "conntrack_max", "count", "create", "fill_assured", "padding"]
 
 IPS_SEEN_REPLY, IPS_ASSURED, IPS_CONFIRMED = 1 << 1, 1 << 2, 1 << 3
 BATCH = 1024
@@ -94,9 +93,8 @@ def create(netns: str, entries: Iterable[ConntrackEntry], family: IPFamily = IPF
 
 
 def count(netns: str) -> int:
-    with entered(netns):
-        with open("/proc/sys/net/netfilter/nf_conntrack_count") as f:
-            return int(f.read())
+    with entered(netns), open("/proc/sys/net/netfilter/nf_conntrack_count") as f:
+        return int(f.read())
 
 
 def conntrack_max() -> int:

@@ -22,8 +22,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from refproxy.conntrack.types import IPPROTO_UDP, DumpFilter, TupleFilter
 from refproxy.model import IPFamily

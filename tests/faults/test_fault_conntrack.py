@@ -5,11 +5,21 @@ from __future__ import annotations
 import errno
 import os
 
-import pytest
-
 import ctfull
-from harness import (CTSHIM, ECHO_IP, TARGET, base_args, echo_objects, entries_by_reply_source, insert_flows,
-                     replier, udp, wait, write_manifest)
+import pytest
+from harness import (
+    CTSHIM,
+    ECHO_IP,
+    TARGET,
+    base_args,
+    echo_objects,
+    entries_by_reply_source,
+    insert_flows,
+    replier,
+    udp,
+    wait,
+    write_manifest,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -34,7 +44,7 @@ def test_conntrack_table_full_cleanup_frees_the_stale_slot(node, proxies):
 
     # The limit is host-wide and read-only here, but the count is per
     # namespace: fill this one with assured flows (nothing else changes).
-    created, errs = ctfull.fill_assured(node.ns.name, limit)
+    _created, errs = ctfull.fill_assured(node.ns.name, limit)
     assert not errs and ctfull.count(node.ns.name) == limit
     assert ctfull.create(node.ns.name, ctfull.padding(1, ctfull.ClientPool(start=1), tcp_every=0)) == (0, [errno.ENOMEM])
     assert udp(node.client, ECHO_IP, 80, sport + 1) is None  # a new flow is dropped: truly full
@@ -64,7 +74,7 @@ def test_enobufs_on_dumps_and_deletes_is_retried_and_nothing_is_lost(node, proxi
 
     (ctl / "arm").write_text("dump=2 delete=2")
     write_manifest(node.manifests, "echo.json", echo_objects([node.b.ip]))  # echo-a's flows become stale
-    injected = lambda: (ctl / "injected").read_text().split() if (ctl / "injected").exists() else []  # noqa: E731
+    injected = lambda: (ctl / "injected").read_text().split() if (ctl / "injected").exists() else []
     assert wait(lambda: sorted(injected()) == ["delete", "delete", "dump", "dump"], timeout=30), p.log()[-3000:]
     # Retried until done: every stale entry goes ...
     assert wait(lambda: entries_by_reply_source(node.ns.name, ECHO_IP, 80)[node.a.ip] == 0, timeout=30), \

@@ -5,9 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from harness import (ECHO_IP, EXTRA_IP, HEALTHZ_PORT, REFPROXY, base_args, echo_objects, nat, replier, udp, wait,
-                     write_manifest)
+from harness import (
+    ECHO_IP,
+    EXTRA_IP,
+    HEALTHZ_PORT,
+    REFPROXY,
+    base_args,
+    echo_objects,
+    nat,
+    replier,
+    udp,
+    wait,
+    write_manifest,
+)
 
 pytestmark = pytest.mark.kernel
 

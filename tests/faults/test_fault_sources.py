@@ -6,10 +6,25 @@ import socket
 import time
 
 import pytest
-
-from harness import (DNS_IP, ECHO_IP, EXTRA_IP, NODE, TARGET, base_args, dns_objects, echo_objects,
-                     entries_by_reply_source, insert_flows, manifest_text, nat, replier, udp, wait, write_manifest,
-                     write_text)
+from harness import (
+    DNS_IP,
+    ECHO_IP,
+    EXTRA_IP,
+    NODE,
+    TARGET,
+    base_args,
+    dns_objects,
+    echo_objects,
+    entries_by_reply_source,
+    insert_flows,
+    manifest_text,
+    nat,
+    replier,
+    udp,
+    wait,
+    write_manifest,
+    write_text,
+)
 
 pytestmark = pytest.mark.kernel
 

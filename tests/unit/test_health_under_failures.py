@@ -10,6 +10,7 @@ is ``2 x syncPeriod`` old; sync failures and source errors are counted.
 from __future__ import annotations
 
 import pytest
+from test_proxier import FakeRules, FakeSource, FakeWorker, endpoint_slice, service
 
 from refproxy.config import ProxyConfig
 from refproxy.healthcheck import ProxyHealth
@@ -17,8 +18,6 @@ from refproxy.metrics import Metrics
 from refproxy.proxier import Proxier
 from refproxy.sources.base import watch_errors
 from refproxy.sources.files import FilesSource
-
-from test_proxier import FakeRules, FakeSource, FakeWorker, endpoint_slice, service
 
 SYNC_PERIOD = 2.0  # health timeout 2 x 2 s, as cmd_run sets it
 
