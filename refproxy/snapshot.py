@@ -31,6 +31,13 @@ Departure: names, namespaces and port names must be RFC 1123 labels (slice
 names DNS subdomains) because they end up in iptables comments; the API server
 validates that, but a manifest file or a hostile fake does not, and one bad
 object must not break ``iptables-restore`` for everyone.
+
+Isolation: each object is parsed on its own. Any exception while parsing one
+Service or EndpointSlice (a bug here, or input nobody foresaw) skips that
+object alone as one ``Problem`` ("unexpected …"); it never fails the snapshot
+(docs/design.md, snapshot: "never raises"). Numbers are only taken from JSON
+integers, or from strings of ASCII digits (``str.isdigit`` and ``int`` accept
+other Unicode digits, which the API server never does).
 """
 
 from __future__ import annotations
@@ -64,6 +71,10 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?\Z")
 # IANA service name (a named targetPort): letters, digits, '-'; at most 15.
 _IANA_SVC_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?\Z")
+# A port number sent as text (an IntOrString targetPort): ASCII digits only
+# ("²".isdigit() is true and int() then raises; int("١") is 1), and at most
+# five, so int() never meets a huge string either.
+_PORT_TEXT = re.compile(r"[0-9]{1,5}\Z")
 _PROTOCOLS = {p.value: p for p in Protocol}
 # Canonical dotted-quad (no leading zeros): a match is already in the form
 # ipaddress would print, and checking it is ~10x cheaper than parsing.
@@ -104,8 +115,18 @@ class _Skip(Exception):
 
 
 def _text(v: Any, limit: int = 80) -> str:
-    """A printable, bounded rendering of untrusted input for Problem fields."""
-    s = v if isinstance(v, str) else repr(v)
+    """A bounded rendering of untrusted input for Problem fields; never raises.
+
+    ``repr`` can raise on input from a decoder (an int of more than 4300
+    digits, nesting deeper than the recursion limit): then the type stands in.
+    """
+    if isinstance(v, str):
+        s = v
+    else:
+        try:
+            s = repr(v)
+        except Exception:  # ValueError (huge int), RecursionError (deep nesting)
+            s = f"<{type(v).__name__}>"
     return s if len(s) <= limit else s[:limit] + "..."
 
 
@@ -284,7 +305,7 @@ def _target_port(value: Any, port: int) -> int | str:
     if type(value) is int:
         return _port(value, "targetPort")
     if isinstance(value, str):
-        if value.isdigit():  # an IntOrString sent as a string
+        if _PORT_TEXT.match(value):  # an IntOrString sent as a string
             return _port(int(value), "targetPort")
         if _IANA_SVC_NAME.match(value):
             return value
@@ -401,11 +422,26 @@ def service_ports(obj: Any, family: IPFamily) -> tuple[list[ServicePort], list[P
     ``([], [problem])`` for unusable objects, and otherwise every valid port
     plus one problem per port (or address) that was dropped.
     """
-    ident = list(_ident(obj))
+    ident = ["", ""]
     try:
-        head = _service_head(obj, family, ident)
+        ident[:] = _ident(obj)
+        return _service_ports(obj, family, ident)
     except _Skip as e:
         return [], [Problem("Service", ident[0], ident[1], str(e))]
+    except Exception as e:  # isolation: whatever went wrong, only this object is lost
+        return [], [Problem("Service", ident[0], ident[1], _unexpected(e))]
+
+
+def _unexpected(err: Exception) -> str:
+    try:
+        detail = _text(str(err))
+    except Exception:
+        detail = ""
+    return f"object skipped, unexpected {type(err).__name__} while parsing it: {detail}"
+
+
+def _service_ports(obj: Any, family: IPFamily, ident: list[str]) -> tuple[list[ServicePort], list[Problem]]:
+    head = _service_head(obj, family, ident)
     if head is None:
         return [], []
     problems = [Problem("Service", head.namespace, head.name, n) for n in head.notes]
@@ -503,11 +539,19 @@ def slice_info(obj: Any, family: IPFamily, node_name: str) -> tuple[SliceInfo | 
     ``None`` with no problems means "not for us" (another family, FQDN,
     another proxy's, headless); ``None`` with a problem means unusable.
     """
-    ident = list(_ident(obj))
+    ident = ["", ""]
     try:
-        head = _slice_head(obj, family, ident)
+        ident[:] = _ident(obj)
+        return _slice_info(obj, family, node_name, ident)
     except _Skip as e:
         return None, [Problem("EndpointSlice", ident[0], ident[1], str(e))]
+    except Exception as e:  # isolation: whatever went wrong, only this object is lost
+        return None, [Problem("EndpointSlice", ident[0], ident[1], _unexpected(e))]
+
+
+def _slice_info(obj: Any, family: IPFamily, node_name: str, ident: list[str]
+                ) -> tuple[SliceInfo | None, list[Problem]]:
+    head = _slice_head(obj, family, ident)
     if head is None:
         return None, []
     ns, name = ident

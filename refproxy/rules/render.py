@@ -13,7 +13,11 @@ Contract:
    form; anything that does not parse, or is of the other IP family, is left
    out and reported in ``RenderedRules.warnings`` (the snapshot builder is the
    first line of defence; this is the second). Validation happens once, when
-   the plan is built.
+   the plan is built. Scoped IPv6 literals (``fe80::1%zone``: ``ipaddress``
+   keeps any zone text, spaces and newlines included) never parse here.
+   ``render`` never raises because of one service port: a port whose plan or
+   rules cannot be built is left out with a warning (isolation, as the
+   snapshot builder does per object).
 4. Stale per-service chains (present in ``existing_chains``, absent from the
    new ruleset) are flushed and deleted (``-X``) in the same restore, as
    kube-proxy does, so one atomic ``iptables-restore`` moves the whole state.
@@ -37,7 +41,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Collection, Iterable, Mapping, NamedTuple, Sequence
 
-from refproxy.model import Endpoint, IPFamily, ServicePort, ServicePortName, Snapshot
+from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
 from refproxy.rules.hashing import ServiceChains, endpoint_chain, is_service_chain
 
 __all__ = [
@@ -255,7 +259,7 @@ def _probability(n: int) -> str:
 
 @functools.lru_cache(maxsize=1 << 18)
 def _canon_ip(ip: object, version: int) -> str | None:
-    if not isinstance(ip, str):
+    if not isinstance(ip, str) or "%" in ip:
         return None
     try:
         a = ipaddress.ip_address(ip)
@@ -266,7 +270,7 @@ def _canon_ip(ip: object, version: int) -> str | None:
 
 @functools.lru_cache(maxsize=4096)
 def _canon_cidr(cidr: object, version: int) -> str | None:
-    if not isinstance(cidr, str):
+    if not isinstance(cidr, str) or "%" in cidr:
         return None
     try:
         n = ipaddress.ip_network(cidr, strict=False)
@@ -482,6 +486,10 @@ def _canon_list(warnings: list[str], name: str, what: str, ips: Iterable[str], v
 
 def _validate(sp: ServicePort, raw_endpoints: Sequence[Endpoint], v: int, warnings: list[str]) -> _Valid | None:
     """Canonical addresses of ``sp`` (the second line of defence), or None to skip it."""
+    if type(sp.name) is not ServicePortName or not isinstance(sp.name.protocol, Protocol) or not all(
+            isinstance(x, str) for x in (sp.name.namespace, sp.name.name, sp.name.port)):
+        warnings.append(f"{_safe_text(sp.name)}: bad service port name, service skipped")
+        return None
     name = str(sp.name)
     if not _port_ok(sp.port) or (sp.node_port and not _port_ok(sp.node_port)):
         warnings.append(f"{name}: bad port/nodePort, service skipped")
@@ -513,7 +521,7 @@ def _validate(sp: ServicePort, raw_endpoints: Sequence[Endpoint], v: int, warnin
             continue
         endpoints.append(ep if ip == ep.ip else dataclasses.replace(ep, ip=ip))
     affinity = sp.session_affinity_seconds
-    if affinity is not None and not (isinstance(affinity, int) and 0 < affinity <= 86400):
+    if affinity is not None and not (type(affinity) is int and 0 < affinity <= 86400):  # never a bool
         warnings.append(f"{name}: bad sessionAffinity timeout {affinity!r}, affinity ignored")
         affinity = None
     return _Valid(cluster_ip, ext_ips, lb_ips, tuple(ranges), tuple(endpoints), affinity)
@@ -588,13 +596,27 @@ def _plan_endpoints(
     return all_p, tuple([by_address[str(ep)] for ep in cluster]), tuple([by_address[str(ep)] for ep in local])
 
 
+def _safe_text(v: object, limit: int = 80) -> str:
+    """``str(v)`` for a warning, bounded; never raises (``repr`` of a 5000-digit int does)."""
+    try:
+        s = str(v)
+    except Exception:
+        s = f"<{type(v).__name__}>"
+    return s if len(s) <= limit else s[:limit] + "..."
+
+
 def _plan_all(snapshot: Snapshot, ctx: _Context) -> tuple[tuple[PortPlan, ...], tuple[str, ...]]:
     plans: list[PortPlan] = []
     warnings: list[str] = []
     for sp in snapshot.ports():
-        ok = _validate(sp, snapshot.endpoints_of(sp.name), ctx.version, warnings)
-        if ok is not None:
-            plans.append(_plan_port(sp, ok, ctx))
+        mark = len(warnings)
+        try:
+            ok = _validate(sp, snapshot.endpoints_of(sp.name), ctx.version, warnings)
+            if ok is not None:
+                plans.append(_plan_port(sp, ok, ctx))
+        except Exception as err:  # isolation: one port's values must not stop the render
+            del warnings[mark:]
+            warnings.append(f"{_safe_text(sp.name)}: cannot plan ({type(err).__name__}), service port skipped")
     return tuple(plans), tuple(warnings)
 
 
@@ -862,15 +884,25 @@ def render(
     nat_out = _postrouting_rules(config)
     active_nat = set(NAT_CHAINS)
     skipped = 0
+    kept: list[PortPlan] = []
     for p in plans:
-        filter_out += filter_rules(p)
-        nat_out += nat_frontend_rules(p)
+        write = only is None or p.name in only
+        try:
+            f_rules, n_rules = filter_rules(p), nat_frontend_rules(p)
+            s_rules = service_chain_rules(p) if write else ()
+            n_skipped = 0 if write else p.service_rule_count()
+        except Exception as err:  # isolation: a plan that cannot be formatted is left out whole
+            warnings += (f"{p.label}: cannot write rules ({type(err).__name__}), service port skipped",)
+            continue
+        kept.append(p)
+        filter_out += f_rules
+        nat_out += n_rules
         active_nat.update(p.nat_chains)
-        if only is None or p.name in only:
+        if write:
             nat_chains += [_chain_line(c) for c in p.nat_chains]
-            nat_out += service_chain_rules(p)
+            nat_out += s_rules
         else:  # unchanged: its chains stay as they are in the kernel
-            skipped += p.service_rule_count()
+            skipped += n_skipped
     nat_out += _nodeports_jumps(config, ctx.node_ips)
     tail_chains, tail_rules = _filter_tail(config)
     filter_chains += tail_chains
@@ -891,7 +923,7 @@ def render(
         deleted=MappingProxyType(deleted),
         warnings=warnings,
         services=len(snapshot.services),
-        endpoint_chains=sum(len(p.endpoints) for p in plans),
+        endpoint_chains=sum(len(p.endpoints) for p in kept),
         filter_rules=len(filter_out),
         nat_rules=len(nat_out),
         skipped_nat_rules=skipped,
