@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from refproxy.netns import NetNS, missing_requirements
+from refproxy.testing.netns import NetNS, missing_requirements
 
 TEST_PREFIX = "rpt"
 

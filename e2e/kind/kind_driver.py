@@ -403,7 +403,7 @@ class KindPlatform:
     def pad(self, entries: int) -> None:
         """Pad every node's conntrack table to ``entries`` synthetic entries.
 
-        Runs ``refproxy.conntrack.fill`` in a host-network pod per node (it
+        Runs ``refproxy.testing.fill`` in a host-network pod per node (it
         needs NET_ADMIN in the node's namespace); see the report's gap list.
         """
         for node in self.cluster.nodes():
@@ -411,7 +411,7 @@ class KindPlatform:
                                      "--rm", "-i", "--restart=Never", f"--image={self.cluster.image}",
                                      "--image-pull-policy=IfNotPresent",
                                      f"--overrides={json.dumps(_pad_overrides(node))}",
-                                     "--command", "--", "python3", "-m", "refproxy.conntrack.fill", "--current-namespace",
+                                     "--command", "--", "python3", "-m", "refproxy.testing.fill", "--current-namespace",
                                      "--entries", str(entries)], timeout=1800)
 
     def start_proxy(self, plugin: str, options: Mapping[str, str]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from refproxy.netns import missing_requirements, remove_leftovers
+from refproxy.testing.netns import missing_requirements, remove_leftovers
 
 E2E_PREFIX = "rpe2e"
 

@@ -9,7 +9,7 @@ import pytest
 from refproxy.lab.engine import run_scenario
 from refproxy.lab.platform_netns import NetnsPlatform
 from refproxy.lab.scenario import load_scenario
-from refproxy.netns import NetNS, list_namespaces, remove_leftovers
+from refproxy.testing.netns import NetNS, list_namespaces, remove_leftovers
 
 E2E_PREFIX = "rpe2e"  # the suite's namespace prefix (see conftest.py)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from refproxy.lab.topology import Topology, start_echo_in
-from refproxy.netns import list_namespaces
+from refproxy.testing.netns import list_namespaces
 
 pytestmark = pytest.mark.kernel
 

@@ -2,7 +2,7 @@
 
 Contract: every Go kernel test (build tag ``conntrack_kernel`` in
 patches/go/conntrack) runs under ``ip netns exec`` inside a namespace created
-here with ``refproxy.netns.NetNS("rpgo")`` and deleted by exact name
+here with ``refproxy.testing.netns.NetNS("rpgo")`` and deleted by exact name
 afterwards, also on failure; the Go side refuses to run anywhere else
 (it compares its namespace's inode with /run/netns/NAME and with this
 process's). Skips with a reason when not root, or without ``ip`` or a Go
@@ -71,7 +71,7 @@ def go_netns():
     reason = requirements()
     if reason:
         pytest.skip(reason)
-    from refproxy.netns import NetNS
+    from refproxy.testing.netns import NetNS
 
     with NetNS("rpgo") as ns:
         yield ns
@@ -86,7 +86,7 @@ def test_go_netlink_code_against_the_kernel(go_netns):
 
 
 def test_go_netlink_measurement(go_netns):
-    from refproxy.conntrack import fill
+    from refproxy.testing import fill
 
     with fill.conntrack_max(PAD_ENTRIES + 20_000):
         res_fill = fill.pad_table(go_netns.name, PAD_ENTRIES)

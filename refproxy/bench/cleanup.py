@@ -104,7 +104,7 @@ class Scenario:
 
     def entries(self) -> Iterator:
         """Every entry of the table, stale ones first (deterministic)."""
-        from refproxy.conntrack.fill import ClientPool, flows_to, padding
+        from refproxy.testing.fill import ClientPool, flows_to, padding
 
         clients = ClientPool(IPFamily.IPv4)
         yield from self.stale_entries(clients)
@@ -115,7 +115,7 @@ class Scenario:
 
     def stale_entries(self, clients=None) -> Iterator:
         """The K stale entries (the first K clients of the pool)."""
-        from refproxy.conntrack.fill import ClientPool, flows_to
+        from refproxy.testing.fill import ClientPool, flows_to
 
         clients = clients or ClientPool(IPFamily.IPv4)
         for i in range(self.keys):
@@ -161,11 +161,11 @@ def _progress(msg: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark and print its table."""
-    from refproxy.conntrack.fill import conntrack_max, insert
+    from refproxy.testing.fill import conntrack_max, insert
     from refproxy.conntrack.netlink import NetlinkConntrackTable
     from refproxy.conntrack.types import DumpFilter
     from refproxy.errors import ConfigError
-    from refproxy.netns import NetNS, missing_requirements, remove_leftovers
+    from refproxy.testing.netns import NetNS, missing_requirements, remove_leftovers
 
     why = missing_requirements(("ip", "conntrack"))
     if why:

@@ -74,7 +74,7 @@ def _timed(fn: Callable[[], object], repeat: int) -> tuple[list[float], object]:
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark and print one row per size."""
-    from refproxy.netns import NetNS, missing_requirements
+    from refproxy.testing.netns import NetNS, missing_requirements
     from refproxy.rules.apply import IptablesRunner
     from refproxy.rules.render import RenderConfig, render
 

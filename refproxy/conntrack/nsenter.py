@@ -7,7 +7,7 @@ to that namespace. It never creates a namespace: a missing one is a
 :class:`~refproxy.errors.ConntrackError` with ``errno=ENOENT`` (pyroute2's
 ``setns`` would conjure an empty one for a misspelt name, with its
 ``O_CREAT`` default). ``setns(2)`` affects the calling thread only, so other
-threads keep their namespace. The lab's ``refproxy/netns.py`` builds on this
+threads keep their namespace. The lab's ``refproxy/testing/netns.py`` builds on this
 module, never the reverse.
 """
 

@@ -86,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
         from refproxy.lab.plot import require_matplotlib
 
         require_matplotlib()
-    from refproxy.netns import missing_requirements, remove_leftovers
+    from refproxy.testing.netns import missing_requirements, remove_leftovers
 
     why = missing_requirements(("ip", "iptables-restore", "iptables-save", "conntrack"))
     if why is not None:

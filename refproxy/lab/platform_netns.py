@@ -2,7 +2,7 @@
 
 Contract: implements :class:`refproxy.lab.engine.Platform` with a
 :class:`~refproxy.lab.topology.Topology` (node, pod and client namespaces),
-the lab API server (``apiserver.py``) listening *inside* the node namespace,
+the lab API server (``refproxy.testing.apiserver``) listening *inside* the node namespace,
 ``refproxy run`` as its own process in the node namespace using its
 production kube source, echo servers in pods, one client process per flow.
 Never touches the host's namespace: every iptables rule and conntrack entry
@@ -169,7 +169,7 @@ class NetnsPlatform:
     # -- setup ------------------------------------------------------------
     def setup(self, scenario: Scenario) -> None:
         """Build the topology, serve the API inside the node, create services, pods and padding."""
-        from refproxy.lab.apiserver import APIServer
+        from refproxy.testing.apiserver import APIServer
 
         self.scenario = scenario
         self.topo = Topology(self.prefix)
@@ -196,7 +196,7 @@ class NetnsPlatform:
             if c.node_port_raw is not None:
                 start_echo_in(node, "node", c.node_port_raw, None)
         if scenario.pad:
-            from refproxy.conntrack.fill import conntrack_max, pad_table
+            from refproxy.testing.fill import conntrack_max, pad_table
 
             self._stack.enter_context(conntrack_max(scenario.pad + 100_000))
             res = pad_table(node.name, scenario.pad)

@@ -2,9 +2,9 @@
 
 Contract: builds and tears down network namespaces and links, nothing else
 (no iptables, no conntrack: the proxy under test programs those inside the
-node namespace). Every namespace is a :class:`refproxy.netns.NetNS` with the
+node namespace). Every namespace is a :class:`refproxy.testing.netns.NetNS` with the
 caller's prefix, so it is deleted by exact name, and leftovers of a killed run
-are found by that prefix (``refproxy.netns.remove_leftovers``). Links are
+are found by that prefix (``refproxy.testing.netns.remove_leftovers``). Links are
 created *directly inside* the lab's namespaces (``ip link add ... netns``), so
 the host's own namespace never sees a lab link.
 
@@ -37,7 +37,7 @@ import sys
 from dataclasses import dataclass, field
 
 from refproxy.errors import LabError
-from refproxy.netns import NetNS
+from refproxy.testing.netns import NetNS
 
 __all__ = ["Topology", "Pod", "Client", "echo_argv", "start_echo_in"]
 

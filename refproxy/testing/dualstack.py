@@ -40,7 +40,7 @@ from refproxy.errors import LabError
 from refproxy.lab.echo import decode_reply, encode_request
 from refproxy.lab.topology import Pod, Topology, start_echo_in
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
-from refproxy.netns import NetNS
+from refproxy.testing.netns import NetNS
 from refproxy.rules.apply import IptablesRunner
 from refproxy.rules.render import RenderConfig, render
 

@@ -22,7 +22,7 @@ from harness import (
 )
 
 from refproxy.lab.topology import Client, Pod, Topology
-from refproxy.netns import remove_leftovers
+from refproxy.testing.netns import remove_leftovers
 
 
 def pytest_sessionstart(session):

@@ -1,7 +1,7 @@
 """Fill a namespace's conntrack table with *assured* flows (kernel fault helper).
 
 Contract: test kit for tests/faults only. ``fill_assured(netns, total)``
-creates unrelated UDP flows (``refproxy.conntrack.fill.padding``) carrying
+creates unrelated UDP flows (``refproxy.testing.fill.padding``) carrying
 IPS_ASSURED|IPS_SEEN_REPLY until the namespace holds ``total`` entries.
 
 Why assured: the table's limit (``nf_conntrack_max``) is host-wide and
@@ -21,7 +21,7 @@ import struct
 from collections.abc import Iterable
 
 from refproxy.conntrack import nlmsg as nl
-from refproxy.conntrack.fill import ClientPool, padding
+from refproxy.testing.fill import ClientPool, padding
 from refproxy.conntrack.nsenter import entered
 from refproxy.conntrack.types import ConntrackEntry
 from refproxy.model import IPFamily

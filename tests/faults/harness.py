@@ -1,7 +1,7 @@
 """The fault suite's kit: a `refproxy run` process in a namespace, its manifests, probes and fault switches.
 
 Contract: test kit for tests/faults only (root). Every namespace comes from
-``refproxy.lab.topology.Topology`` or ``refproxy.netns.NetNS`` with the
+``refproxy.lab.topology.Topology`` or ``refproxy.testing.netns.NetNS`` with the
 suite's prefix ``rpf`` and is deleted by exact name; every wait is bounded.
 The proxy runs as its own process (``python -m refproxy run``, or
 ``ctshim.py`` for in-process conntrack faults), its output goes to a file (a
@@ -292,7 +292,7 @@ def entries_by_reply_source(netns: str, ip: str, port: int) -> Counter:
 
 def insert_flows(netns: str, frontend: tuple[str, int], backend: tuple[str, int], count: int, start: int) -> int:
     """``count`` synthetic DNATed UDP flows ``frontend`` -> ``backend`` (unique clients from index ``start``)."""
-    from refproxy.conntrack.fill import ClientPool, flows_to, insert
+    from refproxy.testing.fill import ClientPool, flows_to, insert
 
     r = insert(netns, flows_to(frontend, [backend], count, ClientPool(IPFamily.IPv4, start)), timeout=600)
     assert r.failed == 0, r

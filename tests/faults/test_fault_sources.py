@@ -33,7 +33,7 @@ SOURCE_ERRORS = "refproxy_source_errors_total"
 
 
 def test_api_disconnect_during_a_deletion_resyncs_and_cleans(node, proxies, tmp_path):
-    from refproxy.lab.apiserver import APIServer
+    from refproxy.testing.apiserver import APIServer
 
     with node.ns.entered():
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -6,11 +6,11 @@ never in the host's table; every namespace is deleted at teardown.
 
 import pytest
 
-from refproxy.conntrack.contract import ConntrackTableContract
-from refproxy.conntrack.fill import insert
+from refproxy.testing.conntrack_contract import ConntrackTableContract
+from refproxy.testing.fill import insert
 from refproxy.conntrack.netlink import NetlinkConntrackTable
 from refproxy.model import IPFamily
-from refproxy.netns import NetNS
+from refproxy.testing.netns import NetNS
 
 pytestmark = pytest.mark.kernel
 

@@ -6,13 +6,13 @@ import tracemalloc
 
 import pytest
 
-from refproxy.conntrack.fill import ClientPool, flows_to, insert, pad_table, padding
+from refproxy.testing.fill import ClientPool, flows_to, insert, pad_table, padding
 from refproxy.conntrack.netlink import NetlinkConntrackTable
 from refproxy.conntrack.probe import kernel_support
 from refproxy.conntrack.types import IPPROTO_UDP, DumpFilter, TupleFilter
 from refproxy.errors import ConntrackUnsupported
 from refproxy.model import IPFamily
-from refproxy.netns import NetNS
+from refproxy.testing.netns import NetNS
 
 pytestmark = pytest.mark.kernel
 V4, V6 = IPFamily.IPv4, IPFamily.IPv6

@@ -12,7 +12,7 @@ import errno
 import pytest
 
 from refproxy.model import IPFamily
-from refproxy.netns import entered
+from refproxy.testing.netns import entered
 from refproxy.nodeaddr import local_addresses
 from refproxy.rules.render import render
 from refproxy.testing.dualstack import (

@@ -104,7 +104,7 @@ def _check_metric_families(text: str) -> None:
 
 @pytest.fixture
 def kubeadm_node(tmp_path):
-    from refproxy.lab.apiserver import APIServer
+    from refproxy.testing.apiserver import APIServer
 
     with Topology("rpka") as topo:
         dns, echo = topo.add_pod("dns"), topo.add_pod("echo")

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from refproxy.lab.apiserver import APIServer, parse_field_selector, parse_label_selector
+from refproxy.testing.apiserver import APIServer, parse_field_selector, parse_label_selector
 
 
 def svc(name, ns="ns", labels=None, ip="198.19.0.1"):
@@ -233,7 +233,7 @@ def test_standalone_process(tmp_path):
 
     kc = tmp_path / "kc"
     examples = Path(__file__).resolve().parents[2] / "examples" / "manifests"
-    proc = subprocess.Popen([sys.executable, "-m", "refproxy.lab.apiserver", "--listen", "127.0.0.1:0",
+    proc = subprocess.Popen([sys.executable, "-m", "refproxy.testing.apiserver", "--listen", "127.0.0.1:0",
                              "--kubeconfig-out", str(kc), "--manifests", str(examples)],
                             stdout=subprocess.PIPE, text=True)
     try:

@@ -1,6 +1,6 @@
 """The ConntrackTable contract against the in-memory table (no root)."""
 
-from refproxy.conntrack.contract import ConntrackTableContract
+from refproxy.testing.conntrack_contract import ConntrackTableContract
 from refproxy.conntrack.memory import MemoryConntrackTable
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from refproxy.conntrack import fill
+from refproxy.testing import fill
 from refproxy.conntrack.netlink import NetlinkConntrackTable
 from refproxy.conntrack.types import IPPROTO_SCTP, DumpFilter, TupleFilter
 from refproxy.errors import ConntrackError, ConntrackUnsupported

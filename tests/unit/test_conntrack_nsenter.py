@@ -8,7 +8,7 @@ import pytest
 
 from refproxy.conntrack import nsenter
 from refproxy.errors import ConntrackError, LabError
-from refproxy import netns
+from refproxy.testing import netns
 
 
 @pytest.mark.parametrize("name", ["rpct-0-missing", "../etc", "a/b", "", ".."])
@@ -30,7 +30,7 @@ def test_production_conntrack_code_never_imports_the_test_kit():
     """netlink.py and probe.py stand alone: no lab namespace kit, no fill, no contract mixins."""
     code = (
         "import sys, refproxy.conntrack.netlink, refproxy.conntrack.probe, refproxy.conntrack.memory;"
-        "kit = {'refproxy.netns', 'refproxy.conntrack.fill', 'refproxy.conntrack.contract', 'refproxy.lab',"
+        "kit = {'refproxy.testing.netns', 'refproxy.testing.fill', 'refproxy.testing.conntrack_contract', 'refproxy.lab',"
         " 'refproxy.testing'};"
         "print(sorted(m for m in sys.modules if m in kit or m.startswith(('refproxy.lab.', 'refproxy.testing.'))))"
     )

@@ -87,10 +87,10 @@ def test_bad_plugin_opt(capsys):
 
 
 def test_refuses_without_root(monkeypatch, capsys):
-    import refproxy.netns
+    import refproxy.testing.netns
 
-    monkeypatch.setattr(refproxy.netns, "missing_requirements", lambda *a, **k: "needs root (network namespaces)")
-    monkeypatch.setattr(refproxy.netns, "remove_leftovers", lambda *a: pytest.fail("must not touch namespaces"))
+    monkeypatch.setattr(refproxy.testing.netns, "missing_requirements", lambda *a, **k: "needs root (network namespaces)")
+    monkeypatch.setattr(refproxy.testing.netns, "remove_leftovers", lambda *a: pytest.fail("must not touch namespaces"))
     assert refproxy_main(["lab", "--plugins", "none"]) == 2
     assert "run it as root" in capsys.readouterr().err
 
@@ -106,9 +106,9 @@ def test_plot_without_matplotlib_fails_first(monkeypatch, capsys):
         return real(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_mpl)
-    import refproxy.netns
+    import refproxy.testing.netns
 
-    monkeypatch.setattr(refproxy.netns, "remove_leftovers", lambda *a: pytest.fail("must fail before running"))
+    monkeypatch.setattr(refproxy.testing.netns, "remove_leftovers", lambda *a: pytest.fail("must fail before running"))
     assert refproxy_main(["lab", "--plugins", "none", "--plot", "x.png"]) == 1
     assert "--plot needs matplotlib" in capsys.readouterr().err
 

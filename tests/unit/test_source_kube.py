@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from refproxy.errors import ConfigError
-from refproxy.lab.apiserver import APIServer
+from refproxy.testing.apiserver import APIServer
 from refproxy.sources import kube as kube_mod
 from refproxy.sources.base import Source
 from refproxy.sources.kube import Backoff, KubeSource, kube_client_config
@@ -397,7 +397,7 @@ def test_against_the_standalone_server_process(tmp_path):
 
     kc = tmp_path / "kc"
     examples = Path(__file__).resolve().parents[2] / "examples" / "manifests"
-    proc = subprocess.Popen([sys.executable, "-m", "refproxy.lab.apiserver", "--listen", "127.0.0.1:0",
+    proc = subprocess.Popen([sys.executable, "-m", "refproxy.testing.apiserver", "--listen", "127.0.0.1:0",
                              "--kubeconfig-out", str(kc), "--manifests", str(examples)],
                             stdout=subprocess.PIPE, text=True)
     try:

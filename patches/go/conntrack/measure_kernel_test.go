@@ -3,7 +3,7 @@
 // Measurement of the series' netlink paths against a real table (standalone
 // module only). Runs only when CONNTRACK_KERNEL_MEASURE=1, in a namespace the
 // harness has padded (patches/tests/test_kernel_go.py pads 100k entries with
-// refproxy.conntrack.fill). It prints figures; it asserts only correctness
+// refproxy.testing.fill). It prints figures; it asserts only correctness
 // (counts), never timings.
 
 package conntrack

@@ -213,7 +213,7 @@ def pad_table(netns: str, total: int, *, family: IPFamily = IPFamily.IPv4, start
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python3 -m refproxy.conntrack.fill``: pad a test node's table (kind suite).
+    """``python3 -m refproxy.testing.fill``: pad a test node's table (kind suite).
 
     Pads either a named namespace (``--netns``) or, only with the explicit
     ``--current-namespace``, the namespace it runs in (a kind node's, from a
@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="python3 -m refproxy.conntrack.fill", description=main.__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python3 -m refproxy.testing.fill", description=main.__doc__.split("\n")[0])
     p.add_argument("--entries", type=int, required=True, metavar="N", help="pad the table up to N entries")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--netns", metavar="NAME", help="a named network namespace (ip netns)")

@@ -842,8 +842,8 @@ class APIServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python3 -m refproxy.lab.apiserver``: serve until SIGTERM/SIGINT."""
-    p = argparse.ArgumentParser(prog="python3 -m refproxy.lab.apiserver", description=__doc__.split("\n")[0])
+    """``python3 -m refproxy.testing.apiserver``: serve until SIGTERM/SIGINT."""
+    p = argparse.ArgumentParser(prog="python3 -m refproxy.testing.apiserver", description=__doc__.split("\n")[0])
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to listen on (default 127.0.0.1:0)")
     p.add_argument("--kubeconfig-out", metavar="FILE", help="write a kubeconfig for this server here")
     p.add_argument("--manifests", metavar="DIR", help="preload Services/EndpointSlices/Nodes from a manifest dir")
