@@ -76,6 +76,24 @@ def _parse_rfc3339(text: str) -> float | None:
         return None
 
 
+def _meta(obj: Any) -> Mapping:
+    """``obj.metadata`` when both are mappings, else ``{}``: these helpers see raw, untrusted objects."""
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    return meta if isinstance(meta, Mapping) else {}
+
+
+def _str(value: Any) -> str:
+    """``str(value)``, but never raising (a 5000-digit int or deep nesting from a hostile object)."""
+    try:
+        return value if isinstance(value, str) else str(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+
+
+def _family_slices(slices: Iterable[Any], family: str) -> list:
+    return [s for s in slices if isinstance(s, Mapping) and s.get("addressType", family) == family]
+
+
 def trigger_times(slices: Iterable[Mapping], seen: Mapping[tuple[str, str], str]) -> tuple[list[float], dict]:
     """Change-trigger times of slices that changed since ``seen`` (pure).
 
@@ -85,13 +103,17 @@ def trigger_times(slices: Iterable[Mapping], seen: Mapping[tuple[str, str], str]
     times: list[float] = []
     now_seen: dict[tuple[str, str], str] = {}
     for s in slices:
-        meta = s.get("metadata") or {}
-        key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
-        rv = str(meta.get("resourceVersion", ""))
+        meta = _meta(s)
+        key = (_str(meta.get("namespace", "")), _str(meta.get("name", "")))
+        rv = _str(meta.get("resourceVersion", ""))
         now_seen[key] = rv
         if seen.get(key) == rv:
             continue
-        t = _parse_rfc3339(str((meta.get("annotations") or {}).get(TRIGGER_ANNOTATION, "")))
+        annotations = meta.get("annotations")
+        # A hostile object's annotations may be any JSON value: no time then.
+        if not isinstance(annotations, Mapping):
+            continue
+        t = _parse_rfc3339(_str(annotations.get(TRIGGER_ANNOTATION, "")))
         if t is not None:
             times.append(t)
     return times, now_seen
@@ -124,8 +146,8 @@ def changed_keys(objects: Iterable[Mapping], seen: Mapping[tuple[str, str], str]
     """
     now: dict[tuple[str, str], str] = {}
     for o in objects:
-        meta = o.get("metadata") or {}
-        now[(str(meta.get("namespace", "")), str(meta.get("name", "")))] = str(meta.get("resourceVersion", ""))
+        meta = _meta(o)
+        now[(_str(meta.get("namespace", "")), _str(meta.get("name", "")))] = _str(meta.get("resourceVersion", ""))
     changed = {k for k, rv in now.items() if seen.get(k) != rv}
     changed.update(k for k in seen if k not in now)
     return changed, now
@@ -172,6 +194,7 @@ class Proxier:
         self._chains: dict[str, set[str]] = {}
         self._seen_slices: dict[tuple[str, str], str] = {}
         self._seen_problems: set = set()
+        self._seen_warnings: set[str] = set()
         self._last_full = float("-inf")
         self._addrs: tuple[frozenset[str], dict] | None = None
         # Change tracking (events since the last observation; pending since the last sync).
@@ -202,7 +225,7 @@ class Proxier:
         the EndpointSlice events since then.
         """
         services, slices = self.source.objects()
-        slices = [s for s in slices if s.get("addressType", self.family) == self.family]
+        slices = _family_slices(slices, self.family)
         with self._changes_lock:
             svc_changed, svc_now = changed_keys(services, self._observed[0])
             eps_changed, eps_now = changed_keys(slices, self._observed[1])
@@ -218,7 +241,7 @@ class Proxier:
     def _checkout(self, services: list, slices: list) -> None:
         with self._changes_lock:
             _, svc = changed_keys(services, {})
-            _, eps = changed_keys([s for s in slices if s.get("addressType", self.family) == self.family], {})
+            _, eps = changed_keys(_family_slices(slices, self.family), {})
             self._checked_out = (svc, eps)
             self.metrics.changes_checked_out()
 
@@ -286,6 +309,7 @@ class Proxier:
             self._chains = {t: set(self.rules.existing_chains(t)) for t in TABLES}
         rendered = render(snapshot, RenderConfig.from_proxy_config(self.config, addrs, **inputs), existing_chains=self._chains,
                           changed=None if full else changes.changed_ports())
+        self._log_render_warnings(rendered.warnings)
         if log.isEnabledFor(TRACE):
             log.log(TRACE, "restore text:\n%s", rendered.text)
         if self.cleanup is not None:
@@ -348,3 +372,11 @@ class Proxier:
                namespace=getattr(p, "namespace", "?"), name=getattr(p, "name", "?"),
                reason=getattr(p, "reason", str(p)))
         self._seen_problems = set(problems)
+
+    def _log_render_warnings(self, warnings: Iterable[str]) -> None:
+        # The renderer's second line of defence left a port or address out;
+        # say so once per distinct warning, as for snapshot problems.
+        current = set(warnings)
+        for w in sorted(current - self._seen_warnings):
+            kv(log, logging.WARNING, "Rules left out", family=self.family, reason=w)
+        self._seen_warnings = current
