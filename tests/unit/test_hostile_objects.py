@@ -347,8 +347,8 @@ def _assert_good_kept(snap: Snapshot, family: IPFamily) -> None:
         assert snap.endpoints_of(name) == ref.endpoints_of(name), name
 
 
-def run_everything(services: list, slices: list) -> list[str]:
-    """Snapshot + full and partial render of both families; returns the restore texts it checked."""
+def run_everything(services: list, slices: list) -> list[tuple[IPFamily, str]]:
+    """Snapshot + full and partial render of both families; returns the full restore texts it checked."""
     texts = []
     all_services = GOOD_SERVICES + services
     all_slices = GOOD_SLICES + slices
@@ -374,7 +374,7 @@ def run_everything(services: list, slices: list) -> list[str]:
             changed = [n for n in snap.services if n.namespace != "safe"]
             partial = render(snap, cfg, existing_chains=kernel, changed=changed)
             check_restore_text(partial.text, family, kernel_chains=kernel)
-            texts.append(full.text)
+            texts.append((family, full.text))
     return texts
 
 
