@@ -478,7 +478,7 @@ def _canon_list(warnings: list[str], name: str, what: str, ips: Iterable[str], v
     for ip in ips:
         c = _canon_ip(ip, v)
         if c is None:
-            warnings.append(f"{name}: bad {what} {ip!r} ignored")
+            warnings.append(f"{name}: bad {what} {_safe_repr(ip)} ignored")
         elif c not in out:
             out.append(c)
     return tuple(out)
@@ -486,8 +486,9 @@ def _canon_list(warnings: list[str], name: str, what: str, ips: Iterable[str], v
 
 def _validate(sp: ServicePort, raw_endpoints: Sequence[Endpoint], v: int, warnings: list[str]) -> _Valid | None:
     """Canonical addresses of ``sp`` (the second line of defence), or None to skip it."""
-    if type(sp.name) is not ServicePortName or not isinstance(sp.name.protocol, Protocol) or not all(
-            isinstance(x, str) for x in (sp.name.namespace, sp.name.name, sp.name.port)):
+    spn = sp.name
+    if type(spn) is not ServicePortName or type(spn.protocol) is not Protocol or not (
+            type(spn.namespace) is str and type(spn.name) is str and type(spn.port) is str):
         warnings.append(f"{_safe_text(sp.name)}: bad service port name, service skipped")
         return None
     name = str(sp.name)
@@ -498,7 +499,7 @@ def _validate(sp: ServicePort, raw_endpoints: Sequence[Endpoint], v: int, warnin
     if sp.cluster_ip is not None:
         cluster_ip = _canon_ip(sp.cluster_ip, v)
         if cluster_ip is None:
-            warnings.append(f"{name}: bad clusterIP {sp.cluster_ip!r}, service skipped")
+            warnings.append(f"{name}: bad clusterIP {_safe_repr(sp.cluster_ip)}, service skipped")
             return None
     ext_ips = _canon_list(warnings, name, "externalIP", sp.external_ips, v)
     lb_ips = _canon_list(warnings, name, "loadBalancer IP", sp.load_balancer_ips, v)
@@ -506,7 +507,7 @@ def _validate(sp: ServicePort, raw_endpoints: Sequence[Endpoint], v: int, warnin
     for c in sp.load_balancer_source_ranges:
         cc = _canon_cidr(c, v)
         if cc is None:
-            warnings.append(f"{name}: bad loadBalancerSourceRange {c!r} ignored")
+            warnings.append(f"{name}: bad loadBalancerSourceRange {_safe_repr(c)} ignored")
         else:
             ranges.append(cc)
     if sp.load_balancer_source_ranges and not ranges:
@@ -517,14 +518,14 @@ def _validate(sp: ServicePort, raw_endpoints: Sequence[Endpoint], v: int, warnin
     for ep in raw_endpoints:
         ip = _canon_ip(ep.ip, v)
         if ip is None or not _port_ok(ep.port):
-            warnings.append(f"{name}: bad endpoint {ep.ip!r}:{ep.port!r} ignored")
+            warnings.append(f"{name}: bad endpoint {_safe_repr(ep.ip)}:{_safe_repr(ep.port)} ignored")
             continue
         endpoints.append(ep if ip == ep.ip else dataclasses.replace(ep, ip=ip))
     if sp.health_check_node_port != 0 and not _port_ok(sp.health_check_node_port):
         warnings.append(f"{name}: bad healthCheckNodePort {_safe_text(sp.health_check_node_port)}, ignored")
     affinity = sp.session_affinity_seconds
     if affinity is not None and not (type(affinity) is int and 0 < affinity <= 86400):  # never a bool
-        warnings.append(f"{name}: bad sessionAffinity timeout {affinity!r}, affinity ignored")
+        warnings.append(f"{name}: bad sessionAffinity timeout {_safe_repr(affinity)}, affinity ignored")
         affinity = None
     return _Valid(cluster_ip, ext_ips, lb_ips, tuple(ranges), tuple(endpoints), affinity)
 
@@ -596,6 +597,14 @@ def _plan_endpoints(
         return all_p, (), all_p
     by_address = {pe.address: pe for pe in all_p}
     return all_p, tuple([by_address[str(ep)] for ep in cluster]), tuple([by_address[str(ep)] for ep in local])
+
+
+def _safe_repr(v: object) -> str:
+    """``repr(v)`` for a warning, bounded; never raises."""
+    try:
+        return _safe_text(repr(v))
+    except Exception:  # a 5000-digit int, nesting past the recursion limit
+        return f"<{type(v).__name__}>"
 
 
 def _safe_text(v: object, limit: int = 80) -> str:

@@ -482,24 +482,26 @@ def _with_hostile_port(endpoints: tuple = (Endpoint("198.18.2.1", 5353),), **fie
                     endpoints=MappingProxyType({DNS: (Endpoint("198.18.1.1", 5353),), bad: eps}))
 
 
-@pytest.mark.parametrize("fields", [
-    {"port": "53"}, {"port": True}, {"port": 10 ** 5000}, {"node_port": -1}, {"node_port": 1.5},
-    {"cluster_ip": ["198.19.2.10"]}, {"cluster_ip": "fe80::1%a b"}, {"cluster_ip": 10 ** 5000},
-    {"external_ips": (["x"],)}, {"external_ips": ("198.18.9.9 -j ACCEPT",)}, {"external_ips": None},
-    {"load_balancer_ips": 5}, {"load_balancer_source_ranges": ("fe80::%a b/64",)},
-    {"session_affinity_seconds": True}, {"session_affinity_seconds": 10 ** 5000},
-    {"health_check_node_port": "1"}, {"name": {"protocol": "UDP"}}, {"name": {"namespace": None}},
-    {"name": {"port": 5}}, {"name": {"name": ("a", "b")}},
+@pytest.mark.parametrize("fields, kept", [
+    # what the port is: no plan, the port is left out
+    ({"port": "53"}, False), ({"port": True}, False), ({"port": 10 ** 5000}, False), ({"node_port": -1}, False),
+    ({"node_port": 1.5}, False), ({"cluster_ip": ["198.19.2.10"]}, False), ({"cluster_ip": "fe80::1%a b"}, False),
+    ({"cluster_ip": 10 ** 5000}, False), ({"name": {"protocol": "UDP"}}, False), ({"name": {"namespace": None}}, False),
+    ({"name": {"port": 5}}, False), ({"name": {"name": ("a", "b")}}, False),
+    ({"external_ips": None}, False), ({"load_balancer_ips": 5}, False),  # not even iterable
+    ({"external_ips": (["x"],)}, False),  # unhashable: the address cache refuses it
+    # a secondary value: only that value is left out
+    ({"external_ips": ("198.18.9.9 -j ACCEPT",)}, True), ({"load_balancer_source_ranges": ("fe80::%a b/64",)}, True),
+    ({"session_affinity_seconds": True}, True), ({"session_affinity_seconds": 10 ** 5000}, True),
+    ({"health_check_node_port": "1"}, True),
 ])
-def test_render_skips_a_port_it_cannot_plan(fields):
+def test_render_skips_a_port_it_cannot_plan(fields, kept):
     snap = _with_hostile_port(**fields)
     out = render(snap, CONFIGS[V4][0])
     check_restore_text(out.text, V4)
     assert '"safe/dns:dns cluster IP"' in out.text
-    assert "hostile/bad" not in out.text or fields.keys() <= {"external_ips", "load_balancer_ips",
-                                                              "load_balancer_source_ranges", "health_check_node_port",
-                                                              "session_affinity_seconds"}
-    assert out.warnings
+    assert ("-d 198.19.2.10 " in out.text) is kept
+    assert out.warnings and all(w.isprintable() and len(w) < 400 for w in out.warnings)
 
 
 def test_render_skips_endpoints_it_cannot_plan():
