@@ -20,7 +20,7 @@ from refproxy.errors import ConfigError
 
 __all__ = ["parse_go_duration", "format_go_duration", "parse_duration"]
 
-_GO = re.compile(r"[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
+_GO = re.compile(r"[-+]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:ns|us|µs|μs|ms|s|m|h))+")  # ASCII digits, as Go
 
 
 def parse_go_duration(text: str, *, what: str = "", negative: bool = False) -> float:

@@ -15,7 +15,15 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, disable_created_metrics, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 
 # The *_created series double the exposition for nothing kube-proxy exports.
@@ -163,6 +171,11 @@ class Metrics:
         self.source_errors = Counter(
             "source_errors_total", "Errors talking to the source of Services and EndpointSlices",
             namespace=PREFIX, registry=r)
+        self.sync_errors = Counter(
+            "sync_errors_total",
+            "Rule syncs that failed unexpectedly (not a rejected restore, which kube-proxy's "
+            "restore-failure counters count), by IP family",
+            [IP_FAMILY], namespace=PREFIX, registry=r)
 
     def init_family(self, family: str) -> None:
         """Export the family's counters at 0 before anything happens (so rate() works from the start)."""

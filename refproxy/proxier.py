@@ -254,6 +254,7 @@ class Proxier:
             return self._sync()
         except Exception as err:  # guarantee 4: the runner loop must survive
             log.exception("sync failed unexpectedly: %r", err)
+            self.metrics.sync_errors.labels(self.family).inc()
             if self.cleanup is not None:
                 # An announced snapshot whose restore never completed must not
                 # keep protecting entries (as after a rejected restore).

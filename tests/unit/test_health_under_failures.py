@@ -108,3 +108,5 @@ def test_an_unexpected_failure_withdraws_the_announced_snapshot():
     assert p.sync() is False
     assert worker.expected[0] is not None and worker.expected[-1] is None  # announced, then withdrawn
     assert worker.submitted == [] and p.need_full_sync
+    # counted (issue 10: sync failures are counted), by family
+    assert p.metrics.registry.get_sample_value("refproxy_sync_errors_total", {"ip_family": "IPv4"}) == 1
