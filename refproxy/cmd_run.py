@@ -206,12 +206,12 @@ def _serve(config: ProxyConfig) -> int:
     from refproxy.configz import configz_handler
     from refproxy.healthcheck import ProxyHealth
     from refproxy.httpserver import HTTPEndpoint, metrics_routes
-    from refproxy.sources.base import watch_errors, watch_node
     from refproxy.metrics import Metrics
     from refproxy.nodeaddr import local_addresses
     from refproxy.proxier import Proxier
     from refproxy.rules.apply import IptablesRunner
     from refproxy.runner import BoundedFrequencyRunner
+    from refproxy.sources.base import watch_errors, watch_node
 
     metrics = Metrics()
     health = ProxyHealth(2 * config.sync_period, metrics)

@@ -25,8 +25,9 @@ import argparse
 import enum
 import ipaddress
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable
+from typing import Any
 
 from refproxy.durations import parse_duration, parse_go_duration
 from refproxy.errors import ConfigError
@@ -116,7 +117,7 @@ class ProxyConfig:
     config_text: str = field(default="", repr=False, compare=False)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
-    def for_family(self, family: IPFamily) -> "ProxyConfig":
+    def for_family(self, family: IPFamily) -> ProxyConfig:
         """This config as one family's proxier sees it."""
         return replace(self, family=family)
 

@@ -14,7 +14,8 @@ under ``kubeproxy.config.k8s.io``; refproxy serves the v1alpha1 shape there
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from refproxy.config import ProxyConfig
 from refproxy.kubeproxyconfig import EXT_API_VERSION, EXT_KIND, default_document

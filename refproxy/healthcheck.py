@@ -29,7 +29,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from refproxy.metrics import Metrics
 from refproxy.sources.node import TO_BE_DELETED_TAINT, node_eligible  # the one eligibility rule (pure)
@@ -149,5 +150,7 @@ class ProxyHealth:
         Upstream installs the generic apiserver healthz handler there (no
         checks but ping): always ``200 ok``, independent of the proxy's health.
         """
-        ok: Callable[[], Response] = lambda: (200, "text/plain; charset=utf-8", b"ok")
+        def ok() -> Response:
+            return (200, "text/plain; charset=utf-8", b"ok")
+
         return {"/healthz": ok, "/healthz/ping": ok}

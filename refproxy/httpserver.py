@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Mapping
 
 __all__ = ["Response", "HTTPEndpoint", "healthz_handler", "metrics_routes", "DEFAULT_TIMEOUT"]
 
@@ -124,7 +124,7 @@ class HTTPEndpoint:
     def address(self) -> tuple[str, int]:
         return self._server.server_address[:2]
 
-    def start(self) -> "HTTPEndpoint":
+    def start(self) -> HTTPEndpoint:
         self._thread.start()
         return self
 

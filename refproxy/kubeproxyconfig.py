@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import ipaddress
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import yaml
 
@@ -350,7 +351,7 @@ _POINTERS = frozenset({
 
 def _apply_defaults(values: dict[str, Any]) -> None:
     """Upstream's defaulting: nil pointers, zero durations/numbers and empty strings take the default."""
-    for path, (typ, default) in _FIELDS.items():
+    for path, (_typ, default) in _FIELDS.items():
         v = values[path]
         if default is None or path in ("healthzBindAddress", "metricsBindAddress"):
             continue

@@ -8,7 +8,7 @@ network namespace's addresses over rtnetlink (pyroute2).
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable
+from collections.abc import Iterable
 
 from refproxy.model import IPFamily
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from refproxy.config import ProxyConfig
 from refproxy.errors import ConfigError

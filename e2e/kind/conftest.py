@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from kind_env import gate, kind_unavailable_reason
 
 

@@ -15,7 +15,8 @@ Metrics text is parsed by the kit's one Prometheus parser
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from refproxy.cleanup.stale import StaleIndex
 from refproxy.conntrack.types import IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, ConntrackEntry

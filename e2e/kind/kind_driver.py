@@ -45,13 +45,13 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
-
-import yaml
+from typing import Any
 
 import kind_manifests as km
+import yaml
 from kind_checks import (
     last_termination,
     parse_conntrack,

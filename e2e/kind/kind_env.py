@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from typing import Mapping
+from collections.abc import Mapping
 
 __all__ = ["REQUIRED_ENV", "kind_unavailable_reason", "gate"]
 

@@ -23,8 +23,8 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 __all__ = [
     "Sample",
@@ -213,7 +213,7 @@ def _await_reply(s: socket.socket, mode: str, seq: int, qid: int, deadline: floa
         s.settimeout(left)
         try:
             data = s.recv(2048)
-        except socket.timeout:
+        except TimeoutError:
             return None
         if mode == "dns":
             ans = dns_answer(data, qid)

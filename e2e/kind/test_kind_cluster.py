@@ -23,10 +23,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-
 import kind_driver as kd
 import kind_manifests as km
+import pytest
 
 from refproxy.cleanup.registry import discover
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 import kind_driver as kd
 import kind_manifests as km
 import kind_probe as kp
+import pytest
 
 from refproxy.testing import objects as obj
 

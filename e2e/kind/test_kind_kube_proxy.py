@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import yaml
-
 import kind_driver as kd
 import kind_manifests as km
+import pytest
+import yaml
 
 engine = pytest.importorskip("refproxy.lab.engine", reason="needs the lab engine (refproxy/lab/engine.py)")
 from refproxy.lab.scenario import load_scenario  # noqa: E402

@@ -18,10 +18,9 @@ import fnmatch
 import shutil
 import subprocess
 
+import kind_manifests as km
 import pytest
 import yaml
-
-import kind_manifests as km
 
 ROOT = km.HERE.parents[1]
 K8S_VERSION = "1.32"  # the kind node image the workflow pins is v1.32.x

@@ -18,11 +18,10 @@ import json
 import os
 import subprocess
 
-import pytest
-import yaml
-
 import kind_driver as kd
 import kind_manifests as km
+import pytest
+import yaml
 
 K8S_VERSION = "1.32"
 TESTDATA = km.HERE / "testdata"

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import errno as _errno
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from refproxy.cleanup.api import (
     DEFAULT_PROTOCOLS,
@@ -47,7 +47,7 @@ class Meter:
         self._c0 = time.thread_time()
         self._r0 = table.requests
 
-    def report(self, plugin: str, tally: "Tally", *, pending: int, details: dict[str, float]) -> CleanupReport:
+    def report(self, plugin: str, tally: Tally, *, pending: int, details: dict[str, float]) -> CleanupReport:
         """Build the run's report from the tally and the measured deltas."""
         return CleanupReport(
             plugin=plugin,
@@ -182,7 +182,7 @@ class Scan:
             if close is not None:
                 close()
 
-    def run(self, flt: DumpFilter | None) -> "Scan":
+    def run(self, flt: DumpFilter | None) -> Scan:
         """Dump, match and delete; record every outcome in the tally."""
         try:
             res = self.table.delete(self._candidates(flt))

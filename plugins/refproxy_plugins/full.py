@@ -19,7 +19,8 @@ Departures from kube-proxy, on purpose:
 from __future__ import annotations
 
 import time
-from typing import Callable, ClassVar, Mapping
+from collections.abc import Callable, Mapping
+from typing import ClassVar
 
 from refproxy.cleanup.api import (
     API_VERSION,
@@ -33,7 +34,6 @@ from refproxy.cleanup.api import (
     StaleIndex,
 )
 from refproxy.model import EMPTY_MAPPING
-
 from refproxy_plugins._common import Meter, Scan, Tally, protocols_for
 
 __all__ = ["FullCleanup"]

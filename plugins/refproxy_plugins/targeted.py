@@ -37,8 +37,9 @@ The cheapest plan is used; ``details`` reports the estimates.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Mapping
+from typing import ClassVar
 
 from refproxy.cleanup.api import (
     API_VERSION,
@@ -56,7 +57,6 @@ from refproxy.cleanup.api import (
     affected_frontends,
 )
 from refproxy.model import EMPTY_MAPPING
-
 from refproxy_plugins._common import Budget, Meter, Scan, Tally, protocols_for
 
 __all__ = ["TargetedCleanup", "FULL", "PortGroup", "Scope"]

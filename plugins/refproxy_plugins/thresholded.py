@@ -24,11 +24,11 @@ its reconciler runs unbounded inside ``syncProxyRules``).
 from __future__ import annotations
 
 import time
-from typing import Callable, ClassVar, Mapping
+from collections.abc import Callable, Mapping
+from typing import ClassVar
 
 from refproxy.cleanup.api import OptionReader, OptionSpec, PluginError
 from refproxy.model import EMPTY_MAPPING
-
 from refproxy_plugins._common import Budget
 from refproxy_plugins.targeted import TargetedCleanup
 

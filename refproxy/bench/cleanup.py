@@ -23,8 +23,8 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
 
@@ -161,10 +161,10 @@ def _progress(msg: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark and print its table."""
-    from refproxy.testing.fill import conntrack_max, insert
     from refproxy.conntrack.netlink import NetlinkConntrackTable
     from refproxy.conntrack.types import DumpFilter
     from refproxy.errors import ConfigError
+    from refproxy.testing.fill import conntrack_max, insert
     from refproxy.testing.netns import NetNS, missing_requirements, remove_leftovers
 
     why = missing_requirements(("ip", "conntrack"))

@@ -19,10 +19,11 @@ Existing chains are tracked from the last successful render, as the proxier does
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from refproxy.errors import ConfigError
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
@@ -72,11 +73,21 @@ def _timed(fn: Callable[[], object], repeat: int) -> tuple[list[float], object]:
     return times, result
 
 
+def _sync(runner, state: dict, config, snap: Snapshot, changed=None) -> int:
+    """Render against the chains of the last restore, restore it, return its line count."""
+    from refproxy.rules.render import render
+
+    r = render(snap, config, existing_chains=state["chains"], changed=changed)
+    runner.restore(r.text)
+    state["chains"] = r.chains
+    return r.lines
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark and print one row per size."""
-    from refproxy.testing.netns import NetNS, missing_requirements
     from refproxy.rules.apply import IptablesRunner
     from refproxy.rules.render import RenderConfig, render
+    from refproxy.testing.netns import NetNS, missing_requirements
 
     reason = missing_requirements()
     if reason:
@@ -92,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"{'services':>8} " + " ".join(f"{c:>15}" for c in cols) + f" {'bytes':>9} {'lines':>7} {'chg lines':>9}")
     for n in sizes:
         snap = make_snapshot(n, args.endpoints)
-        render_t, rendered = _timed(lambda: render(snap, config), repeat)
+        render_t, rendered = _timed(functools.partial(render, snap, config), repeat)
         first_t: list[float] = []
         for _ in range(repeat):
             with NetNS(PREFIX) as ns:  # empty tables each time
@@ -105,28 +116,22 @@ def main(args: argparse.Namespace) -> int:
             runner = IptablesRunner(IPFamily.IPv4, ["ip", "netns", "exec", ns.name], timeout=600)
             runner.ensure_jumps()
             runner.restore(rendered.text)
-            state = {"chains": rendered.chains}
-
-            def sync(s: Snapshot, changed=None) -> int:
-                r = render(s, config, existing_chains=state["chains"], changed=changed)
-                runner.restore(r.text)
-                state["chains"] = r.chains
-                return r.lines
-
-            full_t, _ = _timed(lambda: sync(snap), repeat)
+            # partials, not closures: each call binds this iteration's values
+            sync = functools.partial(_sync, runner, {"chains": rendered.chains}, config)
+            full_t, _ = _timed(functools.partial(sync, snap), repeat)
             change_t: list[float] = []
             change_full_t: list[float] = []
             chg_lines = 0
             for k in range(repeat):
                 changed = make_snapshot(n, args.endpoints, generation=k + 1, changed=k % n)
                 name = next(sp.name for sp in changed.services.values() if sp.name.name == f"svc{k % n}")
-                t, chg_lines = _timed(lambda: sync(changed, {name}), 1)
+                t, chg_lines = _timed(functools.partial(sync, changed, {name}), 1)
                 change_t += t
                 sync(snap, {name})  # back to the baseline
-                t, _ = _timed(lambda: sync(changed), 1)
+                t, _ = _timed(functools.partial(sync, changed), 1)
                 change_full_t += t
                 sync(snap)
-            save_t, _ = _timed(lambda: runner.save("nat"), repeat)
+            save_t, _ = _timed(functools.partial(runner.save, "nat"), repeat)
         row = " ".join(f"{min(x) * 1000:7.1f}/{statistics.median(x) * 1000:<7.1f}"
                        for x in (render_t, first_t, full_t, change_t, change_full_t, save_t))
         print(f"{n:>8} {row} {rendered.size:>9} {rendered.lines:>7} {chg_lines:>9}")

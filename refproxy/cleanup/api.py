@@ -15,8 +15,10 @@ for and the registry refuses a major mismatch with a clear error.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterable, Mapping, Protocol as TypingProtocol, runtime_checkable
+from typing import ClassVar, runtime_checkable
+from typing import Protocol as TypingProtocol
 
 from refproxy.cleanup.stale import DEFAULT_PROTOCOLS, Frontend, StaleIndex, affected_frontends
 from refproxy.conntrack.types import (

@@ -23,11 +23,13 @@ entry points.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points as _installed_entry_points
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 from refproxy.cleanup.api import API_VERSION, CleanupPlugin, OptionSpec, check_options
+
 # API v1 documented ``from refproxy.cleanup.registry import OptionReader``; the
 # class lives in api.py and this explicit re-export keeps that import working
 # for plugins written against it (plugins/README.md shows the api.py one).

@@ -15,8 +15,8 @@ Pure: no I/O. Plugins and tests build a :class:`StaleIndex` from a
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 from refproxy.conntrack.types import IPPROTO_UDP, ConntrackEntry, DumpFilter, TupleFilter
 from refproxy.model import Snapshot
@@ -115,7 +115,7 @@ class StaleIndex:
     @classmethod
     def for_request(
         cls, request, protocols: frozenset[int] = DEFAULT_PROTOCOLS, also_retired: Iterable[Frontend] = ()
-    ) -> "StaleIndex":
+    ) -> StaleIndex:
         """Build the index for a :class:`~refproxy.cleanup.api.CleanupRequest`."""
         return cls(request.current, request.previous, request.node_addresses, protocols, also_retired)
 

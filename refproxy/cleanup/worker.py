@@ -35,8 +35,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
-from typing import Callable, Iterable, Iterator
 
 from refproxy.cleanup.api import CleanupPlugin, CleanupReport, CleanupRequest
 from refproxy.cleanup.stale import Frontend, StaleIndex

@@ -7,8 +7,8 @@ from refproxy.conntrack.types import (
     ConntrackEntry,
     ConntrackTable,
     DeleteResult,
-    InsertResult,
     DumpFilter,
+    InsertResult,
     TupleFilter,
 )
 

@@ -12,7 +12,7 @@ carrying an id that no longer matches removes nothing (``not_found``).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from refproxy.conntrack.types import ConntrackEntry, DeleteResult, DumpFilter, InsertResult
 from refproxy.errors import ConntrackError

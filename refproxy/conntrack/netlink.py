@@ -22,7 +22,7 @@ import errno as E
 import functools
 import os
 import socket
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from refproxy.conntrack import nlmsg as nl
 from refproxy.conntrack.nsenter import entered
@@ -108,7 +108,7 @@ class NetlinkConntrackTable:
             os.close(self._count_fd)
             self._count_fd = None
 
-    def __enter__(self) -> "NetlinkConntrackTable":
+    def __enter__(self) -> NetlinkConntrackTable:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -204,7 +204,7 @@ class NetlinkConntrackTable:
     def _dump(self, payload: bytes, check, flt) -> Iterator[ConntrackEntry]:
         decoder = nl.Decoder(self.family)
         yielded = 0
-        for attempt in range(DUMP_RETRIES + 1):
+        for _attempt in range(DUMP_RETRIES + 1):
             sock = self._idle.pop() if self._idle else self._open()
             clean = False
             try:

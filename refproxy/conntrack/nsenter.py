@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno as E
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from refproxy.errors import ConntrackError
 

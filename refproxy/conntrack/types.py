@@ -24,8 +24,10 @@ tell a recreated flow apart. ``0`` means "unknown": delete by tuple alone.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator, NamedTuple, Protocol as TypingProtocol, runtime_checkable
+from typing import NamedTuple, runtime_checkable
+from typing import Protocol as TypingProtocol
 
 from refproxy.model import IPFamily
 

@@ -22,7 +22,7 @@ the same service, or the end of the run):
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from refproxy.lab.engine import FlowResult, FlowStep, Sample, StepRecord
 from refproxy.lab.scenario import ClientSpec, Scenario

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from refproxy.cleanup.registry import discover, split_plugin_option
 from refproxy.config import NO_CLEANUP

@@ -23,7 +23,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from refproxy.lab.echo import decode_reply, encode_request
 

@@ -23,8 +23,10 @@ only clock shared by the lab's separate processes (clients, proxy, engine).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol as TypingProtocol, Sequence, runtime_checkable
+from typing import Protocol as TypingProtocol
+from typing import runtime_checkable
 
 from refproxy.errors import RefproxyError
 from refproxy.lab.scenario import ClientSpec, Scenario, StepSpec

@@ -34,8 +34,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 from refproxy.cleanup.stale import StaleIndex
 from refproxy.conntrack.types import IPPROTO_UDP, ConntrackEntry
@@ -115,7 +115,7 @@ def judge_deletions(lines: Iterable[str], truth: Sequence[tuple[float, StaleInde
 
 
 def _rfc3339(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(eq=False)
@@ -468,7 +468,6 @@ class NetnsPlatform:
     def conntrack_state(self) -> ConntrackState:
         """Collateral deletions from the DESTROY events, stale entries from the final table."""
         from refproxy.conntrack.netlink import NetlinkConntrackTable
-        from refproxy.conntrack.types import DumpFilter
 
         self._stop(self._events, signal.SIGINT)
         indexes = [(t, self._index(snap, ever)) for t, snap, ever in self._truth]

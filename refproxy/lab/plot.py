@@ -7,7 +7,8 @@ errors are translated into a ``ConfigError`` telling how to install it, and
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from refproxy.errors import ConfigError
 
@@ -43,7 +44,7 @@ def plot_runs(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> Non
             heights.append(r["worst_black_hole_s"] or 0)
             colors.append("#2e86c1")
     bars = ax1.bar(names, heights, color=colors)
-    for b, r in zip(bars, rows):
+    for b, r in zip(bars, rows, strict=True):
         label = "never recovered" if r["black_hole"] else f"{r['worst_black_hole_s'] or 0:.2f}s"
         ax1.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
     if rows:

@@ -46,8 +46,9 @@ from __future__ import annotations
 import enum
 import ipaddress
 import os
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from refproxy.config import parse_duration
 from refproxy.errors import ConfigError
@@ -184,7 +185,7 @@ class Scenario:
         last = max((s.at + s.gap + s.terminating for s in self.steps), default=0.0)
         return self.warmup + last + self.observe
 
-    def with_pad(self, pad: int) -> "Scenario":
+    def with_pad(self, pad: int) -> Scenario:
         """This scenario with ``pad`` background conntrack entries."""
         from dataclasses import replace
 
@@ -199,7 +200,7 @@ class _Ctx:
     def __init__(self, source: str) -> None:
         self.source = source
 
-    def fail(self, where: str, msg: str) -> "ConfigError":
+    def fail(self, where: str, msg: str) -> ConfigError:
         """The error for a problem at ``where`` in this file."""
         return ConfigError(f"scenario {self.source}: {where}: {msg}")
 

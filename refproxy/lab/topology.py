@@ -146,7 +146,7 @@ class Topology:
             raise
 
     # -- context manager --------------------------------------------------
-    def __enter__(self) -> "Topology":
+    def __enter__(self) -> Topology:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
-from typing import Sequence
+from collections.abc import Sequence
 
 from refproxy.errors import RestoreError
 from refproxy.log import get_logger, kv

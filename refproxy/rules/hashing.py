@@ -104,7 +104,7 @@ class ServiceChains(_Chains):
 
     __slots__ = ()
 
-    def __new__(cls, spn: ServicePortName) -> "ServiceChains":
+    def __new__(cls, spn: ServicePortName) -> ServiceChains:
         name = str(spn)
         protocol = spn.protocol.lower
         h = port_proto_hash(name, protocol)

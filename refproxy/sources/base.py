@@ -28,7 +28,8 @@ fallback for sources without ``set_error_callback``).
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Iterable, Protocol, runtime_checkable
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, runtime_checkable
 
 from refproxy.log import get_logger
 

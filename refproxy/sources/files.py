@@ -29,13 +29,14 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from refproxy.errors import SourceError
 from refproxy.log import get_logger, kv
-from refproxy.sources.base import ENDPOINT_SLICES, SERVICES, ObjectStore
 from refproxy.safeyaml import load_json, safe_load_all
+from refproxy.sources.base import ENDPOINT_SLICES, SERVICES, ObjectStore
 
 __all__ = ["load_manifests", "load_all_manifests", "load_manifest_file", "FilesSource", "MANIFEST_SUFFIXES", "content_version",
            "stamp_version"]

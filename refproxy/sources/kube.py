@@ -65,8 +65,9 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from refproxy.errors import ConfigError
 from refproxy.log import get_logger, kv

@@ -74,9 +74,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 __all__ = ["APIServer", "parse_label_selector", "parse_field_selector", "main"]
@@ -369,7 +370,7 @@ _DISCOVERY = {
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "_HTTPServer"
+    server: _HTTPServer
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read stderr
         pass
@@ -728,7 +729,7 @@ class APIServer:
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}"
 
-    def start(self) -> "APIServer":
+    def start(self) -> APIServer:
         """Serve on a daemon thread; returns self."""
         if self._thread is None:
             self.store.closing = False
@@ -748,7 +749,7 @@ class APIServer:
             self._thread = None
         self._srv.server_close()
 
-    def __enter__(self) -> "APIServer":
+    def __enter__(self) -> APIServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -12,7 +12,7 @@ handler. No pytest import: plain asserts, so it ships in the package.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from refproxy.conntrack.types import (
     IPPROTO_TCP,

@@ -35,8 +35,9 @@ frontend of any scenario is a violation: the check would prove nothing.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Union
+from typing import Any
 
 from refproxy.cleanup.api import CleanupReport, CleanupRequest, OptionSpec
 from refproxy.cleanup.registry import SUPPORTED_API_VERSIONS, discover, load_factory
@@ -78,7 +79,7 @@ class ContractViolation(AssertionError):
 # What a plugin owns: a predicate over frontends, or the ports it cleans
 # (``Frontend.port``: the service port of a ClusterIP, ExternalIP or
 # LoadBalancer frontend, the NodePort number of a NodePort frontend).
-Scope = Union[Callable[[Frontend], bool], Iterable[int]]
+Scope = Callable[[Frontend], bool] | Iterable[int]
 
 
 def EVERYTHING(frontend: Frontend) -> bool:

@@ -33,16 +33,15 @@ from __future__ import annotations
 import ipaddress
 import socket
 import subprocess
-import sys
 import time
 
 from refproxy.errors import LabError
 from refproxy.lab.echo import decode_reply, encode_request
 from refproxy.lab.topology import Pod, Topology, start_echo_in
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
-from refproxy.testing.netns import NetNS
 from refproxy.rules.apply import IptablesRunner
 from refproxy.rules.render import RenderConfig, render
+from refproxy.testing.netns import NetNS
 
 __all__ = [
     "V6_BASE",
@@ -172,7 +171,7 @@ class UdpFlow:
                     got = decode_reply(self.sock.recv(2048))
                     if got and got[1] == self.seq:
                         return got[0]
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError as err:
                 return err.errno

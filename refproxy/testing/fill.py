@@ -23,8 +23,8 @@ import contextlib
 import ipaddress
 import os
 import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 from refproxy.conntrack.types import IPPROTO_TCP, IPPROTO_UDP, ConntrackEntry
 from refproxy.errors import ConntrackError

@@ -15,7 +15,7 @@ import secrets
 import shutil
 import signal
 import subprocess
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from refproxy.conntrack import nsenter as _nsenter
 from refproxy.errors import ConntrackError, LabError
@@ -72,7 +72,7 @@ class NetNS:
             self.close()
             raise
 
-    def __enter__(self) -> "NetNS":
+    def __enter__(self) -> NetNS:
         return self
 
     def __exit__(self, *exc: object) -> None:

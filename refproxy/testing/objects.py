@@ -21,7 +21,8 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 __all__ = ["port", "service", "endpoint", "slice_port", "endpoint_slice", "SERVICE_NAME_LABEL"]
 

@@ -14,7 +14,9 @@ Addresses come from the benchmark range 198.18.0.0/15.
 from __future__ import annotations
 
 import random
-from typing import Protocol as TypingProtocol, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Protocol as TypingProtocol
+from typing import TypeVar
 
 from refproxy.conntrack.types import IPPROTO_TCP, IPPROTO_UDP, ConntrackEntry
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot

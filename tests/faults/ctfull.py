@@ -21,10 +21,10 @@ import struct
 from collections.abc import Iterable
 
 from refproxy.conntrack import nlmsg as nl
-from refproxy.testing.fill import ClientPool, padding
 from refproxy.conntrack.nsenter import entered
 from refproxy.conntrack.types import ConntrackEntry
 from refproxy.model import IPFamily
+from refproxy.testing.fill import ClientPool, padding
 
 __all__ = ["ClientPool", "conntrack_max", "count", "create", "fill_assured", "padding"]
 

@@ -74,7 +74,10 @@ def test_enobufs_on_dumps_and_deletes_is_retried_and_nothing_is_lost(node, proxi
 
     (ctl / "arm").write_text("dump=2 delete=2")
     write_manifest(node.manifests, "echo.json", echo_objects([node.b.ip]))  # echo-a's flows become stale
-    injected = lambda: (ctl / "injected").read_text().split() if (ctl / "injected").exists() else []
+
+    def injected():
+        return (ctl / "injected").read_text().split() if (ctl / "injected").exists() else []
+
     assert wait(lambda: sorted(injected()) == ["delete", "delete", "dump", "dump"], timeout=30), p.log()[-3000:]
     # Retried until done: every stale entry goes ...
     assert wait(lambda: entries_by_reply_source(node.ns.name, ECHO_IP, 80)[node.a.ip] == 0, timeout=30), \

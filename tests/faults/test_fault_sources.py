@@ -114,7 +114,7 @@ def test_bad_manifests_keep_the_last_good_content_and_others_still_update(node, 
     write_text(node.manifests, "nested.json", "[" * 200_000 + "]" * 200_000)
     write_text(node.manifests, "aliases.yaml", "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
-        for p, c in zip("abcdefgh", "bcdefghi")))
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)))
     write_text(node.manifests, "latin1.yaml", "kind: Service\nmetadata: {name: caf\xe9}\n".encode("latin-1"))
     # ... while another file changes: that change still lands.
     write_manifest(node.manifests, "extra.json", echo_objects([node.b.ip], name="extra", ip=EXTRA_IP))

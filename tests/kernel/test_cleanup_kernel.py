@@ -14,10 +14,10 @@ import pytest
 
 from refproxy.cleanup.api import CleanupRequest
 from refproxy.cleanup.registry import discover, load_plugin
-from refproxy.testing.fill import insert
 from refproxy.conntrack.netlink import NetlinkConntrackTable
 from refproxy.conntrack.types import ConntrackEntry
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
+from refproxy.testing.fill import insert
 
 pytestmark = pytest.mark.kernel
 

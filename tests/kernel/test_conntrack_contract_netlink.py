@@ -6,10 +6,10 @@ never in the host's table; every namespace is deleted at teardown.
 
 import pytest
 
-from refproxy.testing.conntrack_contract import ConntrackTableContract
-from refproxy.testing.fill import insert
 from refproxy.conntrack.netlink import NetlinkConntrackTable
 from refproxy.model import IPFamily
+from refproxy.testing.conntrack_contract import ConntrackTableContract
+from refproxy.testing.fill import insert
 from refproxy.testing.netns import NetNS
 
 pytestmark = pytest.mark.kernel

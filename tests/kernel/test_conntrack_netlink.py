@@ -6,12 +6,12 @@ import tracemalloc
 
 import pytest
 
-from refproxy.testing.fill import ClientPool, flows_to, insert, pad_table, padding
 from refproxy.conntrack.netlink import NetlinkConntrackTable
 from refproxy.conntrack.probe import kernel_support
 from refproxy.conntrack.types import IPPROTO_UDP, DumpFilter, TupleFilter
 from refproxy.errors import ConntrackUnsupported
 from refproxy.model import IPFamily
+from refproxy.testing.fill import ClientPool, flows_to, insert, pad_table, padding
 from refproxy.testing.netns import NetNS
 
 pytestmark = pytest.mark.kernel

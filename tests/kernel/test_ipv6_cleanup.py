@@ -22,16 +22,25 @@ import pytest
 from refproxy.cleanup.api import CleanupRequest
 from refproxy.cleanup.registry import discover, load_plugin
 from refproxy.conntrack import nlmsg as nl
-from refproxy.testing.fill import ClientPool, flows_to, insert
 from refproxy.conntrack.netlink import NetlinkConntrackTable
 from refproxy.conntrack.probe import kernel_support
 from refproxy.conntrack.types import IPPROTO_TCP, IPPROTO_UDP, DumpFilter, TupleFilter
 from refproxy.errors import ConntrackUnsupported
 from refproxy.model import IPFamily
-from refproxy.testing.netns import NetNS
 from refproxy.testing.dualstack import (
-    ECHO_IP, NP_UDP, PORT, TARGET, DualStackTopology, FamilyLab, UdpFlow, start_pod_echo, tcp_ask, udp_ask,
+    ECHO_IP,
+    NP_UDP,
+    PORT,
+    TARGET,
+    DualStackTopology,
+    FamilyLab,
+    UdpFlow,
+    start_pod_echo,
+    tcp_ask,
+    udp_ask,
 )
+from refproxy.testing.fill import ClientPool, flows_to, insert
+from refproxy.testing.netns import NetNS
 
 pytestmark = pytest.mark.kernel
 

@@ -12,13 +12,27 @@ import errno
 import pytest
 
 from refproxy.model import IPFamily
-from refproxy.testing.netns import entered
 from refproxy.nodeaddr import local_addresses
 from refproxy.rules.render import render
 from refproxy.testing.dualstack import (
-    DNS_IP, ECHO_IP, ECHO_T, ECHO_U, EMPTY_IP, EXT_IP, NP_TCP, NP_UDP, PORT, TARGET,
-    DualStackTopology, FamilyLab, UdpFlow, start_pod_echo, tcp_ask, udp_ask,
+    DNS_IP,
+    ECHO_IP,
+    ECHO_T,
+    ECHO_U,
+    EMPTY_IP,
+    EXT_IP,
+    NP_TCP,
+    NP_UDP,
+    PORT,
+    TARGET,
+    DualStackTopology,
+    FamilyLab,
+    UdpFlow,
+    start_pod_echo,
+    tcp_ask,
+    udp_ask,
 )
+from refproxy.testing.netns import entered
 
 pytestmark = pytest.mark.kernel
 

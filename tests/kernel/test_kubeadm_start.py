@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_run_process import _wait
 
 from refproxy.lab.topology import Topology
-
-from test_run_process import _wait
 
 pytestmark = pytest.mark.kernel
 

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from refproxy.model import IPFamily
 from refproxy.testing.netns import NetNS

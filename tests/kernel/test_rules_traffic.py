@@ -92,7 +92,7 @@ class UdpFlow:
                     got = decode_reply(self.sock.recv(2048))
                     if got and got[1] == self.seq:
                         return got[0]
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError as err:
                 return err.errno

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from refproxy.changes import Changes, diff
 from refproxy.cleanup.stale import Frontend, StaleIndex, affected_frontends

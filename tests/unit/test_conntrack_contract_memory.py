@@ -1,7 +1,7 @@
 """The ConntrackTable contract against the in-memory table (no root)."""
 
-from refproxy.testing.conntrack_contract import ConntrackTableContract
 from refproxy.conntrack.memory import MemoryConntrackTable
+from refproxy.testing.conntrack_contract import ConntrackTableContract
 
 
 class TestMemoryTableContract(ConntrackTableContract):

@@ -2,11 +2,11 @@
 
 import pytest
 
-from refproxy.testing import fill
 from refproxy.conntrack.netlink import NetlinkConntrackTable
 from refproxy.conntrack.types import IPPROTO_SCTP, DumpFilter, TupleFilter
 from refproxy.errors import ConntrackError, ConntrackUnsupported
 from refproxy.model import IPFamily
+from refproxy.testing import fill
 
 MISSING = "rpct-0-missing"
 

@@ -24,7 +24,9 @@ def _get(ep: HTTPEndpoint, path: str) -> tuple[int, dict, bytes]:
 
 
 def test_legacy_healthz_handler_until_cmd_run_is_rewired():
-    h = lambda now, queued: healthz_handler(lambda: 900.0, lambda: queued, 60, clock=lambda: now)()[0]
+    def h(now, queued):
+        return healthz_handler(lambda: 900.0, lambda: queued, 60, clock=lambda: now)()[0]
+
     assert h(1000.0, None) == 200
     assert h(1100.0, 950.0) == 503
 

@@ -385,6 +385,6 @@ def test_write_config_to_round_trips_refproxy_settings_too(tmp_path):
 
 def test_alias_bomb_in_config_is_refused(tmp_path):
     bomb = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
-        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
     with pytest.raises(ConfigError, match="not valid YAML"):
         run_config(tmp_path, text="apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n" + bomb)

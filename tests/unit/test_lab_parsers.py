@@ -1,8 +1,8 @@
 """Parsers the netns platform reads process output with (pure)."""
 
-from refproxy.lab.client import parse_log
 import pytest
 
+from refproxy.lab.client import parse_log
 from refproxy.lab.platform_netns import judge_deletions, parse_conntrack_line, parse_prometheus
 
 

@@ -14,16 +14,15 @@ import json
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+from test_proxier import FakeRules, FakeSource, endpoint_slice, service
 
-from refproxy.cleanup.worker import CleanupWorker
-from refproxy.conntrack.memory import MemoryConntrackTable
 from refproxy.cleanup.registry import load_plugin
+from refproxy.cleanup.worker import CleanupWorker
 from refproxy.config import ProxyConfig
+from refproxy.conntrack.memory import MemoryConntrackTable
 from refproxy.healthcheck import ProxyHealth
 from refproxy.metrics import Metrics
 from refproxy.proxier import Proxier
-
-from test_proxier import FakeRules, FakeSource, endpoint_slice, service
 
 F = "ip_family"
 # Upstream's families as data (name, type, label names), shared with the kernel

@@ -32,7 +32,10 @@ class FakeEntryPoint:
         return self._target
 
 
-def make_plugin(name="fake", api_version=API_VERSION, options=(OptionSpec("level", "an int", "3"),)):
+LEVEL = (OptionSpec("level", "an int", "3"),)
+
+
+def make_plugin(name="fake", api_version=API_VERSION, options=LEVEL):
     class Fake:
         description = "a fake plugin"
 

@@ -11,7 +11,14 @@ import pytest
 
 from refproxy.errors import RestoreError
 from refproxy.model import IPFamily
-from refproxy.rules.apply import JUMP_RULES, KUBELET_JUMP_RULES, IptablesRunner, blame_line, extract_lines, parse_error_line
+from refproxy.rules.apply import (
+    JUMP_RULES,
+    KUBELET_JUMP_RULES,
+    IptablesRunner,
+    blame_line,
+    extract_lines,
+    parse_error_line,
+)
 
 TEXT = "\n".join(["*filter", ":KUBE-SERVICES - [0:0]", "COMMIT", "*nat", ":KUBE-SERVICES - [0:0]",
                   ":KUBE-SVC-X - [0:0]", "-A KUBE-SERVICES -j KUBE-SVC-X", "-A KUBE-SVC-X -j KUBE-NOPE",

@@ -6,7 +6,8 @@ import copy
 import time
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePortName, Snapshot
 from refproxy.snapshot import Problem, SnapshotBuilder, build_snapshot

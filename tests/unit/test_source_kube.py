@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from refproxy.errors import ConfigError
-from refproxy.testing.apiserver import APIServer
 from refproxy.sources import kube as kube_mod
 from refproxy.sources.base import Source
 from refproxy.sources.kube import Backoff, KubeSource, kube_client_config
+from refproxy.testing.apiserver import APIServer
 
 
 def svc(name, ns="ns", ip="198.19.0.1", labels=None):
@@ -173,7 +173,7 @@ def test_dropped_watches_reconnect_from_last_version(server):
         for i in range(3):
             server.drop_watches()
             server.apply(svc(f"s{i}"))
-            assert until(lambda: f"s{i}" in names(h.src.objects()[0]))
+            assert until(lambda name=f"s{i}": name in names(h.src.objects()[0]))
         assert h.src.watches >= before + 3
         assert h.src.relists == 0 and h.src.errors == 0
 

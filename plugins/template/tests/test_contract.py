@@ -5,12 +5,11 @@ with ``check_plugin(PerFrontendCleanup, seeds=[SEED])``.
 """
 
 import pytest
-
-from refproxy.cleanup.registry import load_plugin
-from refproxy.cleanup.api import PluginError
-from refproxy.testing.contract import check_plugin
-
 from refproxy_cleanup_example import PerFrontendCleanup
+
+from refproxy.cleanup.api import PluginError
+from refproxy.cleanup.registry import load_plugin
+from refproxy.testing.contract import check_plugin
 
 
 def test_contract():

@@ -10,7 +10,8 @@ It only uses refproxy's public plugin API (see plugins/README.md).
 from __future__ import annotations
 
 import time
-from typing import ClassVar, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import ClassVar
 
 # Everything a plugin uses comes from the one API module.
 from refproxy.cleanup.api import (
