@@ -24,6 +24,7 @@ Mirrors kube-proxy's ``cmd/kube-proxy/app/server.go``:
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import shutil
@@ -82,7 +83,7 @@ def build_source(config: ProxyConfig):
     if config.source == "files":
         from refproxy.sources.files import FilesSource
 
-        if not os.path.isdir(config.manifests or ""):
+        if config.manifests is None or not os.path.isdir(config.manifests):
             raise ConfigError(f"--manifests {config.manifests!r} is not a directory")
         return FilesSource(config.manifests)
     from refproxy.sources.kube import KubeSource, kube_client_config
@@ -219,6 +220,7 @@ def _serve(config: ProxyConfig) -> int:
     if config.cleanup != NO_CLEANUP:
         from refproxy.cleanup.registry import load_plugin
 
+        assert config.cleanup is not None  # from_args always names one (DEFAULT_CLEANUP)
         for fam in config.families:  # one instance per family: plugins may keep per-table state
             plugins[fam] = load_plugin(config.cleanup, dict(config.cleanup_options))
     elif config.cleanup_options:
@@ -276,12 +278,12 @@ def _serve(config: ProxyConfig) -> int:
         if fam in plugins:
             from refproxy.conntrack.netlink import NetlinkConntrackTable
 
-            worker = CleanupWorker(plugins[fam], (lambda f=fam: NetlinkConntrackTable(f)), metrics)
+            worker = CleanupWorker(plugins[fam], functools.partial(NetlinkConntrackTable, fam), metrics)
         proxier = Proxier(
             fcfg, source, IptablesRunner(fam), metrics, cleanup=worker, health=health,
-            addresses=lambda f=fam: local_addresses(f),
-            render_inputs=lambda f=fam: node_inputs(f),
-            request_retry=lambda i=i: retry(i),
+            addresses=functools.partial(local_addresses, fam),
+            render_inputs=functools.partial(node_inputs, fam),
+            request_retry=functools.partial(retry, i),
         )
         runners.append(BoundedFrequencyRunner(proxier.sync, config.min_sync_period, config.sync_period,
                                               name=f"sync-rules-{fam.name}"))

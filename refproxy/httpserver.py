@@ -122,7 +122,9 @@ class HTTPEndpoint:
 
     @property
     def address(self) -> tuple[str, int]:
-        return self._server.server_address[:2]
+        host, port = self._server.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET/AF_INET6 server
+        return host, port
 
     def start(self) -> HTTPEndpoint:
         self._thread.start()

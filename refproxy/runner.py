@@ -59,7 +59,7 @@ class BoundedFrequencyRunner:
 
     def __init__(
         self,
-        fn: Callable[[], None],
+        fn: Callable[[], object],  # its result is ignored (Proxier.sync returns whether it applied)
         min_interval: float,
         max_interval: float,
         *,

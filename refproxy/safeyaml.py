@@ -30,6 +30,7 @@ that already catch either keep working.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import yaml
@@ -126,6 +127,7 @@ def check_depth(obj: Any, max_depth: int = MAX_DEPTH) -> None:
     stack = [(obj, 1)]
     while stack:
         cur, d = stack.pop()
+        children: Iterable[Any]
         if isinstance(cur, dict):
             children = cur.values()
         elif isinstance(cur, list):

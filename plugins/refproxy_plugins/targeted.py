@@ -160,7 +160,8 @@ class TargetedCleanup:
             # A NodePort answers on every node address: a new or gone address
             # changes which entries are its, even if the Service did not change.
             out.update(f for f in index.frontends if f.is_node_port)
-        return sorted(out, key=_order)
+        ordered: list[Frontend] = sorted(out, key=_order)
+        return list(ordered)
 
     def _plan(self, index: StaleIndex, table: ConntrackTable, details: dict[str, float]) -> None:
         """Pick the cheapest way to read the queue (cost model, module docstring)."""
@@ -175,7 +176,7 @@ class TargetedCleanup:
         for f in self._queue:
             if isinstance(f, Frontend) and not self._will_flush(f, index):
                 by_port.setdefault((f.proto, f.port), []).append(f)
-        grouped: dict[Frontend, PortGroup] = {}
+        grouped: dict[Scope, Scope] = {}
         for (proto, port), fs in by_port.items():
             share = self._port_share.get((proto, port))
             walks = sum(len(f.filters(index.node_addresses)) for f in fs)
@@ -186,6 +187,7 @@ class TargetedCleanup:
             if isinstance(scope, PortGroup):
                 cost += walk + self.dump_entry_us * self._port_share[(scope.proto, scope.port)] * n
             else:
+                assert isinstance(scope, Frontend)  # FULL returned above
                 cost += len(scope.filters(index.node_addresses)) * walk
         one_dump = walk + self.dump_entry_us * self._udp_share * n
         details.update(cost_per_key_us=cost, cost_dump_us=one_dump, table_entries=float(n),
@@ -301,7 +303,7 @@ class TargetedCleanup:
         # A failed delete is retried by re-reading its frontend next run (not
         # by remembering the entry: its tuple may by then belong to a new,
         # healthy flow, and only a fresh dump can tell).
-        failed = [f for f in (index.frontend_of(e) for e, _ in tally.failed) if f is not None]
+        failed: list[Scope] = [f for f in (index.frontend_of(e) for e, _ in tally.failed) if f is not None]
         self._queue = dict.fromkeys(head + unvisited + errored + failed)
         if full_done:
             self._last_full = request.now

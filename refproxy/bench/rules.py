@@ -24,6 +24,7 @@ import ipaddress
 import statistics
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from refproxy.errors import ConfigError
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
@@ -63,14 +64,16 @@ def make_snapshot(services: int, endpoints: int, *, generation: int = 0, changed
         eps[name] = tuple(Endpoint(str(ipaddress.IPv4Address(a)), 8080) for a in ips)
     return Snapshot(IPFamily.IPv4, services=svcs, endpoints=eps, generation=generation)
 
+T = TypeVar("T")
 
-def _timed(fn: Callable[[], object], repeat: int) -> tuple[list[float], object]:
-    times, result = [], None
+
+def _timed(fn: Callable[[], T], repeat: int) -> tuple[list[float], T]:
+    times: list[float] = []
     for _ in range(max(1, repeat)):
         t0 = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - t0)
-    return times, result
+    return times, result  # bound: the loop runs at least once
 
 
 def _sync(runner, state: dict, config, snap: Snapshot, changed=None) -> int:

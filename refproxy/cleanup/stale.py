@@ -17,9 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from refproxy.conntrack.types import IPPROTO_UDP, ConntrackEntry, DumpFilter, TupleFilter
 from refproxy.model import Snapshot
+
+if TYPE_CHECKING:  # api imports this module
+    from refproxy.cleanup.api import CleanupRequest
 
 __all__ = ["Frontend", "StaleIndex", "affected_frontends", "DEFAULT_PROTOCOLS"]
 
@@ -103,7 +107,10 @@ class StaleIndex:
         ip: dict[tuple[int, str, int], Serving] = {}
         np: dict[tuple[int, int], Serving] = {}
         for f in self.retired:
-            (np if f.ip is None else ip)[(f.proto, f.port) if f.ip is None else (f.proto, f.ip, f.port)] = empty
+            if f.ip is None:
+                np[(f.proto, f.port)] = empty
+            else:
+                ip[(f.proto, f.ip, f.port)] = empty
         for f, s in self.serving.items():
             if f.ip is None:
                 np[(f.proto, f.port)] = s
@@ -114,7 +121,7 @@ class StaleIndex:
 
     @classmethod
     def for_request(
-        cls, request, protocols: frozenset[int] = DEFAULT_PROTOCOLS, also_retired: Iterable[Frontend] = ()
+        cls, request: CleanupRequest, protocols: frozenset[int] = DEFAULT_PROTOCOLS, also_retired: Iterable[Frontend] = ()
     ) -> StaleIndex:
         """Build the index for a :class:`~refproxy.cleanup.api.CleanupRequest`."""
         return cls(request.current, request.previous, request.node_addresses, protocols, also_retired)

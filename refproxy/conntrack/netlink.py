@@ -166,7 +166,7 @@ class NetlinkConntrackTable:
     def dump(self, flt: DumpFilter | None = None) -> Iterator[ConntrackEntry]:
         """Stream the entries of this family matching ``flt`` (see class doc)."""
         kflt = self._kernel_part(flt)
-        check = None if kflt == flt else flt.matches
+        check = None if flt is None or kflt == flt else flt.matches
         return self._dump(nl.filter_attrs(self.family, kflt), check, flt)
 
     def _kernel_part(self, flt: DumpFilter | None) -> DumpFilter | None:
@@ -391,11 +391,11 @@ class NetlinkConntrackTable:
         self._request(nl.IPCTNL_MSG_CT_DELETE, nl.filter_attrs(self.family, flt), "probe flush", version=1)
 
     def _request(self, ct_msg: int, payload: bytes, what: str, *, version: int = 0) -> None:
-        self._delete_socket()
+        sock = self._delete_socket()
         seq = self._take_seq(1)
         self._requests += 1
-        _send(self._del_sock, nl.message(ct_msg, nl.NLM_F_ACK, seq, self.family.af, payload, version=version), what, None)
-        errs = self._collect(self._del_sock, seq, seq, what)
+        _send(sock, nl.message(ct_msg, nl.NLM_F_ACK, seq, self.family.af, payload, version=version), what, None)
+        errs = self._collect(sock, seq, seq, what)
         if errs:
             code = errs[0]
             exc = ConntrackUnsupported if code in (E.EOPNOTSUPP, E.EINVAL) and "flush" in what else ConntrackError

@@ -16,6 +16,7 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Callable
+from typing import cast
 
 from refproxy.conntrack.types import IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, ConntrackEntry
 from refproxy.model import IPFamily
@@ -598,5 +599,7 @@ def _walk(buf, o: int, end: int):
         o += (alen + 3) & ~3
 
 
-read_header: Callable[[object, int], tuple[int, int, int, int, int]] = _NLMSGHDR.unpack_from
+# The bound unpack_from itself (no wrapper call per message); the cast names
+# what the "=IHHII" format returns.
+read_header = cast(Callable[[bytes | bytearray | memoryview, int], tuple[int, int, int, int, int]], _NLMSGHDR.unpack_from)
 """``read_header(buf, offset)`` -> (len, type, flags, seq, pid) of the nlmsghdr there."""

@@ -82,6 +82,7 @@ def serve(server_id: str, udp_port: int | None, tcp_port: int | None, *, lifetim
         while (left := deadline - time.monotonic()) > 0:
             for key, _ in sel.select(timeout=min(left, 1.0)):
                 sock = key.fileobj
+                assert isinstance(sock, socket.socket)  # only sockets are registered
                 if key.data == "udp":
                     # Drain what is queued, but bounded so TCP is never starved.
                     for _ in range(256):

@@ -146,7 +146,9 @@ class FlowResult:
     @property
     def worst_recovery(self) -> float | None:
         """Longest recovery over the steps, ``inf`` if any expected recovery never came."""
-        vals = [s.recovery_seconds if s.recovered else float("inf") for s in self.steps if s.recovered is not None]
+        # analysis.py sets recovery_seconds whenever recovered is not None
+        vals = [s.recovery_seconds if s.recovered else float("inf")
+                for s in self.steps if s.recovered is not None and s.recovery_seconds is not None]
         return max(vals) if vals else None
 
 

@@ -36,6 +36,7 @@ import time
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from refproxy.cleanup.stale import StaleIndex
 from refproxy.conntrack.types import IPPROTO_UDP, ConntrackEntry
@@ -46,6 +47,9 @@ from refproxy.lab.report import parse_prometheus  # the one Prometheus text pars
 from refproxy.lab.scenario import Action, ClientSpec, Scenario, ServiceSpec, StepSpec, Via
 from refproxy.lab.topology import Pod, Topology, start_echo_in
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
+
+if TYPE_CHECKING:  # imported where used: the API server is only needed once set up
+    from refproxy.testing.apiserver import APIServer
 
 __all__ = ["NetnsPlatform", "parse_conntrack_line", "parse_prometheus", "judge_deletions", "NODE_NAME"]
 
@@ -152,7 +156,7 @@ class NetnsPlatform:
         self.proxy_verbosity = proxy_verbosity
         self.topo: Topology | None = None
         self.scenario: Scenario | None = None
-        self.api = None
+        self.api: APIServer | None = None
         self.proxy: subprocess.Popen | None = None
         self.proxy_log = os.path.join(self.workdir, "refproxy.log")
         self._events: subprocess.Popen | None = None
@@ -167,6 +171,25 @@ class NetnsPlatform:
         self._torn_down = False
 
     # -- setup ------------------------------------------------------------
+    # What setup() made; before it (or after a failed one) a use is a LabError.
+    @property
+    def _topo(self) -> Topology:
+        if self.topo is None:
+            raise LabError("the netns platform is not set up")
+        return self.topo
+
+    @property
+    def _scenario(self) -> Scenario:
+        if self.scenario is None:
+            raise LabError("the netns platform is not set up")
+        return self.scenario
+
+    @property
+    def _api(self) -> APIServer:
+        if self.api is None:
+            raise LabError("the netns platform is not set up")
+        return self.api
+
     def setup(self, scenario: Scenario) -> None:
         """Build the topology, serve the API inside the node, create services, pods and padding."""
         from refproxy.testing.apiserver import APIServer
@@ -222,7 +245,7 @@ class NetnsPlatform:
     def _new_backend(self, spec: ServiceSpec) -> _Backend:
         self._pod_seq += 1
         name = f"{spec.name}-{self._pod_seq}"
-        pod = self.topo.add_pod(name)
+        pod = self._topo.add_pod(name)
         udp = sorted({p.target_port for p in spec.ports if p.protocol == "UDP"})
         tcp = sorted({p.target_port for p in spec.ports if p.protocol == "TCP"})
         pod.start_echo(udp[0] if udp else None, tcp[0] if tcp else None)
@@ -258,7 +281,7 @@ class NetnsPlatform:
     def _publish(self, st: _Svc, *, trigger: bool = True) -> float:
         now = time.time()
         if st.present:
-            self.api.apply(self._slice_obj(st, now if trigger else None))
+            self._api.apply(self._slice_obj(st, now if trigger else None))
         self._record_truth(now)
         return now
 
@@ -282,7 +305,7 @@ class NetnsPlatform:
     # -- proxy ------------------------------------------------------------
     def proxy_argv(self, plugin: str, options: Mapping[str, str], kubeconfig: str) -> list[str]:
         """The ``refproxy run`` command line the lab uses (kube-proxy flags)."""
-        sc = self.scenario
+        sc = self._scenario
         argv = [sys.executable, "-m", "refproxy"] + ["-v"] * self.proxy_verbosity + [
             "run", "--source", "kube", "--kubeconfig", kubeconfig, "--hostname-override", NODE_NAME,
             "--cleanup-plugin", plugin, "--ip-family", "4",
@@ -303,15 +326,15 @@ class NetnsPlatform:
 
     def start_proxy(self, plugin: str, options: Mapping[str, str]) -> None:
         """Start ``refproxy run`` in the node namespace; return after its first sync."""
-        node = self.topo.node
-        kubeconfig = self.api.write_kubeconfig(os.path.join(self.workdir, "kubeconfig"))
+        node = self._topo.node
+        kubeconfig = self._api.write_kubeconfig(os.path.join(self.workdir, "kubeconfig"))
         self._events = node.popen(
             ["conntrack", "-E", "-e", "DESTROY", "-p", "udp", "-o", "timestamp", "-b", str(8 << 20)],
             stdout=open(self._events_log, "w"), stderr=subprocess.STDOUT)
         log = open(self.proxy_log, "w")
         self.proxy = node.popen(self.proxy_argv(plugin, options, kubeconfig), stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        want = [s.cluster_ip for s in self.scenario.services]
+        want = [s.cluster_ip for s in self._scenario.services]
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
             why = self.proxy_status()
@@ -343,7 +366,7 @@ class NetnsPlatform:
 
     def _metrics(self) -> dict[str, float]:
         try:
-            with self.topo.node.entered():
+            with self._topo.node.entered():
                 with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=2) as r:
                     return parse_prometheus(r.read().decode("utf-8", "replace"))
         except (OSError, ValueError):
@@ -353,22 +376,23 @@ class NetnsPlatform:
     def target_of(self, c: ClientSpec) -> tuple[str, int]:
         """Where client ``c`` sends (IP, port)."""
         if c.node_port_raw is not None:
-            return self.topo.node_ip, c.node_port_raw
+            return self._topo.node_ip, c.node_port_raw
+        assert c.service is not None  # scenario.py: a client names a service or a raw node port
         spec = self._svcs[c.service].spec
         port = spec.ports[0] if c.port is None else next(p for p in spec.ports if p.name == c.port)
         if c.via is Via.EXTERNAL_IP:
             return spec.external_ips[0], port.port
         if c.via is Via.NODE_PORT:
-            return self.topo.node_ip, port.node_port
+            return self._topo.node_ip, port.node_port
         return spec.cluster_ip, port.port
 
     def start_clients(self, clients: Sequence[ClientSpec]) -> None:
         """One namespace and one process per flow; returns once each has sent."""
         import select
 
-        duration = self.scenario.duration + 60
+        duration = self._scenario.duration + 60
         for c in clients:
-            cl = self.topo.add_client(c.name)
+            cl = self._topo.add_client(c.name)
             ip, port = self.target_of(c)
             out = os.path.join(self.workdir, f"client-{c.name}.log")
             argv = [sys.executable, "-m", "refproxy.lab.client", "--target", f"{ip}:{port}", "--interval",
@@ -376,6 +400,7 @@ class NetnsPlatform:
             if c.source_port is not None:
                 argv += ["--sport", str(c.source_port)]
             p = cl.ns.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert p.stdout is not None and p.stderr is not None  # both PIPE
             ready, _, _ = select.select([p.stdout], [], [], 10)
             if not ready or p.stdout.readline().strip() != "ready":
                 raise LabError(f"client {c.name} did not start: {p.stderr.read() if p.poll() is not None else ''}")
@@ -402,6 +427,7 @@ class NetnsPlatform:
             self._roll(st, surge, step.terminating, removed)
             t_ref = t_start if had else None
         elif step.action is Action.SCALE:
+            assert step.replicas is not None  # scenario.py: a scale step has replicas
             t_ref = self._scale(st, step.replicas, t_start, removed)
         else:
             t_ref = self._recreate(st, step.gap, removed)
@@ -414,7 +440,7 @@ class NetnsPlatform:
         t = self._publish(st)
         for b in victims:
             removed[b.name] = t
-            self.topo.remove_pod(b.name)
+            self._topo.remove_pod(b.name)
 
     def _roll(self, st: _Svc, surge: int, terminating: float, removed: dict[str, float]) -> None:
         old = list(st.backends)
@@ -444,16 +470,16 @@ class NetnsPlatform:
     def _recreate(self, st: _Svc, gap: float, removed: dict[str, float]) -> float | None:
         n = len(st.backends) or st.spec.replicas
         spec = st.spec
-        self.api.delete("EndpointSlice", spec.namespace, f"{spec.name}-lab")
-        self.api.delete("Service", spec.namespace, spec.name)
+        self._api.delete("EndpointSlice", spec.namespace, f"{spec.name}-lab")
+        self._api.delete("Service", spec.namespace, spec.name)
         st.present = False
         victims, st.backends = list(st.backends), []
         t = self._publish(st)
         for b in victims:
             removed[b.name] = t
-            self.topo.remove_pod(b.name)
+            self._topo.remove_pod(b.name)
         time.sleep(gap)
-        self.api.apply(self._service_obj(spec))
+        self._api.apply(self._service_obj(spec))
         st.present = True
         for _ in range(n):
             st.backends.append(self._new_backend(spec))
@@ -463,7 +489,7 @@ class NetnsPlatform:
     # -- judging ----------------------------------------------------------
     def _index(self, snap: Snapshot, ever: Mapping) -> StaleIndex:
         # Frontends used earlier in the run but gone now count as retired.
-        return StaleIndex(snap, Snapshot(IPFamily.IPv4, ever, {}), (self.topo.node_ip, "127.0.0.1"))
+        return StaleIndex(snap, Snapshot(IPFamily.IPv4, ever, {}), (self._topo.node_ip, "127.0.0.1"))
 
     def conntrack_state(self) -> ConntrackState:
         """Collateral deletions from the DESTROY events, stale entries from the final table."""
@@ -478,11 +504,11 @@ class NetnsPlatform:
         destroyed, collateral, examples = judge_deletions(lines, indexes)
         final = indexes[-1][1]
         stale = 0
-        with NetlinkConntrackTable(IPFamily.IPv4, netns=self.topo.node.name) as table:
+        with NetlinkConntrackTable(IPFamily.IPv4, netns=self._topo.node.name) as table:
             total = table.count()
             seen = set()
-            for f in sorted(final.frontends, key=str):
-                for flt in f.filters(final.node_addresses):
+            for fe in sorted(final.frontends, key=str):
+                for flt in fe.filters(final.node_addresses):
                     for e in table.dump(flt):
                         if e.orig_key in seen or e.proto != IPPROTO_UDP:
                             continue

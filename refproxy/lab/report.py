@@ -158,6 +158,7 @@ def comparison_table(rows: Sequence[dict[str, Any]], *, markdown: bool = False) 
             elif title == "verdict":
                 v = verdict(row, bound)
             else:
+                assert key is not None  # every column without a key is handled above
                 v = _fmt(row[key])
             cells.append(v)
         body.append(cells)

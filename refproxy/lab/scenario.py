@@ -348,7 +348,7 @@ def _step(ctx: _Ctx, where: str, m: Mapping[str, Any], services: Mapping[str, Se
     except ValueError:
         raise ctx.fail(where + ".action", f"expected one of {', '.join(a.value for a in Action)}, got {m.get('action')!r}") from None
     svc = m.get("service")
-    if svc not in services:
+    if not isinstance(svc, str) or svc not in services:
         raise ctx.fail(where + ".service", f"no service named {svc!r}")
     replicas = m.get("replicas")
     if action is Action.SCALE:
@@ -441,7 +441,7 @@ SCENARIO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenari
 
 def builtin_scenarios() -> dict[str, str]:
     """Scenario name -> path of every YAML file in ``refproxy/lab/scenarios/``."""
-    out = {}
+    out: dict[str, str] = {}
     try:
         names = sorted(os.listdir(SCENARIO_DIR))
     except FileNotFoundError:

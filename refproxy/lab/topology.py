@@ -41,8 +41,8 @@ from refproxy.testing.netns import NetNS
 
 __all__ = ["Topology", "Pod", "Client", "echo_argv", "start_echo_in"]
 
-POD_NET = ipaddress.ip_network("198.18.1.0/24")
-CLIENT_NET = ipaddress.ip_network("198.18.2.0/24")
+POD_NET = ipaddress.IPv4Network("198.18.1.0/24")
+CLIENT_NET = ipaddress.IPv4Network("198.18.2.0/24")
 ECHO_READY_TIMEOUT = 10.0
 
 
@@ -63,6 +63,7 @@ def start_echo_in(ns: NetNS, server_id: str, udp: int | None, tcp: int | None, *
                   host: str | None = None) -> subprocess.Popen:
     """Start an echo server in ``ns`` and return once its sockets are bound."""
     proc = ns.popen(echo_argv(server_id, udp, tcp, host=host), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None  # stdout=PIPE
     ready, _, _ = select.select([proc.stdout], [], [], ECHO_READY_TIMEOUT)
     line = proc.stdout.readline().strip() if ready else ""
     if line != "ready":

@@ -279,8 +279,8 @@ class FilesSource(ObjectStore):
             return False
         out: dict[str, list[dict]] = {"Service": [], "EndpointSlice": [], "Node": []}
         for name in sorted(self._state):
-            for kind, objs in (self._state[name].objs or {}).items():
-                out[kind].extend(objs)
+            for kind, kind_objs in (self._state[name].objs or {}).items():
+                out[kind].extend(kind_objs)
         services, slices, nodes = out["Service"], out["EndpointSlice"], out["Node"]
         # A version kept from ``kubectl get -o yaml`` would survive an edit and
         # make the snapshot memo reuse the old parse (see the module docstring).

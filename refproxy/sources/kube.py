@@ -385,7 +385,8 @@ class KubeSource(ObjectStore):
                 item.setdefault("kind", obj_kind)
                 item.setdefault("apiVersion", api_version)
                 items.append(item)
-        meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+        meta = body.get("metadata")
+        meta = meta if isinstance(meta, dict) else {}
         return items, str(meta.get("resourceVersion") or ""), str(meta.get("continue") or "")
 
     def _list(self, kind: str) -> str:

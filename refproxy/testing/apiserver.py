@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import builtins  # _Store.list shadows the builtin inside the class
 import collections
 import copy
 import json
@@ -256,7 +257,7 @@ class _Store:
             self._record(resource, "MODIFIED" if existing else "ADDED", stored, existing)
             return (200 if existing else 201), stored
 
-    def delete(self, resource: str, ns: str, name: str) -> tuple[int, dict]:
+    def delete(self, resource: str, ns: str | None, name: str) -> tuple[int, dict]:
         with self.cond:
             existing = self.objects[resource].pop(_key(resource, ns, name), None)
             if existing is None:
@@ -276,7 +277,7 @@ class _Store:
             return self.rv, copy.deepcopy(items)
 
     def page(self, resource: str, ns: str | None, terms, fields, limit: int, token: str
-             ) -> tuple[int, list[dict], str, int]:
+             ) -> tuple[int, builtins.list[dict], str, int]:
         """One page of a list: (resourceVersion, items, continue token, remaining count).
 
         Raises _Gone when ``token``'s snapshot is no longer retained.
@@ -306,7 +307,7 @@ class _Store:
             ref = json.dumps({"v": "meta.k8s.io/v1", "rv": rv, "id": pid, "start": nxt}).encode()
             return rv, chunk, base64.urlsafe_b64encode(ref).decode(), len(items) - nxt
 
-    def events_after(self, rv: int, resource: str) -> list[tuple[int, str, dict, dict | None]]:
+    def events_after(self, rv: int, resource: str) -> builtins.list[tuple[int, str, dict, dict | None]]:
         """Events of ``resource`` newer than ``rv``; raises _Gone when not retained."""
         if rv < self.compacted:
             raise _Gone()
@@ -726,6 +727,7 @@ class APIServer:
     def url(self) -> str:
         """``http://host:port`` of this server."""
         host, port = self._srv.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET/AF_INET6 server
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}"
 

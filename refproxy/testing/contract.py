@@ -213,7 +213,7 @@ def run_scenario(
 
 
 def _run(
-    factory: Callable[[Mapping[str, str]], Any],
+    factory: Any,  # a PluginFactory (a callable with name, options, api_version)
     ch: Chooser,
     *,
     options: Mapping[str, str] | None,

@@ -258,7 +258,7 @@ class FamilyLab:
             EMPTY_U: ServicePort(EMPTY_U, ip(EMPTY_IP), PORT, Protocol.UDP),
             EMPTY_T: ServicePort(EMPTY_T, ip(EMPTY_IP), PORT, Protocol.TCP),
         }
-        endpoints = {DNS: (Endpoint(self.pod_ip("dns"), 53),)}
+        endpoints: dict[ServicePortName, tuple[Endpoint, ...]] = {DNS: (Endpoint(self.pod_ip("dns"), 53),)}
         if echo:
             eps = tuple(Endpoint(self.pod_ip(p), TARGET) for p in echo_pods)
             for name, proto, np in ((ECHO_U, Protocol.UDP, NP_UDP), (ECHO_T, Protocol.TCP, NP_TCP)):

@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="python3 -m refproxy.testing.fill", description=main.__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python3 -m refproxy.testing.fill", description=(main.__doc__ or "").split("\n")[0])
     p.add_argument("--entries", type=int, required=True, metavar="N", help="pad the table up to N entries")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--netns", metavar="NAME", help="a named network namespace (ip netns)")

@@ -167,7 +167,7 @@ def frontend_addresses(snap: Snapshot, nodes: Sequence[str]) -> list[tuple[int, 
     node address that is also an ExternalIP on the NodePort's port is served
     by the ExternalIP's endpoints (as ``StaleIndex`` assumes).
     """
-    out = []
+    out: list[tuple[int, str, int, tuple[Endpoint, ...]]] = []
     for sp in snap.ports():
         serving = tuple(e for e in snap.endpoints_of(sp.name) if e.serving)
         out.extend((sp.protocol.number, ip, sp.port, serving) for ip in sp.frontends())
