@@ -25,13 +25,16 @@ import argparse
 import enum
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from refproxy.durations import parse_duration, parse_go_duration
 from refproxy.errors import ConfigError
 from refproxy.model import IPFamily
+
+if TYPE_CHECKING:  # imported where used: only a --config run loads the file decoder
+    from refproxy.kubeproxyconfig import FileConfig
 
 __all__ = [
     "ProxyConfig",
@@ -242,11 +245,13 @@ def _nodeport_list(items: Iterable[str], what: str) -> tuple[str, ...]:
 class _BoolFlag(argparse.Action):
     """A pflag-style boolean: ``--flag``, ``--flag=true``, ``--flag=false``."""
 
-    def __init__(self, option_strings, dest, **kw):
+    def __init__(self, option_strings: Sequence[str], dest: str, **kw: Any) -> None:
         kw.setdefault("default", None)
         super().__init__(option_strings, dest, nargs="?", const="true", metavar="BOOL", **kw)
 
-    def __call__(self, parser, namespace, values, option_string=None):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
+        assert isinstance(values, str)  # nargs="?" with a const: the one value given, or "true"
         try:
             setattr(namespace, self.dest, parse_bool(values, what=option_string or self.dest))
         except ConfigError as err:
@@ -426,7 +431,9 @@ def _dur(text: str | None, what: str, default: float | None) -> float | None:
 
 def _from_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The v1alpha1 values the flags set (upstream defaults where unset)."""
-    g = lambda name, default=None: getattr(args, name, None) if _given(args, name) else default  # noqa: E731
+    def g(name: str, default: Any = None) -> Any:
+        return getattr(args, name, None) if _given(args, name) else default
+
     bind = g("bind_address", "0.0.0.0")
     v6 = _is_v6(bind)
     metrics = g("metrics_bind_address", "[::1]:10249" if v6 else "127.0.0.1:10249")
@@ -484,11 +491,12 @@ def _is_v6(addr: Any) -> bool:
         return False
 
 
-def _from_file(fc) -> dict[str, Any]:
+def _from_file(fc: FileConfig) -> dict[str, Any]:
     return dict(fc.values)
 
 
-def _finish(args: argparse.Namespace, v: dict[str, Any], file_cfg, warnings: list[str]) -> ProxyConfig:
+def _finish(args: argparse.Namespace, v: dict[str, Any], file_cfg: FileConfig | None, warnings: list[str]
+            ) -> ProxyConfig:
     from_flags = bool(v.get("_flags"))
     where = (lambda flag, field_: flag) if from_flags else (lambda flag, field_: f"{args.config}: {field_}")
     mode = v["mode"] or "iptables"

@@ -12,9 +12,10 @@ from __future__ import annotations
 import enum
 import functools
 import ipaddress
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Iterator, Mapping
+from typing import Any
 
 __all__ = [
     "IPFamily",
@@ -26,7 +27,7 @@ __all__ = [
     "EMPTY_MAPPING",
 ]
 
-EMPTY_MAPPING: Mapping = MappingProxyType({})
+EMPTY_MAPPING: Mapping[Any, Any] = MappingProxyType({})
 
 
 class IPFamily(enum.Enum):
@@ -91,7 +92,7 @@ class ServicePortName:
         base = f"{self.namespace}/{self.name}"
         return f"{base}:{self.port}" if self.port else base
 
-    def __lt__(self, other: "ServicePortName") -> bool:  # enums are not orderable
+    def __lt__(self, other: ServicePortName) -> bool:  # enums are not orderable
         return (self.namespace, self.name, self.port, self.protocol.value) < (
             other.namespace,
             other.name,

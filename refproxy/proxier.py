@@ -38,7 +38,9 @@ import calendar
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterable, Mapping, Protocol as TypingProtocol
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from refproxy.changes import diff
 from refproxy.cleanup.worker import CleanupWorker

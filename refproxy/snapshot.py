@@ -44,8 +44,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, TypeGuard, TypeVar
 
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
 
@@ -81,8 +82,10 @@ _PROTOCOLS = {p.value: p for p in Protocol}
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _CANONICAL_V4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}\Z")
 
+_R = TypeVar("_R")
 
-def _is_map(v: Any) -> bool:
+
+def _is_map(v: Any) -> TypeGuard[Mapping[str, Any]]:
     # isinstance(v, Mapping) goes through the ABC machinery; JSON gives dicts.
     return type(v) is dict or isinstance(v, Mapping)
 
@@ -164,7 +167,7 @@ def _protocol(value: Any) -> Protocol:
     return proto
 
 
-def _mapping(value: Any, what: str, *, optional: bool = True) -> Mapping:
+def _mapping(value: Any, what: str, *, optional: bool = True) -> Mapping[str, Any]:
     if value is None and optional:
         return {}
     if not _is_map(value):
@@ -172,7 +175,7 @@ def _mapping(value: Any, what: str, *, optional: bool = True) -> Mapping:
     return value
 
 
-def _list(value: Any, what: str) -> list:
+def _list(value: Any, what: str) -> list[Any]:
     if value is None:
         return []
     if not isinstance(value, list):
@@ -192,13 +195,13 @@ def _opt_str(value: Any, what: str) -> str | None:
     raise _Skip(f"{what} {_text(value)} is not a string")
 
 
-def _label(value: Any, what: str, pattern: re.Pattern = _DNS_LABEL) -> str:
+def _label(value: Any, what: str, pattern: re.Pattern[str] = _DNS_LABEL) -> str:
     if not isinstance(value, str) or not pattern.match(value):
         raise _Skip(f"{what} {_text(value)} is not a valid DNS name")
     return value
 
 
-def _labels(meta: Mapping) -> Mapping:
+def _labels(meta: Mapping[str, Any]) -> Mapping[str, Any]:
     labels = meta.get("labels")
     if labels is None:
         return {}
@@ -218,7 +221,7 @@ def _ident(obj: Any) -> tuple[str, str]:
 # --- Services -----------------------------------------------------------------
 
 
-def _cluster_ip(spec: Mapping, family: IPFamily) -> str | None:
+def _cluster_ip(spec: Mapping[str, Any], family: IPFamily) -> str | None:
     """kube-proxy's GetClusterIPByFamily over ``clusterIPs`` (or ``clusterIP``)."""
     ips = _list(spec.get("clusterIPs"), "spec.clusterIPs")
     if not ips:
@@ -246,7 +249,7 @@ def _family_ips(values: Any, what: str, family: IPFamily, problems: list[str]) -
     return tuple(out)
 
 
-def _lb_ingress_ips(status: Mapping, family: IPFamily, problems: list[str]) -> tuple[str, ...]:
+def _lb_ingress_ips(status: Mapping[str, Any], family: IPFamily, problems: list[str]) -> tuple[str, ...]:
     lb = _mapping(status.get("loadBalancer"), "status.loadBalancer")
     out: list[str] = []
     for ing in _list(lb.get("ingress"), "status.loadBalancer.ingress"):
@@ -283,7 +286,7 @@ def _source_ranges(values: Any, family: IPFamily, problems: list[str]) -> tuple[
     return tuple(out)
 
 
-def _affinity_seconds(spec: Mapping) -> int | None:
+def _affinity_seconds(spec: Mapping[str, Any]) -> int | None:
     affinity = spec.get("sessionAffinity")
     if affinity in (None, "None"):
         return None
@@ -327,7 +330,7 @@ class _ServiceHead:
     ext_local: bool
     int_local: bool
     hc_port: int
-    raw_ports: list
+    raw_ports: list[Any]
     notes: tuple[str, ...]  # addresses dropped on the way, one problem each
 
 
@@ -473,7 +476,7 @@ class SliceInfo:
     by_port: tuple[tuple[ServicePortName, tuple[Endpoint, ...]], ...]
 
 
-def _slice_head(obj: Any, family: IPFamily, ident: list[str]) -> tuple[str, list, list] | None:
+def _slice_head(obj: Any, family: IPFamily, ident: list[str]) -> tuple[str, list[Any], list[Any]] | None:
     """(service name, raw ports, raw endpoints), or None when the slice is not for us; raises ``_Skip``."""
     if not _is_map(obj):
         raise _Skip("not an object")
@@ -600,8 +603,8 @@ def _endpoints_map(slices: Iterable[SliceInfo]) -> dict[ServicePortName, tuple[E
                 if key not in prev or ep.is_local:
                     prev[key] = ep
     out = {}
-    for spn, eps in merged.items():
-        eps = eps if isinstance(eps, tuple) else tuple(eps.values())
+    for spn, merged_eps in merged.items():
+        eps = merged_eps if isinstance(merged_eps, tuple) else tuple(merged_eps.values())
         if eps:
             out[spn] = eps
     return out
@@ -652,8 +655,8 @@ def _assemble(
 
 
 def build_snapshot(
-    services: Iterable[Mapping],
-    slices: Iterable[Mapping],
+    services: Iterable[Mapping[str, Any]],
+    slices: Iterable[Mapping[str, Any]],
     *,
     family: IPFamily,
     node_name: str,
@@ -714,8 +717,9 @@ class SnapshotBuilder:
         self.hits = 0
         self.misses = 0
 
-    def _memo(self, objs: Iterable[Any], old: dict, new: dict, parse) -> list:
-        out = []
+    def _memo(self, objs: Iterable[Any], old: dict[tuple[str, str], _R], new: dict[tuple[str, str], _R],
+              parse: Callable[[Any], _R]) -> list[_R]:
+        out: list[_R] = []
         for obj in objs:
             key = _cache_key(obj)
             if key is None:
@@ -732,12 +736,12 @@ class SnapshotBuilder:
             out.append(res)
         return out
 
-    def build(self, services: Iterable[Mapping], slices: Iterable[Mapping], *, generation: int = 0
+    def build(self, services: Iterable[Mapping[str, Any]], slices: Iterable[Mapping[str, Any]], *, generation: int = 0
               ) -> tuple[Snapshot, list[Problem]]:
         """Same result as :func:`build_snapshot` with this builder's family and node."""
         fam, node = self.family, self.node_name
-        new_svc: dict = {}
-        new_sl: dict = {}
+        new_svc: dict[tuple[str, str], tuple[list[ServicePort], list[Problem]]] = {}
+        new_sl: dict[tuple[str, str], tuple[SliceInfo | None, list[Problem]]] = {}
         svc_res = self._memo(services, self._services, new_svc, lambda o: service_ports(o, fam))
         sl_res = self._memo(slices, self._slices, new_sl, lambda o: slice_info(o, fam, node))
         self._services, self._slices = new_svc, new_sl

@@ -33,16 +33,20 @@ Contract:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import re
-import dataclasses
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Collection, Iterable, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
 from refproxy.rules.hashing import ServiceChains, endpoint_chain, is_service_chain
+
+if TYPE_CHECKING:
+    from refproxy.config import ProxyConfig
 
 __all__ = [
     "RenderConfig",
@@ -139,8 +143,8 @@ class RenderConfig:
         object.__setattr__(self, "node_addresses", frozenset(self.node_addresses))
 
     @classmethod
-    def from_proxy_config(cls, cfg, node_addresses: Iterable[str] = (), *, primary_cidrs: Iterable[str] = (),
-                          node_pod_cidrs: Iterable[str] = ()) -> "RenderConfig":
+    def from_proxy_config(cls, cfg: ProxyConfig, node_addresses: Iterable[str] = (), *, primary_cidrs: Iterable[str] = (),
+                          node_pod_cidrs: Iterable[str] = ()) -> RenderConfig:
         """Build from a :class:`refproxy.config.ProxyConfig` plus what the node says.
 
         ``primary_cidrs`` expand ``--nodeport-addresses primary``;
@@ -750,9 +754,9 @@ def _dispatch_rules(p: PortPlan, chain: str, eps: Sequence[PlannedEndpoint]) -> 
     out: list[str] = []
     if p.affinity is not None:
         out.extend(f"-A {chain}{cmt} -m recent --name {ep.chain} --rcheck --seconds {p.affinity} --reap -j {ep.chain}"
-                   for ep, cmt in zip(eps, cmts))
+                   for ep, cmt in zip(eps, cmts, strict=True))
     n = len(eps)
-    for i, (ep, cmt) in enumerate(zip(eps, cmts)):
+    for i, (ep, cmt) in enumerate(zip(eps, cmts, strict=True)):
         if i < n - 1:
             out.append(f"-A {chain}{cmt} -m statistic --mode random --probability {_probability(n - i)} -j {ep.chain}")
         else:

@@ -28,6 +28,7 @@ Mirrors, in kubernetes/kubernetes:
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
@@ -47,7 +48,7 @@ __all__ = [
 TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 
 
-def _map(v: Any) -> dict:
+def _map(v: Any) -> dict[str, Any]:
     return v if isinstance(v, dict) else {}
 
 
@@ -64,13 +65,13 @@ def _ip(text: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return ip
 
 
-def node_name(node: dict | None) -> str | None:
+def node_name(node: Mapping[str, Any] | None) -> str | None:
     """``metadata.name``, or None."""
     name = _map(_map(node).get("metadata")).get("name")
     return name if isinstance(name, str) and name else None
 
 
-def node_pod_cidrs(node: dict | None) -> tuple[str, ...]:
+def node_pod_cidrs(node: Mapping[str, Any] | None) -> tuple[str, ...]:
     """``spec.podCIDRs``, falling back to the single ``spec.podCIDR``; invalid entries skipped.
 
     The CIDRs are returned as written (kube-proxy passes them to its local
@@ -93,7 +94,7 @@ def node_pod_cidrs(node: dict | None) -> tuple[str, ...]:
     return tuple(out)
 
 
-def node_addresses(node: dict | None) -> tuple[str, ...]:
+def node_addresses(node: Mapping[str, Any] | None) -> tuple[str, ...]:
     """Every InternalIP, then every ExternalIP of ``status.addresses`` (valid IPs, deduplicated).
 
     This is the order ``GetNodeHostIPs`` sorts them in before it picks.
@@ -112,7 +113,7 @@ def node_addresses(node: dict | None) -> tuple[str, ...]:
     return tuple(out)
 
 
-def node_host_ips(node: dict | None) -> tuple[str, ...]:
+def node_host_ips(node: Mapping[str, Any] | None) -> tuple[str, ...]:
     """``GetNodeHostIPs``: the first of :func:`node_addresses`, then the first of the other family.
 
     Empty when the Node has no InternalIP/ExternalIP (kube-proxy: "host IP
@@ -126,7 +127,7 @@ def node_host_ips(node: dict | None) -> tuple[str, ...]:
     return (all_ips[0], other) if other else (all_ips[0],)
 
 
-def detect_node_ips(node: dict | None, bind_address: str = "") -> tuple[int, dict[int, str]]:
+def detect_node_ips(node: Mapping[str, Any] | None, bind_address: str = "") -> tuple[int, dict[int, str]]:
     """``detectNodeIPs``: (primary family 4|6, {4: ip, 6: ip}).
 
     Node IPs from :func:`node_host_ips`; a ``bind_address`` that parses and is
@@ -148,7 +149,7 @@ def detect_node_ips(node: dict | None, bind_address: str = "") -> tuple[int, dic
     return primary, ips
 
 
-def primary_nodeport_cidrs(node: dict | None, bind_address: str = "") -> tuple[str, ...]:
+def primary_nodeport_cidrs(node: Mapping[str, Any] | None, bind_address: str = "") -> tuple[str, ...]:
     """``--nodeport-addresses primary``: each family's non-loopback node IP as /32 or /128, IPv4 first.
 
     Empty when the Node gives no address (kube-proxy then has an empty list,
@@ -163,7 +164,7 @@ def primary_nodeport_cidrs(node: dict | None, bind_address: str = "") -> tuple[s
     return tuple(out)
 
 
-def node_eligible(node: dict | None) -> bool:
+def node_eligible(node: Mapping[str, Any] | None) -> bool:
     """``ProxyHealthServer.SyncNode``: False when deleting or tainted ToBeDeletedByClusterAutoscaler.
 
     ``None`` (no Node seen) is eligible: kube-proxy starts eligible and only a
@@ -181,7 +182,7 @@ def node_eligible(node: dict | None) -> bool:
     return True
 
 
-def node_ready_for_proxy(node: dict | None, *, need_pod_cidrs: bool) -> str | None:
+def node_ready_for_proxy(node: Mapping[str, Any] | None, *, need_pod_cidrs: bool) -> str | None:
     """Why ``NodeManager`` would keep waiting for this Node, or None when it would go on.
 
     It waits for the Node to exist and have node IPs, and, with
@@ -198,7 +199,7 @@ def node_ready_for_proxy(node: dict | None, *, need_pod_cidrs: bool) -> str | No
     return None
 
 
-def node_change_needs_restart(old: dict | None, new: dict | None, *, watch_pod_cidrs: bool) -> str | None:
+def node_change_needs_restart(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None, *, watch_pod_cidrs: bool) -> str | None:
     """``NodeManager.OnNodeChange``/``OnNodeDelete``: why kube-proxy would exit, or None.
 
     Deletion always; a change of the node IPs always; a change of the pod

@@ -15,11 +15,13 @@ from __future__ import annotations
 import copy
 import ipaddress
 import re
+from collections.abc import Iterator
 from types import MappingProxyType
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from refproxy.config import ProxyConfig
 from refproxy.metrics import Metrics
