@@ -24,6 +24,7 @@ from typing import ClassVar
 
 from refproxy.cleanup.api import (
     API_VERSION,
+    EMPTY_MAPPING,
     CleanupReport,
     CleanupRequest,
     ConntrackTable,
@@ -33,7 +34,6 @@ from refproxy.cleanup.api import (
     OptionSpec,
     StaleIndex,
 )
-from refproxy.model import EMPTY_MAPPING
 from refproxy_plugins._common import Meter, Scan, Tally, protocols_for
 
 __all__ = ["FullCleanup"]

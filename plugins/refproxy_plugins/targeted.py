@@ -43,6 +43,7 @@ from typing import ClassVar
 
 from refproxy.cleanup.api import (
     API_VERSION,
+    EMPTY_MAPPING,
     CleanupReport,
     CleanupRequest,
     ConntrackError,
@@ -56,7 +57,6 @@ from refproxy.cleanup.api import (
     TupleFilter,
     affected_frontends,
 )
-from refproxy.model import EMPTY_MAPPING
 from refproxy_plugins._common import Budget, Meter, Scan, Tally, protocols_for
 
 __all__ = ["TargetedCleanup", "FULL", "PortGroup", "Scope"]

@@ -27,8 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import ClassVar
 
-from refproxy.cleanup.api import OptionReader, OptionSpec, PluginError
-from refproxy.model import EMPTY_MAPPING
+from refproxy.cleanup.api import EMPTY_MAPPING, OptionReader, OptionSpec, PluginError
 from refproxy_plugins._common import Budget
 from refproxy_plugins.targeted import TargetedCleanup
 

@@ -32,7 +32,7 @@ from refproxy.conntrack.types import (
 )
 from refproxy.durations import parse_duration
 from refproxy.errors import ConfigError, ConntrackError, ConntrackUnsupported, PluginError
-from refproxy.model import IPFamily, Snapshot
+from refproxy.model import EMPTY_MAPPING, IPFamily, Snapshot
 
 __all__ = [
     "API_VERSION",
@@ -43,7 +43,9 @@ __all__ = [
     "OptionSpec",
     "OptionReader",
     "check_options",
-    # re-exported: the stale predicate and the table a plugin is handed
+    # re-exported: the stale predicate, the table a plugin is handed, and the
+    # empty options default (so plugins import refproxy only through this module)
+    "EMPTY_MAPPING",
     "DEFAULT_PROTOCOLS",
     "Frontend",
     "StaleIndex",
