@@ -27,9 +27,6 @@ __all__ = [
     "SERVICE_CHAIN_PREFIXES",
     "port_proto_hash",
     "service_chain",
-    "local_chain",
-    "external_chain",
-    "firewall_chain",
     "endpoint_chain",
     "is_service_chain",
     "ServiceChains",
@@ -62,21 +59,6 @@ def port_proto_hash(service_port_name: str, protocol: str) -> str:
 def service_chain(name: str, protocol: str) -> str:
     """``KUBE-SVC-<hash>``: dispatch to endpoints under Cluster traffic policy."""
     return SVC_PREFIX + port_proto_hash(name, protocol)
-
-
-def local_chain(name: str, protocol: str) -> str:
-    """``KUBE-SVL-<hash>``: dispatch to node-local endpoints (Local policy)."""
-    return SVL_PREFIX + port_proto_hash(name, protocol)
-
-
-def external_chain(name: str, protocol: str) -> str:
-    """``KUBE-EXT-<hash>``: entry for NodePort / external IP / LB traffic."""
-    return EXT_PREFIX + port_proto_hash(name, protocol)
-
-
-def firewall_chain(name: str, protocol: str) -> str:
-    """``KUBE-FW-<hash>``: loadBalancerSourceRanges filtering."""
-    return FW_PREFIX + port_proto_hash(name, protocol)
 
 
 @functools.lru_cache(maxsize=262144)

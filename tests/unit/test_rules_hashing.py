@@ -8,10 +8,7 @@ from refproxy.model import Endpoint, Protocol, ServicePortName
 from refproxy.rules.hashing import (
     ServiceChains,
     endpoint_chain,
-    external_chain,
-    firewall_chain,
     is_service_chain,
-    local_chain,
     port_proto_hash,
     service_chain,
 )
@@ -43,8 +40,8 @@ def test_endpoint_chain_matches_kube_proxy(name, proto, ep, expected):
 
 def test_svl_ext_fw_share_the_port_proto_hash():
     h = port_proto_hash("ns2/svc2:p80", "tcp")
-    assert (local_chain("ns2/svc2:p80", "tcp"), external_chain("ns2/svc2:p80", "tcp"),
-            firewall_chain("ns2/svc2:p80", "tcp")) == (f"KUBE-SVL-{h}", f"KUBE-EXT-{h}", f"KUBE-FW-{h}")
+    ch = ServiceChains(ServicePortName("ns2", "svc2", "p80", Protocol.TCP))
+    assert (ch.svl, ch.ext, ch.fw) == (f"KUBE-SVL-{h}", f"KUBE-EXT-{h}", f"KUBE-FW-{h}")
     assert h == "GNZBNJ2PO5MGZ6GT"
 
 
@@ -63,7 +60,7 @@ def test_service_chains_from_model_names():
 
 def test_chain_names_fit_iptables_limit():
     assert len(endpoint_chain("x" * 300, "sctp", "[fd00::1]:65535")) <= 28
-    assert len(firewall_chain("x", "tcp")) <= 28
+    assert len(ServiceChains(ServicePortName("x", "y", "", Protocol.TCP)).fw) <= 28
 
 
 @pytest.mark.parametrize(
