@@ -9,28 +9,34 @@ would hide the stale-entry black hole this suite documents.
 from __future__ import annotations
 
 import errno
-import socket
 
 import pytest
 
 from refproxy.errors import RestoreError
-from refproxy.lab.echo import decode_reply, encode_request
 from refproxy.lab.topology import Topology
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
 from refproxy.rules.apply import IptablesRunner
 from refproxy.rules.render import RenderConfig, render
+from refproxy.testing import dualstack as kit
+from refproxy.testing.dualstack import (
+    DNS,
+    DNS_IP,
+    ECHO_IP,
+    ECHO_T,
+    ECHO_U,
+    EMPTY_IP,
+    EMPTY_T,
+    EMPTY_U,
+    EXT_IP,
+    NP_TCP,
+    NP_UDP,
+    PORT,
+    TARGET,
+)
 
 pytestmark = pytest.mark.kernel
 
 V4 = IPFamily.IPv4
-DNS = ServicePortName("kube-system", "kube-dns", "dns", Protocol.UDP)
-ECHO_U = ServicePortName("ns1", "echo", "udp", Protocol.UDP)
-ECHO_T = ServicePortName("ns1", "echo", "tcp", Protocol.TCP)
-EMPTY_U = ServicePortName("ns1", "empty", "udp", Protocol.UDP)
-EMPTY_T = ServicePortName("ns1", "empty", "tcp", Protocol.TCP)
-DNS_IP, ECHO_IP, EMPTY_IP, EXT_IP = "198.19.0.10", "198.19.0.20", "198.19.0.30", "198.18.5.5"
-PORT, TARGET = 80, 8080
-NP_UDP, NP_TCP = 30080, 30081
 
 
 class Lab:
@@ -71,54 +77,17 @@ def lab():
         yield Lab(topo)
 
 
-class UdpFlow:
-    """One UDP socket in the client namespace, connected, with a fixed source port."""
-
-    def __init__(self, client, ip: str, port: int, *, sport: int = 0, timeout: float = 1.0) -> None:
-        with client.ns.entered():
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.settimeout(timeout)
-        self.sock.bind((client.ip, sport))
-        self.sock.connect((ip, port))
-        self.seq = 0
-
-    def ask(self, tries: int = 3) -> str | int | None:
-        """The id of the endpoint that answered, an errno for an ICMP error, or None."""
-        for _ in range(tries):
-            self.seq += 1
-            try:
-                self.sock.send(encode_request(self.seq))
-                while True:  # skip late replies to earlier requests
-                    got = decode_reply(self.sock.recv(2048))
-                    if got and got[1] == self.seq:
-                        return got[0]
-            except TimeoutError:
-                continue
-            except OSError as err:
-                return err.errno
-        return None
-
-    def close(self) -> None:
-        self.sock.close()
+def UdpFlow(client, ip: str, port: int, *, sport: int = 0, timeout: float = 1.0) -> kit.UdpFlow:
+    """The shared fixed-source-port UDP flow (refproxy.testing.dualstack), from a client."""
+    return kit.UdpFlow(client.ns, client.ip, ip, port, sport=sport, timeout=timeout)
 
 
 def udp_ask(client, ip: str, port: int) -> str | int | None:
-    flow = UdpFlow(client, ip, port)
-    try:
-        return flow.ask()
-    finally:
-        flow.close()
+    return kit.udp_ask(client.ns, client.ip, ip, port)
 
 
 def tcp_ask(client, ip: str, port: int, timeout: float = 3.0) -> str:
-    with client.ns.entered():
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect((ip, port))
-        return s.recv(256).decode().strip()
-    finally:
-        s.close()
+    return kit.tcp_ask(client.ns, ip, port, timeout)
 
 
 def nat_rules(lab: Lab) -> list[str]:
