@@ -134,12 +134,10 @@ class _NodeState:
         self._lock = threading.Lock()
         self._node: dict | None = None
         self._on_change = on_change
-        self.seen = threading.Event()
 
     def update(self, node: dict | None) -> None:
         with self._lock:
             old, self._node = self._node, node
-        self.seen.set()
         self._on_change(old, node)
 
     def get(self) -> dict | None:

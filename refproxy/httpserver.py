@@ -15,13 +15,11 @@ handler's ``/healthz`` and ``/healthz/ping``).
 
 from __future__ import annotations
 
-import json
 import threading
-import time
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-__all__ = ["Response", "HTTPEndpoint", "healthz_handler", "metrics_routes", "DEFAULT_TIMEOUT"]
+__all__ = ["Response", "HTTPEndpoint", "metrics_routes", "DEFAULT_TIMEOUT"]
 
 Response = tuple[int, str, bytes]
 Handler = Callable[[], Response]
@@ -41,39 +39,6 @@ def metrics_routes(render: Callable[[], bytes], proxy_mode: str = "iptables") ->
         "/proxyMode": lambda: (200, _TEXT, proxy_mode.encode()),
         **ProxyHealth.metrics_port_routes(),
     }
-
-
-def healthz_handler(
-    last_sync: Callable[[], float | None],
-    queued: Callable[[], float | None],
-    timeout: float,
-    *,
-    clock: Callable[[], float] = time.time,
-) -> Handler:
-    """The former healthz answer; superseded by ``refproxy.healthcheck.ProxyHealth``.
-
-    Kept only until ``cmd_run`` is wired to :class:`~refproxy.healthcheck.ProxyHealth`
-    (upstream is healthy at start-up, this one is not). Healthy once a sync
-    has succeeded, unless an update has been queued for longer than
-    ``timeout`` without a successful sync since.
-    """
-
-    def handle() -> Response:
-        now = clock()
-        last, q = last_sync(), queued()
-        healthy = last is not None and not (q is not None and q > last and now - q > timeout)
-        body = json.dumps({
-            "lastUpdated": _iso(last) if last else "",
-            "currentTime": _iso(now),
-            "nodeEligible": True,
-        }).encode()
-        return (200 if healthy else 503), "application/json", body
-
-    return handle
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 class HTTPEndpoint:

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from refproxy.healthcheck import ProxyHealth
-from refproxy.httpserver import HTTPEndpoint, healthz_handler, metrics_routes
+from refproxy.httpserver import HTTPEndpoint, metrics_routes
 from refproxy.metrics import Metrics
 
 
@@ -21,14 +21,6 @@ def _get(ep: HTTPEndpoint, path: str) -> tuple[int, dict, bytes]:
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as err:
         return err.code, dict(err.headers), err.read()
-
-
-def test_legacy_healthz_handler_until_cmd_run_is_rewired():
-    def h(now, queued):
-        return healthz_handler(lambda: 900.0, lambda: queued, 60, clock=lambda: now)()[0]
-
-    assert h(1000.0, None) == 200
-    assert h(1100.0, 950.0) == 503
 
 
 def test_metrics_port_routes_as_kube_proxy_serves_them():
