@@ -9,7 +9,9 @@ import pytest
 from refproxy.cleanup.api import CleanupRequest
 from refproxy.conntrack.memory import MemoryConntrackTable
 from refproxy.conntrack.types import ConntrackEntry, DumpFilter, TupleFilter
-from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
+from refproxy.model import Endpoint, IPFamily, Protocol
+from refproxy.testing.snapshots import service as svc
+from refproxy.testing.snapshots import snapshot as snap
 from refproxy_plugins.full import FullCleanup
 from refproxy_plugins.targeted import TargetedCleanup
 from refproxy_plugins.thresholded import ThresholdedCleanup
@@ -19,15 +21,6 @@ NODE = "198.18.0.1"
 NODES = frozenset({NODE})
 DNS_IP, STATSD_IP = "198.19.0.10", "198.19.0.20"
 EP1, EP2, EP3 = Endpoint("198.18.1.1", 53), Endpoint("198.18.1.2", 53), Endpoint("198.18.1.3", 53)
-
-
-def svc(name, ip, port, eps, proto=Protocol.UDP, node_port=0, external=()):
-    n = ServicePortName("default", name, "p", proto)
-    return n, ServicePort(n, ip, port, proto, node_port=node_port, external_ips=tuple(external)), tuple(eps)
-
-
-def snap(*services, gen=0):
-    return Snapshot(V4, {n: sp for n, sp, _ in services}, {n: e for n, _, e in services}, generation=gen)
 
 
 def flow(dst, dport, rsrc, rsport, sport, proto=17, src="198.18.2.10"):
@@ -62,7 +55,7 @@ class RecordingTable(MemoryConntrackTable):
 
 def world():
     """dns (2 endpoints, NodePort 30053), statsd (1 endpoint), and healthy plus collateral flows."""
-    s0 = snap(svc("dns", DNS_IP, 53, [EP1, EP2], node_port=30053), svc("statsd", STATSD_IP, 8125, [EP3]), gen=0)
+    s0 = snap(svc("dns", DNS_IP, 53, [EP1, EP2], node_port=30053), svc("statsd", STATSD_IP, 8125, [EP3]), generation=0)
     flows = [
         flow(DNS_IP, 53, EP1.ip, 53, 1001),
         flow(DNS_IP, 53, EP2.ip, 53, 1002),
@@ -84,7 +77,7 @@ def udp_count(table):
 
 def test_full_is_one_protocol_filtered_streaming_dump():
     s0, flows = world()
-    s1 = snap(svc("dns", DNS_IP, 53, [EP1], node_port=30053), svc("statsd", STATSD_IP, 8125, [EP3]), gen=1)
+    s1 = snap(svc("dns", DNS_IP, 53, [EP1], node_port=30053), svc("statsd", STATSD_IP, 8125, [EP3]), generation=1)
     t = RecordingTable(flows)
     r = FullCleanup({}).cleanup(req(s0, s1), t)
     assert t.dumped == [DumpFilter(proto=17)]
@@ -98,7 +91,7 @@ def test_full_is_one_protocol_filtered_streaming_dump():
 
 def test_full_reports_dump_errors_and_retries_next_run():
     s0, flows = world()
-    s1 = snap(svc("statsd", STATSD_IP, 8125, [EP3]), gen=1)  # dns deleted
+    s1 = snap(svc("statsd", STATSD_IP, 8125, [EP3]), generation=1)  # dns deleted
     fail = [True]
     t = MemoryConntrackTable(flows, dump_failure=lambda flt: errno.EINTR if fail[0] else None)
     p = FullCleanup({})
@@ -111,7 +104,7 @@ def test_full_reports_dump_errors_and_retries_next_run():
 
 def test_full_counts_failed_deletes_as_pending():
     s0, flows = world()
-    s1 = snap(svc("dns", DNS_IP, 53, [], node_port=30053), svc("statsd", STATSD_IP, 8125, [EP3]), gen=1)
+    s1 = snap(svc("dns", DNS_IP, 53, [], node_port=30053), svc("statsd", STATSD_IP, 8125, [EP3]), generation=1)
     t = MemoryConntrackTable(flows, delete_failure=lambda e: errno.EBUSY if e.orig_sport == 1002 else None)
     r = FullCleanup({}).cleanup(req(s0, s1), t)
     assert (r.deleted, r.pending) == (2, 1)
@@ -131,7 +124,7 @@ def test_targeted_first_run_behaves_like_full():
 
 def test_targeted_reads_only_the_changed_frontend_in_the_kernel():
     s0, flows = world()
-    s1 = snap(svc("dns", DNS_IP, 53, [EP1, EP2], node_port=30053), svc("statsd", STATSD_IP, 8125, []), gen=1)
+    s1 = snap(svc("dns", DNS_IP, 53, [EP1, EP2], node_port=30053), svc("statsd", STATSD_IP, 8125, []), generation=1)
     t = RecordingTable(flows)
     r = TargetedCleanup({}).cleanup(req(s0, s1), t)
     assert t.dumped == [DumpFilter(proto=17, orig=TupleFilter(dst=STATSD_IP, dport=8125))]
@@ -148,7 +141,7 @@ def test_targeted_unchanged_snapshot_costs_nothing():
 
 def test_targeted_flushes_retired_frontends_in_the_kernel():
     s0, flows = world()
-    s1 = snap(svc("dns", DNS_IP, 53, [EP1, EP2], node_port=30053), gen=1)  # statsd deleted
+    s1 = snap(svc("dns", DNS_IP, 53, [EP1, EP2], node_port=30053), generation=1)  # statsd deleted
     t = RecordingTable(flows)
     r = TargetedCleanup({}).cleanup(req(s0, s1), t)
     assert t.flushed == [DumpFilter(proto=17, orig=TupleFilter(dst=STATSD_IP, dport=8125))]
@@ -157,7 +150,7 @@ def test_targeted_flushes_retired_frontends_in_the_kernel():
 
 def test_targeted_falls_back_to_dump_when_filtered_flush_is_unsupported():
     s0, flows = world()
-    s1 = snap(svc("dns", DNS_IP, 53, [EP1, EP2], node_port=30053), gen=1)
+    s1 = snap(svc("dns", DNS_IP, 53, [EP1, EP2], node_port=30053), generation=1)
     t = RecordingTable(flows, supports_filtered_flush=False)
     p = TargetedCleanup({})
     r = p.cleanup(req(s0, s1), t)
@@ -170,8 +163,8 @@ def test_retired_nodeport_is_not_flushed_over_a_live_external_ip():
     # Service's NodePort 30053 goes away: the NodePort's kernel filter also
     # selects the ExternalIP's healthy flows, so no flush may be used.
     ext = svc("ext", STATSD_IP, 30053, [EP3], external=[NODE])
-    s0 = snap(svc("dns", DNS_IP, 53, [EP1], node_port=30053), ext, gen=0)
-    s1 = snap(svc("dns", DNS_IP, 53, [EP1]), ext, gen=1)
+    s0 = snap(svc("dns", DNS_IP, 53, [EP1], node_port=30053), ext, generation=0)
+    s1 = snap(svc("dns", DNS_IP, 53, [EP1]), ext, generation=1)
     healthy = flow(NODE, 30053, EP3.ip, 53, 3001)
     stale_ext = flow(NODE, 30053, EP1.ip, 53, 3002)  # to the ExternalIP, but not to its endpoint
     t = RecordingTable([healthy, stale_ext])
@@ -182,8 +175,8 @@ def test_retired_nodeport_is_not_flushed_over_a_live_external_ip():
 
 def test_targeted_cost_model_switches_to_one_dump():
     many = [svc(f"s{i}", f"198.19.1.{i}", 53, [EP1]) for i in range(16)]
-    s0 = snap(*many, gen=0)
-    s1 = snap(*[svc(f"s{i}", f"198.19.1.{i}", 53, [EP2]) for i in range(16)], gen=1)
+    s0 = snap(*many, generation=0)
+    s1 = snap(*[svc(f"s{i}", f"198.19.1.{i}", 53, [EP2]) for i in range(16)], generation=1)
     flows = [flow(f"198.19.1.{i}", 53, EP1.ip, 53, 4000 + i) for i in range(16)]
     t = RecordingTable(flows)
     r = TargetedCleanup({}).cleanup(req(s0, s1), t)
@@ -193,7 +186,7 @@ def test_targeted_cost_model_switches_to_one_dump():
     TargetedCleanup({"dump-entry-us": "100"}).cleanup(req(s0, s1), t2)
     assert len(t2.dumped) == 16  # decoding made expensive: per-key walks win
     t3 = RecordingTable(flows[:8])
-    TargetedCleanup({}).cleanup(req(snap(*many[:8], gen=0), snap(*[svc(f"s{i}", f"198.19.1.{i}", 53, [EP2]) for i in range(8)], gen=1)), t3)
+    TargetedCleanup({}).cleanup(req(snap(*many[:8], generation=0), snap(*[svc(f"s{i}", f"198.19.1.{i}", 53, [EP2]) for i in range(8)], generation=1)), t3)
     assert len(t3.dumped) == 8  # with the defaults, 8 walks are cheaper than one dump
 
 
@@ -204,21 +197,21 @@ def test_targeted_reads_many_frontends_on_one_port_with_one_walk():
     padding = [flow(f"198.19.9.{i % 200}", 8000, f"198.19.9.{i % 200}", 8000, 2000 + i) for i in range(400)]
     t = RecordingTable(padding)
     p = TargetedCleanup({})
-    p.cleanup(req(None, snap(*before, gen=0)), t)  # first run: full scan, learns port shares
+    p.cleanup(req(None, snap(*before, generation=0)), t)  # first run: full scan, learns port shares
     stale = [flow(f"198.19.2.{i}", 53, EP1.ip, 53, 4000 + i) for i in range(10)]
     for e in stale:
         t.add(e)
     t.dumped.clear()
-    r = p.cleanup(req(snap(*before, gen=0), snap(*after, gen=1)), t)
+    r = p.cleanup(req(snap(*before, generation=0), snap(*after, generation=1)), t)
     assert t.dumped == [DumpFilter(proto=17, orig=TupleFilter(dport=53))]
     assert r.deleted == 10 and r.details["port_groups"] == 1.0
     assert all(e not in t for e in stale) and all(e in t for e in padding)
     # When port 53 is most of the table, one walk per frontend stays cheaper.
     busy = RecordingTable(padding + [flow("198.19.3.1", 53, "198.19.3.1", 53, 6000 + i) for i in range(4000)])
     q = TargetedCleanup({})
-    q.cleanup(req(None, snap(*before, gen=0)), busy)
+    q.cleanup(req(None, snap(*before, generation=0)), busy)
     busy.dumped.clear()
-    q.cleanup(req(snap(*before, gen=0), snap(*after, gen=1)), busy)
+    q.cleanup(req(snap(*before, generation=0), snap(*after, generation=1)), busy)
     assert DumpFilter(proto=17, orig=TupleFilter(dport=53)) not in busy.dumped
 
 
@@ -246,7 +239,7 @@ def test_targeted_node_address_change_rescans_nodeports():
 
 def test_targeted_retries_a_failed_frontend_with_a_fresh_dump():
     s0, flows = world()
-    s1 = snap(svc("dns", DNS_IP, 53, [EP1], node_port=30053), svc("statsd", STATSD_IP, 8125, [EP3]), gen=1)
+    s1 = snap(svc("dns", DNS_IP, 53, [EP1], node_port=30053), svc("statsd", STATSD_IP, 8125, [EP3]), generation=1)
     failing = [True]
     t = RecordingTable(flows, delete_failure=lambda e: errno.EBUSY if failing[0] else None)
     p = TargetedCleanup({})
@@ -259,7 +252,7 @@ def test_targeted_retries_a_failed_frontend_with_a_fresh_dump():
 
 def test_targeted_does_not_delete_a_retried_flow_that_became_healthy():
     s0, flows = world()
-    s1 = snap(svc("dns", DNS_IP, 53, [EP1], node_port=30053), svc("statsd", STATSD_IP, 8125, [EP3]), gen=1)
+    s1 = snap(svc("dns", DNS_IP, 53, [EP1], node_port=30053), svc("statsd", STATSD_IP, 8125, [EP3]), generation=1)
     failing = [True]
     t = MemoryConntrackTable(flows, delete_failure=lambda e: errno.EBUSY if failing[0] else None)
     p = TargetedCleanup({})
@@ -271,7 +264,7 @@ def test_targeted_does_not_delete_a_retried_flow_that_became_healthy():
 
 def test_targeted_keeps_a_deleted_service_stale_after_previous_moves_on():
     s0, flows = world()
-    s1 = snap(svc("statsd", STATSD_IP, 8125, [EP3]), gen=1)  # dns deleted
+    s1 = snap(svc("statsd", STATSD_IP, 8125, [EP3]), generation=1)  # dns deleted
     failing = [True]
     t = MemoryConntrackTable(flows, delete_failure=lambda e: errno.EBUSY if failing[0] else None,
                              supports_filtered_flush=False)
@@ -286,8 +279,8 @@ def test_targeted_keeps_a_deleted_service_stale_after_previous_moves_on():
 
 
 def stale_world(n):
-    s0 = snap(svc("dns", DNS_IP, 53, [EP1]), gen=0)
-    s1 = snap(svc("dns", DNS_IP, 53, [EP2]), gen=1)
+    s0 = snap(svc("dns", DNS_IP, 53, [EP1]), generation=0)
+    s1 = snap(svc("dns", DNS_IP, 53, [EP2]), generation=1)
     return s0, s1, [flow(DNS_IP, 53, EP1.ip, 53, 6000 + i) for i in range(n)]
 
 
@@ -321,7 +314,7 @@ def test_thresholded_always_makes_progress():
 
 def test_thresholded_never_flushes():
     s0, flows = world()
-    s1 = snap(svc("dns", DNS_IP, 53, [EP1, EP2], node_port=30053), gen=1)
+    s1 = snap(svc("dns", DNS_IP, 53, [EP1, EP2], node_port=30053), generation=1)
     t = RecordingTable(flows)
     r = ThresholdedCleanup({"max-entries": "10"}).cleanup(req(s0, s1), t)
     assert t.flushed == [] and r.deleted == 1
@@ -329,8 +322,7 @@ def test_thresholded_never_flushes():
 
 @pytest.mark.parametrize("cls", [FullCleanup, TargetedCleanup, ThresholdedCleanup])
 def test_sctp_is_opt_in(cls):
-    sctp = ServicePortName("default", "sig", "p", Protocol.SCTP)
-    s = Snapshot(V4, {sctp: ServicePort(sctp, "198.19.0.30", 3868, Protocol.SCTP)}, {sctp: ()})
+    s = snap(svc("sig", "198.19.0.30", 3868, [], proto=Protocol.SCTP))
     entry = flow("198.19.0.30", 3868, "198.18.1.1", 3868, 7000, proto=132)
     t = MemoryConntrackTable([entry])
     cls({}).cleanup(req(None, s), t)

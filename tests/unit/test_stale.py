@@ -6,20 +6,12 @@ import pytest
 
 from refproxy.cleanup.stale import Frontend, StaleIndex, affected_frontends
 from refproxy.conntrack.types import ConntrackEntry, DumpFilter
-from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
+from refproxy.model import Endpoint, IPFamily, Protocol
+from refproxy.testing.snapshots import service as svc
+from refproxy.testing.snapshots import snapshot as snap
 
 V4 = IPFamily.IPv4
 NODE = "198.18.0.1"
-
-
-def svc(name, ip, port, eps, proto=Protocol.UDP, node_port=0, external=(), lb=()):
-    n = ServicePortName("default", name, "p", proto)
-    sp = ServicePort(n, ip, port, proto, node_port=node_port, external_ips=tuple(external), load_balancer_ips=tuple(lb))
-    return n, sp, tuple(eps)
-
-
-def snap(*services):
-    return Snapshot(V4, {n: sp for n, sp, _ in services}, {n: e for n, _, e in services})
 
 
 def entry(dst, dport, rsrc, rsport, proto=17, src="198.18.2.10", sport=5353):
