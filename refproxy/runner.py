@@ -9,7 +9,11 @@ Guarantees:
 
 1. The function runs at most once per ``min_interval`` (syncs coalesce).
 2. A requested run happens no later than ``min_interval`` after the previous
-   run ended, or immediately when that has already passed.
+   run ended, or immediately when that has already passed. Intervals count
+   from the *end* of a run, so whatever the function does inline delays the
+   next run: a cleanup plugin with ``runs_in_sync`` (kube-proxy's
+   reconciler inside ``syncProxyRules``) holds back the next rule sync by
+   its own duration, as upstream's does.
 3. Without requests the function still runs every ``max_interval``.
 4. The function never runs concurrently with itself.
 5. ``stop()`` returns once the loop has exited; a run in progress finishes.

@@ -249,7 +249,7 @@ def test_run_suite_checks_every_mode_before_the_first_run(fake_tools):
     assert kd.default_plugins(c) == ("reconcile",)
     assert kd.default_plugins(_cluster(config=(("conntrack.cleanupMode", "{mode}"),))) == (
         "reconcile", "targeted", "off")
-    assert kd.default_plugins(kd.KindCluster()) == ("none", "full", "targeted", "thresholded")
+    assert kd.default_plugins(kd.KindCluster()) == ("none", "full", "reconcile", "targeted", "thresholded")
 
 
 def test_resources_read_kube_proxy_metrics_inside_each_node(fake_tools):

@@ -11,6 +11,19 @@ plugin needs; loading lives in ``registry.py``. Pure: no I/O.
 Evolution rule (keyring, pluggy): later API versions only add *optional*
 members with defaults; a plugin declares the ``api_version`` it was written
 for and the registry refuses a major mismatch with a clear error.
+
+Optional members added so far (a plugin that lacks them gets the default;
+read them through the helper, never with ``plugin.attr``):
+
+- ``runs_in_sync: ClassVar[bool]`` (default ``False``, read with
+  :func:`runs_in_sync`): ``True`` asks the worker to run ``cleanup``
+  synchronously inside the rule sync, right after the restore, as
+  kube-proxy's ``syncProxyRules`` runs its reconciler; its time then counts
+  in the sync duration and delays the next sync. Meant for baselines that
+  reproduce kube-proxy's cost (``reconcile``); every other plugin should
+  leave it unset. They are deliberately not members of the
+  :class:`CleanupPlugin` protocol: a ``runtime_checkable`` protocol (and
+  mypy) would then require every plugin to declare them.
 """
 
 from __future__ import annotations
@@ -43,6 +56,7 @@ __all__ = [
     "OptionSpec",
     "OptionReader",
     "check_options",
+    "runs_in_sync",
     # re-exported: the stale predicate, the table a plugin is handed, and the
     # empty options default (so plugins import refproxy only through this module)
     "EMPTY_MAPPING",
@@ -126,7 +140,9 @@ class CleanupPlugin(TypingProtocol):
     Guarantees the caller gives:
 
     1. ``cleanup`` is called only after a successful rules restore, from one
-       worker thread, never concurrently with itself.
+       worker thread, never concurrently with itself (with the optional
+       ``runs_in_sync`` set, from the rule-sync thread, before the sync
+       returns; see the module doc).
     2. ``request.current`` is the snapshot whose rules are in the kernel.
     3. Exceptions escaping ``cleanup`` are logged and counted, and the run is
        treated as failed (``previous`` is not advanced).
@@ -169,6 +185,20 @@ class PluginFactory(TypingProtocol):
     options: ClassVar[tuple[OptionSpec, ...]]
 
     def __call__(self, options: Mapping[str, str]) -> CleanupPlugin: ...
+
+
+def runs_in_sync(plugin: object) -> bool:
+    """The optional ``runs_in_sync`` attribute of ``plugin`` (module doc); ``False`` when absent.
+
+    Raises ``PluginError`` when it is set to anything but a ``bool``, so a
+    typo such as ``runs_in_sync = "yes"`` fails at start-up, not silently.
+    """
+    value = getattr(plugin, "runs_in_sync", False)
+    if not isinstance(value, bool):
+        raise PluginError(
+            f"cleanup plugin {getattr(plugin, 'name', plugin)!r}: runs_in_sync must be True or False, got {value!r}"
+        )
+    return value
 
 
 def check_options(name: str, specs: Iterable[OptionSpec], options: Mapping[str, str]) -> None:

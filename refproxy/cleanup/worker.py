@@ -1,14 +1,20 @@
-"""Runs the active cleanup plugin off the rule-sync path.
+"""Runs the active cleanup plugin off the rule-sync path (or, when it asks, on it).
 
 Contract: the rule sync hands over "these rules are now in the kernel"
 (:meth:`CleanupWorker.submit`, which never blocks) and goes on; one worker
 thread runs the plugin. kube-proxy runs its conntrack reconciler inside
 ``syncProxyRules`` (kubernetes/kubernetes#135323), so a slow cleanup delays the
-next rule update; here it cannot.
+next rule update; here it cannot -- unless the plugin sets the optional
+``runs_in_sync`` (``api.runs_in_sync``), as the ``reconcile`` baseline does
+to reproduce kube-proxy's cost: then there is no worker thread and
+``submit`` itself runs the plugin on the calling (rule-sync) thread before
+it returns, so the cleanup's time is part of the sync's duration and the
+next sync waits for it. Guarantees 2-6 hold in both modes.
 
 Guarantees:
 
-1. ``submit`` never blocks on a running cleanup.
+1. ``submit`` never blocks on a running cleanup (in-sync mode: ``submit``
+   *is* the run, and returns when the plugin has returned).
 2. Requests coalesce: while a cleanup runs, only the newest submitted snapshot
    is kept; the superseded ones are counted *and folded into* ``previous``
    (:func:`fold_snapshots`), so an endpoint that existed only in a skipped
@@ -38,7 +44,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 
-from refproxy.cleanup.api import CleanupPlugin, CleanupReport, CleanupRequest
+from refproxy.cleanup.api import CleanupPlugin, CleanupReport, CleanupRequest, runs_in_sync
 from refproxy.cleanup.stale import Frontend, StaleIndex
 from refproxy.conntrack.types import (
     IPPROTO_SCTP,
@@ -167,7 +173,12 @@ class LiveRulesGuard:
 
 
 class CleanupWorker:
-    """One thread running one cleanup plugin on the newest applied snapshot."""
+    """One thread running one cleanup plugin on the newest applied snapshot.
+
+    ``inline`` (from the plugin's optional ``runs_in_sync``; raises
+    ``PluginError`` when that is not a bool): no thread; ``submit`` runs the
+    plugin on the caller's thread (module doc).
+    """
 
     def __init__(
         self,
@@ -178,6 +189,7 @@ class CleanupWorker:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.plugin = plugin
+        self.inline = runs_in_sync(plugin)
         self._table_factory = table_factory
         self._table: LiveRulesGuard | None = None
         self._metrics = metrics
@@ -189,6 +201,7 @@ class CleanupWorker:
         self._incoming: tuple[Snapshot, frozenset[str]] | None = None  # being restored
         self._busy = False
         self._stopped = False
+        self._running = threading.Lock()  # guarantee 3, whichever thread calls run_once
         self._thread: threading.Thread | None = None
         self.previous: Snapshot | None = None
         self.last_report: CleanupReport | None = None
@@ -209,7 +222,11 @@ class CleanupWorker:
             return [x for x in (self._incoming, self._latest) if x is not None]
 
     def submit(self, current: Snapshot, node_addresses: frozenset[str]) -> None:
-        """Hand over the snapshot whose rules were just applied (never blocks)."""
+        """Hand over the snapshot whose rules were just applied.
+
+        Never blocks; for an ``inline`` worker, runs the cleanup on this
+        thread and returns when the plugin has (the rule sync waits).
+        """
         with self._cond:
             self._latest = (current, node_addresses)
             if self._incoming is not None and self._incoming[0] is current:
@@ -219,8 +236,14 @@ class CleanupWorker:
                 self._skipped = fold_snapshots(self._skipped, self._pending[0])
             self._pending = (current, node_addresses)
             self._cond.notify()
+            inline = self.inline and not self._stopped
+        if inline:
+            self.run_once()
 
     def start(self) -> None:
+        """Start the worker thread (an ``inline`` worker has none: ``submit`` runs the plugin)."""
+        if self.inline:
+            return
         self._thread = threading.Thread(target=self._loop, name="cleanup", daemon=True)
         self._thread.start()
 
@@ -246,19 +269,20 @@ class CleanupWorker:
             self.run_once()
 
     def run_once(self) -> CleanupReport | None:
-        """Run the plugin on the pending request, if any (the loop's body)."""
-        with self._cond:
-            if self._pending is None:
-                return None
-            current, addrs = self._pending
-            skipped, self._skipped = self._skipped, None
-            self._pending = None
-            self._busy = True
-        try:
-            return self._run(current, addrs, skipped)
-        finally:
+        """Run the plugin on the pending request, if any (the loop's body; ``submit``'s when inline)."""
+        with self._running:
             with self._cond:
-                self._busy = False
+                if self._pending is None:
+                    return None
+                current, addrs = self._pending
+                skipped, self._skipped = self._skipped, None
+                self._pending = None
+                self._busy = True
+            try:
+                return self._run(current, addrs, skipped)
+            finally:
+                with self._cond:
+                    self._busy = False
 
     def _run(self, current: Snapshot, addrs: frozenset[str], skipped: Snapshot | None) -> CleanupReport | None:
         name = self.plugin.name
