@@ -1,16 +1,21 @@
 """``refproxy bench cleanup``: what one conntrack cleanup costs, per plugin.
 
-Contract: in a throwaway namespace (``rpbench-<pid>-<hex>``), for each table
-size N and each number of stale keys E, fill the table with N entries of
-which exactly K are stale (under E service frontends that lost endpoints),
-then run one cleanup per installed plugin -- each in a fresh subprocess so
-peak RSS is that plugin's own -- and, side by side, ``conntrack -D`` the way
+Contract: in a throwaway namespace (``<prefix>-<pid>-<hex>``, prefix
+``rpbench`` unless ``--netns-prefix`` says otherwise), for each table size N
+and each number of stale keys E, fill the table with N entries of which
+exactly K are stale (under E service frontends that lost endpoints), then run
+one cleanup per installed plugin -- each in a fresh subprocess so peak RSS is
+that plugin's own -- and, side by side, ``conntrack -D`` the way
 kube-proxy <= 1.31 did it (``ClearEntriesForNAT``: one ``conntrack -D -p udp
 --orig-dst SVC --dst-nat EP`` per removed endpoint, pkg/proxy/conntrack in
 1.31). After every run the table is checked: all K stale entries gone and
 count == N - K (so no collateral deletions), or the row says why not.
-Figures go to stdout as a table, progress to stderr. Nothing is asserted
-about speed: the numbers are the result.
+With ``--repeat R`` every method runs R times, interleaved (run 1 of every
+method, then run 2, ...) so load changes on a shared machine hit every row
+alike; a row then gives the median wall time with its min and max.
+Figures go to stdout as a table, progress to stderr (milestone lines, plus a
+bar per table size on a TTY). Nothing is asserted about speed: the numbers
+are the result.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import ipaddress
 import json
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -28,9 +34,10 @@ from dataclasses import asdict, dataclass
 
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
 
-__all__ = ["add_arguments", "main", "Scenario", "RunResult"]
+__all__ = ["add_arguments", "main", "Scenario", "RunResult", "Summary", "summarize"]
 
 CLI_METHOD = "conntrack-D"
+NETNS_PREFIX = "rpbench"
 KUBE_DNS = ("198.18.0.2", 53)
 LIVE_PER_KEY = 20  # non-stale flows to each stale frontend (to its surviving endpoint)
 KUBE_DNS_FLOWS = 200  # an unchanged service: never touched
@@ -152,11 +159,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cold", action="store_true",
                    help="skip each plugin's start-up run (default: warm, as in a running proxy; "
                         "the start-up run is not timed)")
-    p.add_argument("--json", metavar="FILE", help="also write every row as JSON lines to FILE")
+    p.add_argument("--repeat", type=_positive, default=1, metavar="R",
+                   help="runs per method and table (interleaved); a row gives the median wall time and its "
+                        "min/max (default 1)")
+    p.add_argument("--netns-prefix", default=NETNS_PREFIX, metavar="PREFIX",
+                   help=f"name prefix of the bench's namespace (default {NETNS_PREFIX}); leftovers of dead "
+                        "runs with this prefix are removed first")
+    p.add_argument("--json", metavar="FILE", help="also write every run as JSON lines to FILE")
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return v
 
 
 def _progress(msg: str) -> None:
-    print(f"[bench cleanup {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    from tqdm import tqdm
+
+    # tqdm.write keeps a bar that is being drawn intact (a plain print otherwise).
+    tqdm.write(f"[bench cleanup {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -164,6 +187,7 @@ def main(args: argparse.Namespace) -> int:
     from refproxy.conntrack.netlink import NetlinkConntrackTable
     from refproxy.conntrack.types import DumpFilter
     from refproxy.errors import ConfigError
+    from refproxy.progress import bar
     from refproxy.testing.fill import conntrack_max, insert
     from refproxy.testing.netns import NetNS, missing_requirements, remove_leftovers
 
@@ -179,13 +203,14 @@ def main(args: argparse.Namespace) -> int:
     for m in methods:
         if m != CLI_METHOD:
             _split_variant(m, {})  # a malformed NAME@K=V fails here, before any namespace exists
-    remove_leftovers("rpbench")
-    rows: list[tuple[Scenario, RunResult, str]] = []
+    remove_leftovers(args.netns_prefix)
+    rows: list[tuple[Scenario, Summary]] = []
     print(_header(), flush=True)
     jf = open(args.json, "w") if args.json else None
     try:
         for n in sizes:
-            with conntrack_max(n + n // 4 + 10000), NetNS("rpbench") as ns:
+            with conntrack_max(n + n // 4 + 10000), NetNS(args.netns_prefix) as ns, \
+                    bar(len(keys) * len(methods) * args.repeat, f"N={n}", unit="run") as pb:
                 table = NetlinkConntrackTable(IPFamily.IPv4, ns.name)
                 try:
                     for e in keys:
@@ -198,26 +223,71 @@ def main(args: argparse.Namespace) -> int:
                         _progress(f"filled {r.inserted} entries in {time.perf_counter() - t0:.1f}s "
                                   f"({r.inserted / max(1e-9, time.perf_counter() - t0):,.0f}/s)"
                                   + (f", {r.failed} failed: {r.first_error}" if r.failed else ""))
+                        runs: dict[str, list[tuple[RunResult, str]]] = {m: [] for m in methods}
+                        for rep in range(args.repeat):
+                            for m in methods:
+                                if table.count() != n:  # restore after a run that deleted too much or too little
+                                    table.flush(DumpFilter())
+                                    insert(None, sc.entries(), table=table)
+                                pb.set_description(f"N={n} E={e} {m}")
+                                _progress(f"N={n} E={e}: running {m} ({rep + 1}/{args.repeat})")
+                                res = _run_worker(m, ns.name, sc, opts.get(m.partition("@")[0], {}),
+                                                  warm=not args.cold)
+                                verdict = _verify(table, sc)
+                                runs[m].append((res, verdict))
+                                pb.update(1)
+                                if jf:
+                                    jf.write(json.dumps({"n": n, "keys": e, "stale": sc.stale, "run": rep + 1,
+                                                         "verified": verdict, **asdict(res)}) + "\n")
+                                # Put the stale entries back for the next method.
+                                insert(None, sc.stale_entries(), table=table)
                         for m in methods:
-                            if table.count() != n:  # restore after a run that deleted too much or too little
-                                table.flush(DumpFilter())
-                                insert(None, sc.entries(), table=table)
-                            _progress(f"N={n} E={e}: running {m}")
-                            res = _run_worker(m, ns.name, sc, opts.get(m.partition("@")[0], {}), warm=not args.cold)
-                            verdict = _verify(table, sc)
-                            rows.append((sc, res, verdict))
-                            print(_row(sc, res, verdict), flush=True)
-                            if jf:
-                                jf.write(json.dumps({"n": n, "keys": e, "stale": sc.stale, "verified": verdict,
-                                                     **asdict(res)}) + "\n")
-                            # Put the stale entries back for the next method.
-                            insert(None, sc.stale_entries(), table=table)
+                            s = summarize(runs[m])
+                            rows.append((sc, s))
+                            pb.write(_row(sc, s), file=sys.stdout)
+                            sys.stdout.flush()
                 finally:
                     table.close()
     finally:
         if jf:
             jf.close()
-    return 0 if all(v == "ok" and not r.error for _, r, v in rows) else 1
+    return 0 if all(s.verdict == "ok" and not s.last.error for _, s in rows) else 1
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """A row: R runs of one method on one table, summarised (pure; see :func:`summarize`)."""
+
+    last: RunResult  # counts (requests, examined, deleted, pending) of the last run
+    runs: int
+    wall_median: float
+    wall_min: float
+    wall_max: float
+    cpu_median: float
+    peak_rss_mb: float  # the highest of the runs
+    base_rss_mb: float
+    verdict: str  # "ok" when every run was verified ok, else the first problem and its run
+
+
+def summarize(runs: list[tuple[RunResult, str]]) -> Summary:
+    """Median/min/max wall time over the runs that completed; the worst RSS; the first failed verdict."""
+    if not runs:
+        raise ValueError("no runs to summarize")
+    done = [r for r, _ in runs if not (r.error and r.wall == 0)] or [runs[-1][0]]
+    walls = [r.wall for r in done]
+    verdict = next((f"run {i + 1}: {v}" for i, (_, v) in enumerate(runs) if v != "ok"), "ok")
+    failed = next((r for r, _ in runs if r.error), None)
+    return Summary(
+        last=failed or runs[-1][0],
+        runs=len(runs),
+        wall_median=statistics.median(walls),
+        wall_min=min(walls),
+        wall_max=max(walls),
+        cpu_median=statistics.median(r.cpu for r in done),
+        peak_rss_mb=max(r.peak_rss_mb for r in done),
+        base_rss_mb=max(r.base_rss_mb for r in done),
+        verdict=verdict,
+    )
 
 
 def _methods(spec: str) -> list[str]:
@@ -363,14 +433,17 @@ def _children_cpu() -> float:
 
 
 def _header() -> str:
-    return (f"{'N':>9} {'E':>3} {'K':>5}  {'method':<26} {'wall_s':>8} {'cpu_s':>7} {'peak_MB':>8} {'base_MB':>8} "
-            f"{'requests':>8} {'examined':>9} {'deleted':>7} {'pending':>7}  verified")
+    return (f"{'N':>9} {'E':>3} {'K':>5}  {'method':<26} {'runs':>4} {'wall_med':>8} {'wall_min':>8} {'wall_max':>8} "
+            f"{'cpu_s':>7} {'peak_MB':>8} {'base_MB':>8} {'requests':>8} {'examined':>9} {'deleted':>7} "
+            f"{'pending':>7}  verified")
 
 
-def _row(sc: Scenario, r: RunResult, verdict: str) -> str:
+def _row(sc: Scenario, s: Summary) -> str:
+    r = s.last
     if r.error and r.wall == 0:
-        return f"{sc.n:>9} {sc.keys:>3} {sc.stale:>5}  {r.method:<26} error: {r.error}"
+        return f"{sc.n:>9} {sc.keys:>3} {sc.stale:>5}  {r.method:<26} {s.runs:>4} error: {r.error}"
     ex = "-" if r.examined < 0 else str(r.examined)
     tail = f"  ({r.error})" if r.error else ""
-    return (f"{sc.n:>9} {sc.keys:>3} {sc.stale:>5}  {r.method:<26} {r.wall:>8.3f} {r.cpu:>7.3f} {r.peak_rss_mb:>8.1f} "
-            f"{r.base_rss_mb:>8.1f} {r.requests:>8} {ex:>9} {r.deleted:>7} {r.pending:>7}  {verdict}{tail}")
+    return (f"{sc.n:>9} {sc.keys:>3} {sc.stale:>5}  {r.method:<26} {s.runs:>4} {s.wall_median:>8.3f} "
+            f"{s.wall_min:>8.3f} {s.wall_max:>8.3f} {s.cpu_median:>7.3f} {s.peak_rss_mb:>8.1f} "
+            f"{s.base_rss_mb:>8.1f} {r.requests:>8} {ex:>9} {r.deleted:>7} {r.pending:>7}  {s.verdict}{tail}")

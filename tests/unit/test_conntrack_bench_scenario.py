@@ -31,3 +31,36 @@ def test_variant_options():
     assert _split_variant("targeted@dump-entry-us=4;key-walk-us=0.2", {"sctp": "false"}) == (
         "targeted", {"sctp": "false", "dump-entry-us": "4", "key-walk-us": "0.2"})
     assert _split_variant("full", {}) == ("full", {})
+
+
+def test_summary_of_repeated_runs():
+    from refproxy.bench.cleanup import RunResult, summarize
+
+    runs = [(RunResult("full", wall=w, cpu=w / 2, peak_rss_mb=20 + w, base_rss_mb=19, examined=9, deleted=3), v)
+            for w, v in ((3.0, "ok"), (1.0, "ok"), (5.0, "2 stale left"), (2.0, "ok"))]
+    s = summarize(runs)
+    assert (s.runs, s.wall_median, s.wall_min, s.wall_max) == (4, 2.5, 1.0, 5.0)
+    assert s.cpu_median == 1.25 and s.peak_rss_mb == 25.0
+    assert s.verdict == "run 3: 2 stale left"
+    assert summarize(runs[:2]).verdict == "ok"
+
+
+def test_failed_run_is_reported_and_not_timed():
+    from refproxy.bench.cleanup import RunResult, summarize
+
+    s = summarize([(RunResult("full", wall=1.0), "ok"), (RunResult("full", error="boom"), "ok")])
+    assert s.last.error == "boom" and s.wall_median == 1.0 and s.runs == 2
+
+
+def test_repeat_and_prefix_flags():
+    import argparse
+
+    from refproxy.bench.cleanup import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    a = p.parse_args(["--repeat", "5", "--netns-prefix", "rpf1m"])
+    assert (a.repeat, a.netns_prefix) == (5, "rpf1m")
+    assert p.parse_args([]).netns_prefix == "rpbench"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--repeat", "0"])
