@@ -7,8 +7,10 @@ server or the kind checks. Only what a caller asks for is set, plus the
 fields every real object has (``kind``, ``apiVersion``, name, namespace, the
 ``kubernetes.io/service-name`` label, ``addressType``), so a test shows
 exactly the inputs it depends on. Pure: no I/O, no validation — an invalid
-object (a bad IP, a missing name) is built as asked, because tests of the
-skipping paths need those too.
+object (a bad IP, a missing name, ``ports="53"``, a port that is a string)
+is built as asked, because tests of the skipping paths need those too:
+list arguments are copied item by item (mappings shallow-copied), anything
+else is kept verbatim.
 
 Example::
 
@@ -29,10 +31,20 @@ __all__ = ["port", "service", "endpoint", "slice_port", "endpoint_slice", "SERVI
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 
-def port(number: int, protocol: str = "UDP", *, name: str | None = None, target_port: int | str | None = None,
+def _items(xs: Any) -> Any:
+    """A fresh list of ``xs``'s items (mappings copied); a non-list value (hostile input) verbatim."""
+    if isinstance(xs, (str, bytes, Mapping)) or not isinstance(xs, Iterable):
+        return xs
+    return [dict(x) if isinstance(x, Mapping) else x for x in xs]
+
+
+def port(number: int, protocol: str | None = "UDP", *, name: str | None = None, target_port: int | str | None = None,
          node_port: int | None = None) -> dict[str, Any]:
-    """One entry of a Service's ``spec.ports``; ``name``, ``targetPort`` and ``nodePort`` only when given."""
-    p: dict[str, Any] = {"port": number, "protocol": protocol}
+    """One entry of a Service's ``spec.ports``; ``name``, ``targetPort``, ``nodePort`` only when given,
+    ``protocol`` left out when ``None`` (the API server defaults it to TCP)."""
+    p: dict[str, Any] = {"port": number}
+    if protocol is not None:
+        p["protocol"] = protocol
     if name is not None:
         p["name"] = name
     if target_port is not None:
@@ -43,7 +55,7 @@ def port(number: int, protocol: str = "UDP", *, name: str | None = None, target_
 
 
 def service(name: str, namespace: str = "default", *, cluster_ip: str | None = "198.19.0.10",
-            ports: Iterable[Mapping[str, Any]] | None = None, type: str | None = None,
+            ports: Iterable[Any] | None = None, type: str | None = None,
             external_ips: Iterable[str] = (), load_balancer_ips: Iterable[str] = (),
             resource_version: str | None = None, uid: str | None = None,
             labels: Mapping[str, str] | None = None, status: Mapping[str, Any] | None = None,
@@ -65,14 +77,14 @@ def service(name: str, namespace: str = "default", *, cluster_ip: str | None = "
         meta["uid"] = uid
     if labels is not None:
         meta["labels"] = dict(labels)
-    ps = [dict(p) for p in ports] if ports is not None else [port(53, name="dns", target_port=5353)]
+    ps = _items(ports) if ports is not None else [port(53, name="dns", target_port=5353)]
     body: dict[str, Any] = {}
     if cluster_ip is not None:
         body["clusterIP"] = cluster_ip
     lbs = list(load_balancer_ips)
     if type is None and lbs:
         type = "LoadBalancer"
-    elif type is None and any(p.get("nodePort") for p in ps):
+    elif type is None and isinstance(ps, list) and any(isinstance(p, Mapping) and p.get("nodePort") for p in ps):
         type = "NodePort"
     if type is not None:
         body["type"] = type
@@ -108,16 +120,18 @@ def endpoint(*addresses: str, ready: bool | None = None, serving: bool | None = 
     return e
 
 
-def slice_port(number: int, protocol: str = "UDP", *, name: str | None = None) -> dict[str, Any]:
-    """One entry of an EndpointSlice's ``ports`` (the endpoints' target port)."""
-    p: dict[str, Any] = {"port": number, "protocol": protocol}
+def slice_port(number: int, protocol: str | None = "UDP", *, name: str | None = None) -> dict[str, Any]:
+    """One entry of an EndpointSlice's ``ports`` (the endpoints' target port); ``protocol=None`` leaves it out."""
+    p: dict[str, Any] = {"port": number}
+    if protocol is not None:
+        p["protocol"] = protocol
     if name is not None:
         p["name"] = name
     return p
 
 
-def endpoint_slice(service: str, namespace: str = "default", *, endpoints: Iterable[Mapping[str, Any]] = (),
-                   ports: Iterable[Mapping[str, Any]] | None = None, name: str | None = None,
+def endpoint_slice(service: str, namespace: str = "default", *, endpoints: Iterable[Any] = (),
+                   ports: Iterable[Any] | None = None, name: str | None = None,
                    address_type: str = "IPv4", resource_version: str | None = None,
                    labels: Mapping[str, str] | None = None,
                    annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -142,6 +156,6 @@ def endpoint_slice(service: str, namespace: str = "default", *, endpoints: Itera
         "apiVersion": "discovery.k8s.io/v1",
         "metadata": meta,
         "addressType": address_type,
-        "ports": [dict(p) for p in ports] if ports is not None else [slice_port(5353, name="dns")],
-        "endpoints": [dict(e) for e in endpoints],
+        "ports": _items(ports) if ports is not None else [slice_port(5353, name="dns")],
+        "endpoints": _items(endpoints),
     }

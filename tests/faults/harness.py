@@ -27,6 +27,7 @@ from pathlib import Path
 
 from refproxy.conntrack.types import IPPROTO_UDP, DumpFilter, TupleFilter
 from refproxy.model import IPFamily
+from refproxy.testing import objects
 
 HERE = Path(__file__).resolve().parent
 PREFIX = "rpf"
@@ -51,17 +52,14 @@ def wait(pred: Callable[[], object], timeout: float = 30.0, step: float = 0.1):
 # -- manifests ---------------------------------------------------------------
 
 def service(name: str, ns: str, ip: str, port: int, target: int) -> dict:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
-            "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip], "ipFamilies": ["IPv4"],
-                     "ports": [{"name": "udp", "protocol": "UDP", "port": port, "targetPort": target}]}}
+    return objects.service(name, ns, cluster_ip=ip, type="ClusterIP", clusterIPs=[ip], ipFamilies=["IPv4"],
+                           ports=[objects.port(port, name="udp", target_port=target)])
 
 
 def endpoint_slice(name: str, ns: str, ips, port: int) -> dict:
-    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
-            "metadata": {"name": f"{name}-abc", "namespace": ns, "labels": {"kubernetes.io/service-name": name}},
-            "ports": [{"name": "udp", "protocol": "UDP", "port": port}],
-            "endpoints": [{"addresses": [ip], "conditions": {"ready": True, "serving": True, "terminating": False},
-                           "nodeName": NODE} for ip in ips]}
+    return objects.endpoint_slice(name, ns, name=f"{name}-abc", ports=[objects.slice_port(port, name="udp")],
+                                  endpoints=[objects.endpoint(ip, ready=True, serving=True, terminating=False,
+                                                              node_name=NODE) for ip in ips])
 
 
 def dns_objects(dns_ip: str) -> list[dict]:

@@ -27,6 +27,7 @@ from refproxy.conntrack.probe import kernel_support
 from refproxy.conntrack.types import IPPROTO_TCP, IPPROTO_UDP, DumpFilter, TupleFilter
 from refproxy.errors import ConntrackUnsupported
 from refproxy.model import IPFamily
+from refproxy.testing import objects
 from refproxy.testing.dualstack import (
     ECHO_IP,
     NP_UDP,
@@ -236,22 +237,17 @@ NODE_NAME = "node-1"
 
 
 def _service(name: str, ns: str, family_ips: dict, port: int, target: int, node_port: int | None = None) -> dict:
-    p = {"name": "udp", "port": port, "protocol": "UDP", "targetPort": target}
-    if node_port:
-        p["nodePort"] = node_port
     ips = [family_ips[V4], family_ips[V6]]
-    return {"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": ns, "resourceVersion": "1"},
-            "spec": {"type": "NodePort" if node_port else "ClusterIP", "clusterIP": ips[0], "clusterIPs": ips,
-                     "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack", "ports": [p]}}
+    return objects.service(name, ns, cluster_ip=ips[0], type="NodePort" if node_port else "ClusterIP",
+                           resource_version="1", clusterIPs=ips, ipFamilies=["IPv4", "IPv6"],
+                           ipFamilyPolicy="RequireDualStack",
+                           ports=[objects.port(port, name="udp", target_port=target, node_port=node_port or None)])
 
 
 def _slice(service: str, ns: str, family: IPFamily, ips: list[str], port: int, rv: str) -> dict:
-    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": family.name,
-            "metadata": {"name": f"{service}-{family.name.lower()}", "namespace": ns, "resourceVersion": rv,
-                         "labels": {"kubernetes.io/service-name": service}},
-            "ports": [{"name": "udp", "port": port, "protocol": "UDP"}],
-            "endpoints": [{"addresses": [ip], "conditions": {"ready": True}} for ip in ips]}
+    return objects.endpoint_slice(service, ns, name=f"{service}-{family.name.lower()}", address_type=family.name,
+                                  resource_version=rv, ports=[objects.slice_port(port, name="udp")],
+                                  endpoints=[objects.endpoint(ip, ready=True) for ip in ips])
 
 
 def _publish(store, labs: dict, echo_pods: tuple[str, ...], rv: str) -> None:

@@ -23,6 +23,7 @@ import yaml
 from test_run_process import _wait
 
 from refproxy.lab.topology import Topology
+from refproxy.testing import objects
 
 pytestmark = pytest.mark.kernel
 
@@ -33,17 +34,14 @@ DNS_IP, ECHO_IP, TARGET = "198.19.0.10", "198.19.0.20", 8080
 
 
 def service(name, ns, ip, port, target):
-    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
-            "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip], "ipFamilies": ["IPv4"],
-                     "ports": [{"name": "udp", "protocol": "UDP", "port": port, "targetPort": target}]}}
+    return objects.service(name, ns, cluster_ip=ip, type="ClusterIP", clusterIPs=[ip], ipFamilies=["IPv4"],
+                           ports=[objects.port(port, name="udp", target_port=target)])
 
 
 def endpoint_slice(name, ns, ips, port):
-    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
-            "metadata": {"name": f"{name}-abc", "namespace": ns, "labels": {"kubernetes.io/service-name": name}},
-            "ports": [{"name": "udp", "protocol": "UDP", "port": port}],
-            "endpoints": [{"addresses": [ip], "conditions": {"ready": True, "serving": True, "terminating": False},
-                           "nodeName": NODE} for ip in ips]}
+    return objects.endpoint_slice(name, ns, name=f"{name}-abc", ports=[objects.slice_port(port, name="udp")],
+                                  endpoints=[objects.endpoint(ip, ready=True, serving=True, terminating=False,
+                                                              node_name=NODE) for ip in ips])
 
 
 def node(topo, **meta):

@@ -13,20 +13,17 @@ import urllib.request
 
 import pytest
 
+from refproxy.testing import objects
 from refproxy.testing.apiserver import APIServer, parse_field_selector, parse_label_selector
 
 
 def svc(name, ns="ns", labels=None, ip="198.19.0.1"):
-    meta = {"name": name, "namespace": ns}
-    if labels:
-        meta["labels"] = labels
-    return {"kind": "Service", "apiVersion": "v1", "metadata": meta, "spec": {"clusterIP": ip}}
+    return objects.service(name, ns, cluster_ip=ip, labels=labels or None)
 
 
 def sl(name, service, ns="ns", extra=None):
-    labels = {"kubernetes.io/service-name": service, **(extra or {})}
-    return {"kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
-            "metadata": {"name": name, "namespace": ns, "labels": labels}, "addressType": "IPv4", "endpoints": []}
+    return objects.endpoint_slice(service, ns, name=name,
+                                  labels={objects.SERVICE_NAME_LABEL: service, **(extra or {})})
 
 
 @pytest.fixture

@@ -11,40 +11,25 @@ from hypothesis import strategies as st
 
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePortName, Snapshot
 from refproxy.snapshot import Problem, SnapshotBuilder, build_snapshot
+from refproxy.testing import objects
 
 V4, V6 = IPFamily.IPv4, IPFamily.IPv6
 UDP, TCP = Protocol.UDP, Protocol.TCP
 
 
 def svc(name="dns", ns="kube-system", *, ports=None, rv=None, labels=None, status=None, **spec):
-    meta = {"name": name, "namespace": ns}
-    if rv is not None:
-        meta["resourceVersion"] = rv
-        meta["uid"] = f"uid-{ns}-{name}"
-    if labels is not None:
-        meta["labels"] = labels
-    spec.setdefault("clusterIP", "198.19.0.10")
-    spec["ports"] = ports if ports is not None else [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53}]
-    obj = {"kind": "Service", "apiVersion": "v1", "metadata": meta, "spec": spec}
-    if status is not None:
-        obj["status"] = status
-    return obj
+    """A Service with this file's defaults: UDP 53 -> 53 named dns; ``rv`` also sets a uid."""
+    return objects.service(name, ns, ports=[objects.port(53, name="dns", target_port=53)] if ports is None else ports,
+                           resource_version=rv, uid=None if rv is None else f"uid-{ns}-{name}", labels=labels,
+                           status=status, **spec)
 
 
 def eps(service="dns", ns="kube-system", name=None, *, endpoints=None, ports=None, addr_type="IPv4",
         labels=None, rv=None):
-    meta = {"name": name or f"{service}-abcde", "namespace": ns,
-            "labels": {"kubernetes.io/service-name": service} if labels is None else labels}
-    if rv is not None:
-        meta["resourceVersion"] = rv
-    return {
-        "kind": "EndpointSlice",
-        "apiVersion": "discovery.k8s.io/v1",
-        "metadata": meta,
-        "addressType": addr_type,
-        "ports": ports if ports is not None else [{"name": "dns", "port": 5353, "protocol": "UDP"}],
-        "endpoints": endpoints if endpoints is not None else [{"addresses": ["198.18.1.2"], "nodeName": "node-a"}],
-    }
+    """An EndpointSlice with this file's defaults: one endpoint 198.18.1.2 on node-a, UDP 5353 named dns."""
+    return objects.endpoint_slice(
+        service, ns, name=name or None, address_type=addr_type, labels=labels, resource_version=rv, ports=ports,
+        endpoints=[objects.endpoint("198.18.1.2", node_name="node-a")] if endpoints is None else endpoints)
 
 
 DNS = ServicePortName("kube-system", "dns", "dns", UDP)

@@ -14,15 +14,13 @@ from refproxy.model import IPFamily
 from refproxy.snapshot import build_snapshot
 from refproxy.sources.base import Source
 from refproxy.sources.files import FilesSource, load_manifests
+from refproxy.testing import objects
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "manifests"
 
-SVC = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a", "namespace": "ns"},
-       "spec": {"clusterIP": "198.19.0.1", "ports": [{"port": 53, "protocol": "UDP"}]}}
-SLICE = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-         "metadata": {"name": "a-1", "namespace": "ns", "labels": {"kubernetes.io/service-name": "a"}},
-         "addressType": "IPv4", "ports": [{"port": 53, "protocol": "UDP"}],
-         "endpoints": [{"addresses": ["198.18.1.1"]}]}
+SVC = objects.service("a", "ns", cluster_ip="198.19.0.1", ports=[objects.port(53)])
+SLICE = objects.endpoint_slice("a", "ns", name="a-1", ports=[objects.slice_port(53)],
+                               endpoints=[objects.endpoint("198.18.1.1")])
 
 
 def test_examples_load_and_build_cleanly():
@@ -257,7 +255,7 @@ def test_watch_node_helper_and_third_party_sources(tmp_path):
 
 
 def svc_named(name, ip="198.19.0.1"):
-    return {**SVC, "metadata": {"name": name, "namespace": "ns"}, "spec": {**SVC["spec"], "clusterIP": ip}}
+    return objects.service(name, "ns", cluster_ip=ip, ports=[objects.port(53)])
 
 
 def _old(path: Path, seconds: int = 3600):

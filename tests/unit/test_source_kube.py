@@ -14,21 +14,16 @@ from refproxy.errors import ConfigError
 from refproxy.sources import kube as kube_mod
 from refproxy.sources.base import Source
 from refproxy.sources.kube import Backoff, KubeSource, kube_client_config
+from refproxy.testing import objects
 from refproxy.testing.apiserver import APIServer
 
 
 def svc(name, ns="ns", ip="198.19.0.1", labels=None):
-    meta = {"name": name, "namespace": ns}
-    if labels:
-        meta["labels"] = labels
-    return {"kind": "Service", "apiVersion": "v1", "metadata": meta,
-            "spec": {"clusterIP": ip, "ports": [{"port": 53, "protocol": "UDP"}]}}
+    return objects.service(name, ns, cluster_ip=ip, ports=[objects.port(53)], labels=labels or None)
 
 
 def sl(name, service, ns="ns"):
-    return {"kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
-            "metadata": {"name": name, "namespace": ns, "labels": {"kubernetes.io/service-name": service}},
-            "addressType": "IPv4", "endpoints": [{"addresses": ["198.18.1.1"]}]}
+    return objects.endpoint_slice(service, ns, name=name, endpoints=[objects.endpoint("198.18.1.1")])
 
 
 def until(pred, timeout=5.0, step=0.02):

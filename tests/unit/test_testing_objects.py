@@ -34,3 +34,15 @@ def test_only_what_is_asked_is_set():
     a = obj.endpoint_slice("s")
     a["ports"].append({})
     assert len(obj.endpoint_slice("s")["ports"]) == 1
+
+
+def test_hostile_shapes_are_built_as_asked():
+    """Tests of the skipping paths need values no real object has: kept verbatim, not coerced."""
+    assert obj.port(53, None) == {"port": 53}  # protocol left to the API server's default
+    assert obj.slice_port(53, None, name="dns") == {"port": 53, "name": "dns"}
+    svc = obj.service("s", ports={"port": 53})  # not a list
+    assert svc["spec"]["ports"] == {"port": 53} and "type" not in svc["spec"]
+    svc = obj.service("s", ports=[obj.port(53, node_port=30053), "53/UDP"])  # one item not a mapping
+    assert svc["spec"]["ports"][1] == "53/UDP" and svc["spec"]["type"] == "NodePort"
+    sl = obj.endpoint_slice("s", ports="53", endpoints={"addresses": ["198.18.1.2"]})
+    assert (sl["ports"], sl["endpoints"]) == ("53", {"addresses": ["198.18.1.2"]})
