@@ -7,21 +7,12 @@ import json
 import pytest
 
 from refproxy.cli import main
+from refproxy.testing.objects import endpoint, endpoint_slice, port, service, slice_port
 
-SERVICE = {
-    "apiVersion": "v1", "kind": "Service",
-    "metadata": {"name": "kube-dns", "namespace": "kube-system"},
-    "spec": {"clusterIP": "198.19.0.10", "type": "NodePort",
-             "ports": [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53, "nodePort": 30053}]},
-}
-SLICE = {
-    "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-    "metadata": {"name": "kube-dns-1", "namespace": "kube-system",
-                 "labels": {"kubernetes.io/service-name": "kube-dns"}},
-    "addressType": "IPv4",
-    "endpoints": [{"addresses": ["198.18.1.2"], "conditions": {"ready": True}}],
-    "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}],
-}
+SERVICE = service("kube-dns", "kube-system", cluster_ip="198.19.0.10",
+                  ports=[port(53, name="dns", target_port=53, node_port=30053)])
+SLICE = endpoint_slice("kube-dns", "kube-system", name="kube-dns-1",
+                       endpoints=[endpoint("198.18.1.2", ready=True)], ports=[slice_port(53, name="dns")])
 
 
 @pytest.fixture
