@@ -23,10 +23,15 @@ from refproxy.cleanup.api import (
     ConntrackError,
     ConntrackTable,
     DumpFilter,
+    OptionSpec,
     StaleIndex,
 )
 
-__all__ = ["Meter", "Tally", "Budget", "Scan", "protocols_for", "summarize_failures"]
+__all__ = ["Meter", "Tally", "Budget", "Scan", "SCTP_OPTION", "protocols_for", "summarize_failures"]
+
+
+SCTP_OPTION = OptionSpec("sctp", "also clean SCTP service ports (true/false)", "false")
+"""The ``sctp`` option every built-in plugin offers; read it with :func:`protocols_for`."""
 
 
 def protocols_for(sctp: bool) -> frozenset[int]:

@@ -34,7 +34,7 @@ from refproxy.cleanup.api import (
     OptionSpec,
     StaleIndex,
 )
-from refproxy_plugins._common import Meter, Scan, Tally, protocols_for
+from refproxy_plugins._common import SCTP_OPTION, Meter, Scan, Tally, protocols_for
 
 __all__ = ["FullCleanup"]
 
@@ -48,7 +48,7 @@ class FullCleanup:
         "kube-proxy 1.32+ reconciler: dump every UDP entry, match in userspace, batched deletes"
     )
     options: ClassVar[tuple[OptionSpec, ...]] = (
-        OptionSpec("sctp", "also clean SCTP service ports (true/false)", "false"),
+        SCTP_OPTION,
     )
 
     def __init__(self, options: Mapping[str, str] = EMPTY_MAPPING, *, clock: Callable[[], float] = time.monotonic):

@@ -112,7 +112,7 @@ from refproxy.cleanup.api import (
     OptionSpec,
     StaleIndex,
 )
-from refproxy_plugins._common import Meter, Tally, protocols_for
+from refproxy_plugins._common import SCTP_OPTION, Meter, Tally, protocols_for
 
 __all__ = ["ReconcileCleanup"]
 
@@ -127,7 +127,7 @@ class ReconcileCleanup:
         "one delete per round trip, inside the rule sync"
     )
     options: ClassVar[tuple[OptionSpec, ...]] = (
-        OptionSpec("sctp", "also clean SCTP service ports (true/false)", "false"),
+        SCTP_OPTION,
     )
     runs_in_sync: ClassVar[bool] = True
     """Run inside the rule sync, as ``syncProxyRules`` runs ``CleanStaleEntries`` (api module doc)."""
@@ -145,15 +145,11 @@ class ReconcileCleanup:
             request.current, request.previous, request.node_addresses, self.protocols, self._carry
         )
         listed = relisted = 0
-        broken = False
         stale: set[ConntrackEntry] = set()
         # 1. ListEntries: the whole table of the family, materialised.
-        try:
-            flows = list(table.dump())
-        except ConntrackError as err:
-            tally.errors.append(f"list every entry: {err}")
-            broken = True
-            flows = []
+        flows = _list_all(table, tally, "list every entry")
+        broken = flows is None
+        flows = flows or []
         listed = len(flows)
         # 2-3. Match every flow in userspace.
         is_stale = index.is_stale
@@ -165,12 +161,9 @@ class ReconcileCleanup:
         # 4. ClearEntries -> ConntrackDeleteFilters: list again, one delete per match.
         attempted = 0
         if stale and not broken:
-            try:
-                flows = list(table.dump())
-            except ConntrackError as err:
-                tally.errors.append(f"list every entry again to delete {len(stale)}: {err}")
-                broken = True
-                flows = []
+            flows = _list_all(table, tally, f"list every entry again to delete {len(stale)}")
+            broken = flows is None
+            flows = flows or []
             relisted = len(flows)
             tally.examined += relisted
             for e in flows:
@@ -203,3 +196,12 @@ class ReconcileCleanup:
                 "retired_carried": float(len(self._carry)),
             },
         )
+
+
+def _list_all(table: ConntrackTable, tally: Tally, what: str) -> list[ConntrackEntry] | None:
+    """The whole table materialised, as upstream's ``ListEntries``; ``None`` (error recorded) if the dump failed."""
+    try:
+        return list(table.dump())
+    except ConntrackError as err:
+        tally.errors.append(f"{what}: {err}")
+        return None

@@ -57,7 +57,7 @@ from refproxy.cleanup.api import (
     TupleFilter,
     affected_frontends,
 )
-from refproxy_plugins._common import Budget, Meter, Scan, Tally, protocols_for
+from refproxy_plugins._common import SCTP_OPTION, Budget, Meter, Scan, Tally, protocols_for
 
 __all__ = ["TargetedCleanup", "FULL", "PortGroup", "Scope"]
 
@@ -110,7 +110,7 @@ class TargetedCleanup:
         OptionSpec("key-walk-us", "cost model: microseconds per table entry of one kernel-filtered walk", "0.3"),
         OptionSpec("dump-entry-us", "cost model: microseconds per entry decoded by a protocol-filtered dump", "3.5"),
         OptionSpec("flush-retired", "flush a deleted Service's entries in the kernel in one request", "true"),
-        OptionSpec("sctp", "also clean SCTP service ports (true/false)", "false"),
+        SCTP_OPTION,
     )
 
     def __init__(self, options: Mapping[str, str] = EMPTY_MAPPING, *, clock: Callable[[], float] = time.monotonic):
