@@ -25,7 +25,7 @@ import argparse
 import enum
 import ipaddress
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -511,21 +511,7 @@ def _finish(args: argparse.Namespace, v: dict[str, Any], file_cfg: FileConfig | 
     except ValueError:
         raise ConfigError(f"{where('--bind-address', 'bindAddress')}: {v['bindAddress']!r} is not an IP") from None
     cidrs = _cidrs(v["clusterCIDR"] or "", where("--cluster-cidr", "clusterCIDR"))
-    try:
-        local_mode = DetectLocalMode(v["detectLocalMode"] or "ClusterCIDR")
-    except ValueError:
-        raise ConfigError(f"{where('--detect-local-mode', 'detectLocalMode')}: {v['detectLocalMode']!r} is not one "
-                          "of ClusterCIDR, NodeCIDR, BridgeInterface, InterfaceNamePrefix") from None
-    bridge, prefix = v["detectLocal.bridgeInterface"] or "", v["detectLocal.interfaceNamePrefix"] or ""
-    if local_mode is DetectLocalMode.BRIDGE_INTERFACE and not bridge:
-        raise ConfigError(f"{where('--pod-bridge-interface', 'detectLocal.bridgeInterface')} must be set "
-                          "with detect-local-mode BridgeInterface")
-    if local_mode is DetectLocalMode.INTERFACE_NAME_PREFIX and not prefix:
-        raise ConfigError(f"{where('--pod-interface-name-prefix', 'detectLocal.interfaceNamePrefix')} must be set "
-                          "with detect-local-mode InterfaceNamePrefix")
-    for name in (bridge, prefix):
-        if name and (len(name) > 15 or not all(c.isalnum() or c in "-_.@" for c in name)):
-            raise ConfigError(f"interface name {name!r} is not a valid Linux interface name")
+    local_mode, bridge, prefix = _detect_local(v, where)
     nodeports = _nodeport_list(v["nodePortAddresses"] or (), where("--nodeport-addresses", "nodePortAddresses"))
     sync = v["iptables.syncPeriod"]
     min_sync = v["iptables.minSyncPeriod"]
@@ -534,26 +520,15 @@ def _finish(args: argparse.Namespace, v: dict[str, Any], file_cfg: FileConfig | 
     if min_sync > sync:
         raise ConfigError(f"{where('--iptables-min-sync-period', 'iptables.minSyncPeriod')} must not exceed "
                           "the sync period")
-    metrics = parse_hostport(v["metricsBindAddress"], 10249) if v["metricsBindAddress"] else None
-    healthz = parse_hostport(v["healthzBindAddress"], 10256) if v["healthzBindAddress"] else None
-    # An explicit port 0 disables a server too (kube-proxy's --*-port=0).
-    metrics = metrics if metrics and metrics[1] else None
-    healthz = healthz if healthz and healthz[1] else None
+    metrics = _server_address(v["metricsBindAddress"], 10249)
+    healthz = _server_address(v["healthzBindAddress"], 10256)
 
     source = getattr(args, "source", "files") or "files"
     manifests = getattr(args, "manifests", None)
     if source == "files" and not manifests:
         raise ConfigError("--source files needs --manifests DIR")
-    plugin = getattr(args, "cleanup_plugin", None)
-    if plugin is None and file_cfg is not None:
-        plugin = file_cfg.cleanup_plugin
-    opts = [split_key_value(item, what="--cleanup-plugin-opt") for item in getattr(args, "cleanup_opt", None) or ()]
-    if not opts and file_cfg is not None and not getattr(args, "cleanup_plugin", None):
-        opts = list(file_cfg.cleanup_options)
-    hostname = getattr(args, "hostname_override", None)
-    if hostname is not None and not hostname.strip():
-        raise ConfigError("--hostname-override: empty hostname-override is invalid")
-    hostname = (hostname or v.get("hostnameOverride") or socket.gethostname()).strip().lower()
+    plugin, opts = _cleanup_choice(args, file_cfg)
+    hostname = _hostname(getattr(args, "hostname_override", None), v.get("hostnameOverride"))
     families = _families(getattr(args, "ip_family", None), v["bindAddress"], cidrs)
     klog_v = getattr(args, "klog_v", None)
     verbosity = klog_v if klog_v is not None else int(v.get("logging.verbosity") or 0)
@@ -598,6 +573,50 @@ def _finish(args: argparse.Namespace, v: dict[str, Any], file_cfg: FileConfig | 
         config_text=file_cfg.source_text if file_cfg is not None else "",
         warnings=tuple(warnings),
     )
+
+
+def _detect_local(v: dict[str, Any], where: Callable[[str, str], str]) -> tuple[DetectLocalMode, str, str]:
+    """``detectLocalMode`` and the interface it needs (kube-proxy's validation of the detect-local fields)."""
+    try:
+        local_mode = DetectLocalMode(v["detectLocalMode"] or "ClusterCIDR")
+    except ValueError:
+        raise ConfigError(f"{where('--detect-local-mode', 'detectLocalMode')}: {v['detectLocalMode']!r} is not one "
+                          "of ClusterCIDR, NodeCIDR, BridgeInterface, InterfaceNamePrefix") from None
+    bridge, prefix = v["detectLocal.bridgeInterface"] or "", v["detectLocal.interfaceNamePrefix"] or ""
+    if local_mode is DetectLocalMode.BRIDGE_INTERFACE and not bridge:
+        raise ConfigError(f"{where('--pod-bridge-interface', 'detectLocal.bridgeInterface')} must be set "
+                          "with detect-local-mode BridgeInterface")
+    if local_mode is DetectLocalMode.INTERFACE_NAME_PREFIX and not prefix:
+        raise ConfigError(f"{where('--pod-interface-name-prefix', 'detectLocal.interfaceNamePrefix')} must be set "
+                          "with detect-local-mode InterfaceNamePrefix")
+    for name in (bridge, prefix):
+        if name and (len(name) > 15 or not all(c.isalnum() or c in "-_.@" for c in name)):
+            raise ConfigError(f"interface name {name!r} is not a valid Linux interface name")
+    return local_mode, bridge, prefix
+
+
+def _server_address(text: str | None, default_port: int) -> tuple[str, int] | None:
+    """A metrics/healthz ``host:port``; ``None`` when unset or port 0 (kube-proxy's ``--*-port=0`` disables it)."""
+    addr = parse_hostport(text, default_port) if text else None
+    return addr if addr and addr[1] else None
+
+
+def _cleanup_choice(args: argparse.Namespace, file_cfg: FileConfig | None) -> tuple[str | None, list[tuple[str, str]]]:
+    """The cleanup plugin and its options: flags win; the file's options only come with the file's plugin."""
+    plugin = getattr(args, "cleanup_plugin", None)
+    if plugin is None and file_cfg is not None:
+        plugin = file_cfg.cleanup_plugin
+    opts = [split_key_value(item, what="--cleanup-plugin-opt") for item in getattr(args, "cleanup_opt", None) or ()]
+    if not opts and file_cfg is not None and not getattr(args, "cleanup_plugin", None):
+        opts = list(file_cfg.cleanup_options)
+    return plugin, opts
+
+
+def _hostname(flag: str | None, field_: str | None) -> str:
+    """The node name: ``--hostname-override``, else ``hostnameOverride``, else the host's name (lowercased)."""
+    if flag is not None and not flag.strip():
+        raise ConfigError("--hostname-override: empty hostname-override is invalid")
+    return (flag or field_ or socket.gethostname()).strip().lower()
 
 
 def _families(choice: str | None, bind: str, cidrs: tuple[str, ...]) -> tuple[IPFamily, ...]:
