@@ -571,16 +571,17 @@ def render_nft(
         stale_chains = sorted(old_chains - new_chains)
         stale_sets = sorted(old_sets - set(new_sets))
         out += _base(config, ctx.node_ips, pre)
-        # Flush what goes away first: its rules may reference other stale objects.
+        # Contract 4: flush every chain that is rewritten or goes away (their
+        # rules reference the stale ones), then delete the stale chains and sets.
+        written = list(ports.values())
+        for po in written:
+            for c, _ in po.chains:
+                out += [f"add chain {pre} {c}", f"flush chain {pre} {c}"]
         out += [f"flush chain {pre} {c}" for c in stale_chains]
         out += [f"delete chain {pre} {c}" for c in stale_chains]
         # A set whose timeout changed is re-created (an add cannot change it).
         retimed = sorted(s for s, t in new_sets.items()
                          if previous is not None and previous.sets.get(s, t) != t)
-        written = list(ports.values())
-        for po in written:
-            for c, _ in po.chains:
-                out += [f"add chain {pre} {c}", f"flush chain {pre} {c}"]
         out += [f"delete set {pre} {s}" for s in [*stale_sets, *retimed]]
         elements_deleted = 0
         add_items = [(k, state.element(k)) for k in owners]
