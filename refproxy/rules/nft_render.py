@@ -169,6 +169,12 @@ def _endpoint_base(ns: str, name: str, proto: str, port: str, address: str) -> s
 #: (set or map, key text) -> (value text, "" for sets; comment, "" for none)
 ElementKey = tuple[str, str]
 ElementValue = tuple[str, str]
+#: a port as an owner of elements: (namespace, name, port, protocol), cheap to hash, ordered like names
+OwnerKey = tuple[str, str, str, str]
+
+
+def _owner(name: ServicePortName) -> OwnerKey:
+    return (name.namespace, name.name, name.port, name.protocol.value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,7 +357,7 @@ class NftState:
 
     config: RenderConfig
     ports: Mapping[ServicePortName, PortObjects]
-    owners: Mapping[ElementKey, Mapping[ServicePortName, ElementValue]]
+    owners: Mapping[ElementKey, Mapping[OwnerKey, ElementValue]]
 
     def element(self, key: ElementKey) -> ElementValue | None:
         o = self.owners.get(key)
@@ -554,10 +560,15 @@ def render_nft(
             po = _objects(p, shape, warnings)
             if po is not None:
                 ports[p.name] = po
-        owners: dict[ElementKey, dict[ServicePortName, ElementValue]] = {}
+        owners: dict[ElementKey, dict[OwnerKey, ElementValue]] = {}
         for name, po in ports.items():
+            who = _owner(name)
             for k, v in po.elements:
-                owners.setdefault(k, {})[name] = v
+                o = owners.get(k)
+                if o is None:
+                    owners[k] = {who: v}
+                else:
+                    o[who] = v
         state = NftState(config, MappingProxyType(ports), MappingProxyType(owners))
         new_chains = state.chains
         new_sets = state.sets
@@ -605,7 +616,7 @@ def render_nft(
                 old_set_t.update(old.sets)
                 for k, _v in old.elements:
                     o = dict(owners_m[k])
-                    o.pop(name, None)
+                    o.pop(_owner(name), None)
                     if o:
                         owners_m[k] = o
                     else:
@@ -619,7 +630,7 @@ def render_nft(
             written.append(po)
             for k, v in po.elements:
                 o = dict(owners_m.get(k, {}))
-                o[name] = v
+                o[_owner(name)] = v
                 owners_m[k] = o
                 touched.add(k)
         state = NftState(config, MappingProxyType(ports), MappingProxyType(owners_m))
