@@ -44,7 +44,7 @@ from refproxy.config import (
     add_run_arguments,
     config_from_args,
 )
-from refproxy.errors import ConfigError
+from refproxy.errors import ConfigError, RestoreError
 from refproxy.log import kv
 from refproxy.model import IPFamily
 
@@ -91,11 +91,17 @@ def build_source(config: ProxyConfig):
     return KubeSource(kube_client_config(config.kubeconfig, config.master))
 
 
-def usable_families(wanted: tuple[IPFamily, ...]) -> tuple[IPFamily, ...]:
-    """The families of ``wanted`` this namespace can proxy (kube-proxy's platformCheckSupported)."""
+def usable_families(wanted: tuple[IPFamily, ...], mode: str = "iptables") -> tuple[IPFamily, ...]:
+    """The families of ``wanted`` this namespace can proxy in ``mode`` (kube-proxy's platformCheckSupported)."""
     out = []
     for fam in wanted:
         if fam is IPFamily.IPv6 and not os.path.exists("/proc/net/if_inet6"):
+            continue
+        if mode == "nftables":
+            from refproxy.rules.nft_apply import NftRunner
+
+            if shutil.which("nft") is not None and NftRunner(fam, timeout=30).available():
+                out.append(fam)
             continue
         save = "ip6tables-save" if fam is IPFamily.IPv6 else "iptables-save"
         if shutil.which(fam.iptables_restore) is None or shutil.which(save) is None:
@@ -165,21 +171,18 @@ def main(args: argparse.Namespace) -> int:
     # held until the process ends, released by the kernel even on SIGKILL.
     lock = acquire_instance_lock()  # noqa: F841 (kept alive for the process)
 
-    from refproxy.rules.apply import IptablesRunner
-
     if getattr(args, "cleanup_and_exit", None):
-        removed = 0
-        for fam in usable_families((IPFamily.IPv4, IPFamily.IPv6)):
-            removed += IptablesRunner(fam).cleanup_rules() or 0
+        removed = cleanup_all_modes()
         kv(log, logging.INFO, "Removed rules, exiting (--cleanup)", removed=removed)
         return 0
 
-    families = usable_families(config.families) if config.auto_families else config.families
+    families = usable_families(config.families, config.mode) if config.auto_families else config.families
     if config.auto_families and len(families) < len(config.families):
         kv(log, logging.WARNING, "Serving one IP family only (the kernel or ip6tables cannot serve the other)",
            families=",".join(f.name for f in families) or "none")
     if not families:
-        raise ConfigError("no IP family can be served here (iptables-restore / ip6tables-restore missing?)")
+        raise ConfigError("no IP family can be served here (iptables-restore / ip6tables-restore, "
+                          "or nft in nftables mode, missing?)")
     config = ProxyConfig(**{**{f: getattr(config, f) for f in config.__dataclass_fields__},
                             "families": families, "family": families[0]})
 
@@ -192,6 +195,19 @@ def main(args: argparse.Namespace) -> int:
         kv(log, logging.INFO, "Initialization done, exiting (--init-only)")
         return 0
     return _serve(config)
+
+
+def cleanup_all_modes(modes: tuple[str, ...] = ("iptables", "nftables")) -> int:
+    """Remove the rules of ``modes`` for every family this namespace has (kube-proxy's ``CleanupLeftovers``)."""
+    from refproxy.rules.apply import IptablesRunner
+    from refproxy.rules.nft_apply import NftRunner
+
+    removed = 0
+    for mode in modes:
+        for fam in usable_families((IPFamily.IPv4, IPFamily.IPv6), mode):
+            runner = NftRunner(fam) if mode == "nftables" else IptablesRunner(fam)
+            removed += runner.cleanup_rules() or 0
+    return removed
 
 
 def _loopback_nodeports(config: ProxyConfig) -> bool:
@@ -209,6 +225,7 @@ def _serve(config: ProxyConfig) -> int:
     from refproxy.nodeaddr import local_addresses
     from refproxy.proxier import Proxier
     from refproxy.rules.apply import IptablesRunner
+    from refproxy.rules.nft_apply import NftRunner
     from refproxy.runner import BoundedFrequencyRunner
     from refproxy.sources.base import watch_errors, watch_node
 
@@ -269,6 +286,15 @@ def _serve(config: ProxyConfig) -> int:
         return {"primary_cidrs": primary_nodeport_cidrs(node, config.bind_address),
                 "node_pod_cidrs": node_pod_cidrs(node) if node_cidr_mode else ()}
 
+    # kube-proxy's platformCleanup: a proxy switching modes removes the other mode's rules,
+    # which would otherwise keep answering next to the new ones.
+    other = "iptables" if config.mode == "nftables" else "nftables"
+    try:
+        left = cleanup_all_modes((other,))
+        if left:
+            kv(log, logging.INFO, "Removed the rules of the other proxy mode", mode=other, removed=left)
+    except RestoreError as err:
+        kv(log, logging.WARNING, "Could not remove the other proxy mode's rules", mode=other, error=str(err))
     proxiers: list[Proxier] = []
     for i, fam in enumerate(config.families):
         fcfg = config.for_family(fam)
@@ -277,8 +303,9 @@ def _serve(config: ProxyConfig) -> int:
             from refproxy.conntrack.netlink import NetlinkConntrackTable
 
             worker = CleanupWorker(plugins[fam], functools.partial(NetlinkConntrackTable, fam), metrics)
+        backend = NftRunner(fam) if config.mode == "nftables" else IptablesRunner(fam)
         proxier = Proxier(
-            fcfg, source, IptablesRunner(fam), metrics, cleanup=worker, health=health,
+            fcfg, source, backend, metrics, cleanup=worker, health=health,
             addresses=functools.partial(local_addresses, fam),
             render_inputs=functools.partial(node_inputs, fam),
             request_retry=functools.partial(retry, i),

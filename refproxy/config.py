@@ -292,7 +292,7 @@ def add_proxy_arguments(p: argparse.ArgumentParser, *, with_source: bool = True)
     g.add_argument("--bind-address", metavar="IP",
                    help="the node's primary IP (decides the primary family and the default serving addresses)")
     g.add_argument("--proxy-mode", metavar="MODE",
-                   help="iptables (default); nftables and ipvs are refused until refproxy supports them")
+                   help="iptables (default) or nftables (table kube-proxy, kube-proxy's nftables mode); ipvs is refused")
     g.add_argument("--cluster-cidr", metavar="CIDR[,CIDR]",
                    help="pod CIDR(s), one per family; with --detect-local-mode=ClusterCIDR traffic to services "
                         "from outside them is masqueraded")
@@ -500,10 +500,17 @@ def _finish(args: argparse.Namespace, v: dict[str, Any], file_cfg: FileConfig | 
     from_flags = bool(v.get("_flags"))
     where = (lambda flag, field_: flag) if from_flags else (lambda flag, field_: f"{args.config}: {field_}")
     mode = v["mode"] or "iptables"
-    if mode in ("nftables", "ipvs"):
-        raise ConfigError(f"{where('--proxy-mode', 'mode')}: {mode!r} is not supported by refproxy yet; "
-                          "use iptables (kube-proxy's default on Linux)")
-    if mode != "iptables":
+    if mode == "ipvs":
+        raise ConfigError(f"{where('--proxy-mode', 'mode')}: {mode!r} is not supported by refproxy; "
+                          "use iptables (kube-proxy's default on Linux) or nftables")
+    if mode == "nftables" and not from_flags:
+        # v1alpha1 keeps these per mode; kube-proxy's conversion reads the
+        # nftables block in nftables mode (the flags set both modes alike).
+        v = dict(v)
+        for key in ("masqueradeBit", "syncPeriod", "minSyncPeriod"):
+            v[f"iptables.{key}"] = v[f"nftables.{key}"]
+        v["iptables.masqueradeAll"] = bool(v.get("nftables.masqueradeAll"))
+    if mode not in ("iptables", "nftables"):
         raise ConfigError(f"{where('--proxy-mode', 'mode')}: {mode!r} is not a Linux proxy mode "
                           "(iptables, nftables, ipvs)")
     try:

@@ -50,6 +50,7 @@ from refproxy.healthcheck import ProxyHealth
 from refproxy.log import TRACE, kv
 from refproxy.metrics import Metrics
 from refproxy.model import Snapshot
+from refproxy.rules.nft_render import NftState, render_nft
 from refproxy.rules.render import RenderConfig, categorize_endpoints, render
 from refproxy.snapshot import SnapshotBuilder
 from refproxy.sources.base import Source
@@ -63,7 +64,11 @@ TABLES = ("filter", "nat")
 
 
 class RulesBackend(TypingProtocol):
-    """What the sync needs from the iptables adapter (``rules/apply.py``)."""
+    """What the sync needs from the rules adapter (``rules/apply.py``, or ``rules/nft_apply.py`` in nftables mode).
+
+    In nftables mode the backend also has ``existing_objects()`` (the chains
+    and sets of table ``kube-proxy``), read on every full sync.
+    """
 
     def restore(self, text: str) -> None: ...
     def existing_chains(self, table: str) -> set[str]: ...
@@ -194,6 +199,9 @@ class Proxier:
         self.last_sync_wall: float | None = None
         self.generation = 0
         self._chains: dict[str, set[str]] = {}
+        # nftables mode (config.mode): the state of the last applied transaction.
+        self.nftables = config.mode == "nftables"
+        self._nft_state: NftState | None = None
         self._seen_slices: dict[tuple[str, str], str] = {}
         self._seen_problems: set = set()
         self._seen_warnings: set[str] = set()
@@ -308,10 +316,18 @@ class Proxier:
             if self.cleanup is not None:
                 self.cleanup.submit(snapshot, addrs)
             return True
-        if full:
-            self._chains = {t: set(self.rules.existing_chains(t)) for t in TABLES}
-        rendered = render(snapshot, RenderConfig.from_proxy_config(self.config, addrs, **inputs), existing_chains=self._chains,
-                          changed=None if full else changes.changed_ports())
+        rcfg = RenderConfig.from_proxy_config(self.config, addrs, **inputs)
+        rendered: Any
+        if self.nftables:
+            nft_rules: Any = self.rules  # an NftRunner (rules/nft_apply.py)
+            existing = nft_rules.existing_objects() if full else None
+            rendered = render_nft(snapshot, rcfg, previous=None if full else self._nft_state,
+                                  changed=None if full else changes.changed_ports(), existing=existing)
+        else:
+            if full:
+                self._chains = {t: set(self.rules.existing_chains(t)) for t in TABLES}
+            rendered = render(snapshot, rcfg, existing_chains=self._chains,
+                              changed=None if full else changes.changed_ports())
         self._log_render_warnings(rendered.warnings)
         if log.isEnabledFor(TRACE):
             log.log(TRACE, "restore text:\n%s", rendered.text)
@@ -335,7 +351,10 @@ class Proxier:
             self.request_retry()
             return False
         times, self._seen_slices = trigger_times(slices, self._seen_slices)
-        self._chains = {t: set(c) for t, c in rendered.chains.items()}
+        if self.nftables:
+            self._nft_state = rendered.state
+        else:
+            self._chains = {t: set(c) for t, c in rendered.chains.items()}
         self.need_full_sync = False
         if full:
             self._last_full = start

@@ -10,9 +10,9 @@ nothing about them. Per size it measures, best and median of ``--repeat``:
 4. endpoint change: one service's endpoint replaced, partial render (only
    that service's chains, kube-proxy's partial sync) + restore: the time from
    the change to the rules being applied;
-5. endpoint change, full: the same change rendered and restored in full;
-6. save: one ``iptables-save -t nat`` (what stale-chain detection would
-   cost per sync if chains were not tracked from the last render).
+5. endpoint change, full: the same change rendered and restored in full.
+With ``--mode iptables,nftables`` each size is measured in both proxy modes
+(``iptables-restore`` / one ``nft -f`` transaction), one row per mode.
 Existing chains are tracked from the last successful render, as the proxier does.
 """
 
@@ -24,7 +24,7 @@ import ipaddress
 import statistics
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from refproxy.errors import ConfigError
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="1000,5000", metavar="N[,N]", help="service counts (default 1000,5000)")
     p.add_argument("--endpoints", type=int, default=2, metavar="K", help="endpoints per service (default 2)")
     p.add_argument("--repeat", type=int, default=3, metavar="R", help="runs per measurement (default 3)")
+    p.add_argument("--mode", default="iptables", metavar="MODE[,MODE]",
+                   help="proxy modes to measure side by side: iptables, nftables or iptables,nftables (default iptables)")
 
 
 def make_snapshot(services: int, endpoints: int, *, generation: int = 0, changed: int | None = None) -> Snapshot:
@@ -77,7 +79,16 @@ def _timed(fn: Callable[[], T], repeat: int) -> tuple[list[float], T]:
 
 
 def _sync(runner, state: dict, config, snap: Snapshot, changed=None) -> int:
-    """Render against the chains of the last restore, restore it, return its line count."""
+    """Render against the state of the last apply (as the proxier tracks it), apply, return its line count."""
+    if state["mode"] == "nftables":
+        from refproxy.rules.nft_render import render_nft
+
+        n = render_nft(snap, config, previous=state["nft"] if changed is not None else None, changed=changed,
+                       existing=None if changed is not None else {"chains": state["nft"].chains,
+                                                                   "sets": state["nft"].sets})
+        runner.restore(n.text)
+        state["nft"] = n.state
+        return n.lines
     from refproxy.rules.render import render
 
     r = render(snap, config, existing_chains=state["chains"], changed=changed)
@@ -86,13 +97,65 @@ def _sync(runner, state: dict, config, snap: Snapshot, changed=None) -> int:
     return r.lines
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run the benchmark and print one row per size."""
+def _row(mode: str, n: int, endpoints: int, repeat: int, config) -> tuple[list[list[float]], int, int, int]:
+    """(times of render, first apply, full sync, ep change, ep change full; bytes, lines, change lines)."""
     from refproxy.rules.apply import IptablesRunner
-    from refproxy.rules.render import RenderConfig, render
-    from refproxy.testing.netns import NetNS, missing_requirements
+    from refproxy.rules.nft_apply import NftRunner
+    from refproxy.rules.nft_render import render_nft
+    from refproxy.rules.render import render
+    from refproxy.testing.netns import NetNS
 
-    reason = missing_requirements()
+    snap = make_snapshot(n, endpoints)
+    do_render: Callable[[], Any] = functools.partial(render_nft if mode == "nftables" else render, snap, config)
+    render_t, rendered = _timed(do_render, repeat)
+
+    def runner_in(ns):
+        prefix = ["ip", "netns", "exec", ns.name]
+        if mode == "nftables":
+            return NftRunner(IPFamily.IPv4, prefix, timeout=600)
+        r = IptablesRunner(IPFamily.IPv4, prefix, timeout=600)
+        r.ensure_jumps()
+        return r
+
+    first_t: list[float] = []
+    for _ in range(repeat):
+        with NetNS(PREFIX) as ns:  # empty tables each time
+            runner = runner_in(ns)
+            t0 = time.perf_counter()
+            runner.restore(rendered.text)
+            first_t.append(time.perf_counter() - t0)
+    with NetNS(PREFIX) as ns:
+        runner = runner_in(ns)
+        runner.restore(rendered.text)
+        state = {"mode": mode, "chains": getattr(rendered, "chains", None), "nft": getattr(rendered, "state", None)}
+        # partials, not closures: each call binds this iteration's values
+        sync = functools.partial(_sync, runner, state, config)
+        full_t, _ = _timed(functools.partial(sync, snap), repeat)
+        change_t: list[float] = []
+        change_full_t: list[float] = []
+        chg_lines = 0
+        for k in range(repeat):
+            changed = make_snapshot(n, endpoints, generation=k + 1, changed=k % n)
+            name = next(sp.name for sp in changed.services.values() if sp.name.name == f"svc{k % n}")
+            t, chg_lines = _timed(functools.partial(sync, changed, {name}), 1)
+            change_t += t
+            sync(snap, {name})  # back to the baseline
+            t, _ = _timed(functools.partial(sync, changed), 1)
+            change_full_t += t
+            sync(snap)
+    return [render_t, first_t, full_t, change_t, change_full_t], rendered.size, rendered.lines, chg_lines
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark and print one row per size and mode."""
+    from refproxy.rules.render import RenderConfig
+    from refproxy.testing.netns import missing_requirements
+
+    modes = [m.strip() for m in str(args.mode).split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("iptables", "nftables")]
+    if bad or not modes:
+        raise ConfigError(f"--mode {args.mode!r}: expected iptables, nftables or both (iptables,nftables)")
+    reason = missing_requirements(("ip", "iptables-restore", "iptables-save", *(("nft",) if "nftables" in modes else ())))
     if reason:
         raise ConfigError(f"bench rules {reason}")
     try:
@@ -101,41 +164,13 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--sizes {args.sizes!r}: expected numbers like 1000,5000") from None
     repeat = max(1, args.repeat)
     config = RenderConfig(cluster_cidrs=("198.18.0.0/16",))
-    cols = ("render", "first apply", "full sync", "ep change", "ep chg full", "save nat")
+    cols = ("render", "first apply", "full sync", "ep change", "ep chg full")
     print(f"refproxy bench rules: {args.endpoints} endpoints/service, ms as best/median of {repeat}")
-    print(f"{'services':>8} " + " ".join(f"{c:>15}" for c in cols) + f" {'bytes':>9} {'lines':>7} {'chg lines':>9}")
+    print(f"{'services':>8} {'mode':>8} " + " ".join(f"{c:>15}" for c in cols)
+          + f" {'bytes':>9} {'lines':>7} {'chg lines':>9}", flush=True)
     for n in sizes:
-        snap = make_snapshot(n, args.endpoints)
-        render_t, rendered = _timed(functools.partial(render, snap, config), repeat)
-        first_t: list[float] = []
-        for _ in range(repeat):
-            with NetNS(PREFIX) as ns:  # empty tables each time
-                runner = IptablesRunner(IPFamily.IPv4, ["ip", "netns", "exec", ns.name], timeout=600)
-                runner.ensure_jumps()
-                t0 = time.perf_counter()
-                runner.restore(rendered.text)
-                first_t.append(time.perf_counter() - t0)
-        with NetNS(PREFIX) as ns:
-            runner = IptablesRunner(IPFamily.IPv4, ["ip", "netns", "exec", ns.name], timeout=600)
-            runner.ensure_jumps()
-            runner.restore(rendered.text)
-            # partials, not closures: each call binds this iteration's values
-            sync = functools.partial(_sync, runner, {"chains": rendered.chains}, config)
-            full_t, _ = _timed(functools.partial(sync, snap), repeat)
-            change_t: list[float] = []
-            change_full_t: list[float] = []
-            chg_lines = 0
-            for k in range(repeat):
-                changed = make_snapshot(n, args.endpoints, generation=k + 1, changed=k % n)
-                name = next(sp.name for sp in changed.services.values() if sp.name.name == f"svc{k % n}")
-                t, chg_lines = _timed(functools.partial(sync, changed, {name}), 1)
-                change_t += t
-                sync(snap, {name})  # back to the baseline
-                t, _ = _timed(functools.partial(sync, changed), 1)
-                change_full_t += t
-                sync(snap)
-            save_t, _ = _timed(functools.partial(runner.save, "nat"), repeat)
-        row = " ".join(f"{min(x) * 1000:7.1f}/{statistics.median(x) * 1000:<7.1f}"
-                       for x in (render_t, first_t, full_t, change_t, change_full_t, save_t))
-        print(f"{n:>8} {row} {rendered.size:>9} {rendered.lines:>7} {chg_lines:>9}")
+        for mode in modes:
+            times, size, lines, chg = _row(mode, n, args.endpoints, repeat, config)
+            row = " ".join(f"{min(x) * 1000:7.1f}/{statistics.median(x) * 1000:<7.1f}" for x in times)
+            print(f"{n:>8} {mode:>8} {row} {size:>9} {lines:>7} {chg:>9}", flush=True)
     return 0

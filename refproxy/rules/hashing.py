@@ -43,7 +43,9 @@ SERVICE_CHAIN_PREFIXES: tuple[str, ...] = (SVC_PREFIX, SVL_PREFIX, EXT_PREFIX, F
 
 
 def _hash16(data: str) -> str:
-    return base64.b32encode(hashlib.sha256(data.encode()).digest()).decode()[:16]
+    # 10 bytes encode to exactly 16 base32 characters, the first 16 of the
+    # whole digest's encoding (base32 maps each 5 bytes to 8 characters).
+    return base64.b32encode(hashlib.sha256(data.encode()).digest()[:10]).decode()
 
 
 @functools.lru_cache(maxsize=65536)

@@ -152,6 +152,11 @@ class RenderConfig:
         """
         from refproxy.config import nodeport_cidrs
 
+        nodeports = tuple(cfg.nodeport_addresses)
+        nft = getattr(cfg, "mode", "iptables") == "nftables"
+        if nft and not nodeports:
+            # kube-proxy's nftables mode defaults nodePortAddresses to the primary node IPs.
+            nodeports = ("primary",)
         return cls(
             family=cfg.family,
             cluster_cidrs=tuple(cfg.cluster_cidrs),
@@ -159,10 +164,11 @@ class RenderConfig:
             node_pod_cidrs=tuple(node_pod_cidrs),
             bridge_interface=cfg.bridge_interface,
             interface_name_prefix=cfg.interface_name_prefix,
-            localhost_nodeports=cfg.localhost_nodeports,
+            # Localhost NodePorts are an iptables-mode feature (route_localnet).
+            localhost_nodeports=cfg.localhost_nodeports and not nft,
             masquerade_all=cfg.masquerade_all,
             masquerade_bit=cfg.masquerade_bit,
-            nodeport_addresses=nodeport_cidrs(cfg.nodeport_addresses, cfg.family, primary_cidrs),
+            nodeport_addresses=nodeport_cidrs(nodeports, cfg.family, primary_cidrs),
             node_addresses=frozenset(node_addresses),
             hostname=cfg.hostname,
         )

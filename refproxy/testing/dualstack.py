@@ -34,12 +34,15 @@ import ipaddress
 import socket
 import subprocess
 import time
+from typing import Any
 
 from refproxy.errors import LabError
 from refproxy.lab.echo import decode_reply, encode_request
 from refproxy.lab.topology import Pod, Topology, start_echo_in
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
 from refproxy.rules.apply import IptablesRunner
+from refproxy.rules.nft_apply import NftRunner
+from refproxy.rules.nft_render import render_nft
 from refproxy.rules.render import RenderConfig, render
 from refproxy.testing.netns import NetNS
 
@@ -224,10 +227,13 @@ class FamilyLab:
     no endpoints. Addresses are the IPv4 constants above, or their twins.
     """
 
-    def __init__(self, topo: Topology, family: IPFamily, cluster_cidrs: tuple[str, ...] = ("198.18.1.0/24",)) -> None:
+    def __init__(self, topo: Topology, family: IPFamily, cluster_cidrs: tuple[str, ...] = ("198.18.1.0/24",),
+                 *, mode: str = "iptables") -> None:
         self.topo = topo
         self.family = family
-        self.runner = IptablesRunner(family, ["ip", "netns", "exec", topo.node.name])
+        self.mode = mode  # "iptables" or "nftables": which renderer and applier apply() uses
+        prefix = ["ip", "netns", "exec", topo.node.name]
+        self.runner: Any = NftRunner(family, prefix) if mode == "nftables" else IptablesRunner(family, prefix)
         self.set_cluster_cidrs(*cluster_cidrs)
 
     def set_cluster_cidrs(self, *cidrs: str) -> None:
@@ -268,6 +274,9 @@ class FamilyLab:
 
     def apply(self, snap: Snapshot) -> None:
         """A full sync as the proxier does one: jumps, existing chains, render, restore."""
+        if self.mode == "nftables":
+            self.runner.restore(render_nft(snap, self.config, existing=self.runner.existing_objects()).text)
+            return
         self.runner.ensure_jumps()
         existing = {t: self.runner.existing_chains(t) for t in ("filter", "nat")}
         self.runner.restore(render(snap, self.config, existing_chains=existing).text)

@@ -51,15 +51,17 @@ PLUGINS = sorted(discover())
 PINNED_PORT, OTHER_PORT = 40053, 40099
 
 
-@pytest.fixture
-def lab6():
+@pytest.fixture(params=["iptables", "nftables"])
+def lab6(request):
+    """The IPv6 lab, programmed by each proxy mode: the plugins read only the snapshot and conntrack."""
     with DualStackTopology(PREFIX) as topo:
         for name in ("dns", "a", "b", "c"):
             start_pod_echo(topo.add_pod(name), udp=53 if name == "dns" else TARGET,
                            tcp=None if name == "dns" else TARGET)
         topo.add_client("c1")
         topo.wait_ready()
-        yield FamilyLab(topo, V6, cluster_cidrs=("198.18.0.0/22",))  # pods and clients: not masqueraded
+        # pods and clients: not masqueraded
+        yield FamilyLab(topo, V6, cluster_cidrs=("198.18.0.0/22",), mode=request.param)
 
 
 def v6_entries(lab: FamilyLab) -> dict:

@@ -9,6 +9,7 @@ would hide the stale-entry black hole this suite documents.
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,8 @@ from refproxy.errors import RestoreError
 from refproxy.lab.topology import Topology
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
 from refproxy.rules.apply import IptablesRunner
+from refproxy.rules.nft_apply import NftRunner
+from refproxy.rules.nft_render import render_nft
 from refproxy.rules.render import RenderConfig, render
 from refproxy.testing import dualstack as kit
 from refproxy.testing.dualstack import (
@@ -42,9 +45,11 @@ V4 = IPFamily.IPv4
 class Lab:
     """A topology plus the runner and render config for its node."""
 
-    def __init__(self, topo: Topology) -> None:
+    def __init__(self, topo: Topology, mode: str = "iptables") -> None:
         self.topo = topo
-        self.runner = IptablesRunner(V4, ["ip", "netns", "exec", topo.node.name])
+        self.mode = mode
+        prefix = ["ip", "netns", "exec", topo.node.name]
+        self.runner: Any = NftRunner(V4, prefix) if mode == "nftables" else IptablesRunner(V4, prefix)
         self.config = RenderConfig(cluster_cidrs=("198.18.1.0/24",), node_addresses=frozenset({topo.node_ip}))
 
     def snapshot(self, *echo_pods: str) -> Snapshot:
@@ -62,19 +67,37 @@ class Lab:
         return Snapshot(V4, services=services, endpoints=endpoints)
 
     def apply(self, snap: Snapshot) -> None:
+        if self.mode == "nftables":
+            self.runner.restore(render_nft(snap, self.config, existing=self.runner.existing_objects()).text)
+            return
         self.runner.ensure_jumps()
         existing = {t: self.runner.existing_chains(t) for t in ("filter", "nat")}
         self.runner.restore(render(snap, self.config, existing_chains=existing).text)
 
 
-@pytest.fixture
-def lab():
+def _lab(mode: str):
     with Topology("rpt") as topo:
         for name in ("dns", "a", "b"):
             pod = topo.add_pod(name)
             pod.start_echo(udp=53 if name == "dns" else TARGET, tcp=None if name == "dns" else TARGET)
         topo.add_client("c1")
-        yield Lab(topo)
+        yield Lab(topo, mode)
+
+
+@pytest.fixture(params=["iptables", "nftables"])
+def lab(request):
+    """The lab programmed by each proxy mode (--proxy-mode iptables / nftables)."""
+    yield from _lab(request.param)
+
+
+@pytest.fixture
+def ipt_lab():
+    yield from _lab("iptables")
+
+
+@pytest.fixture
+def nft_lab():
+    yield from _lab("nftables")
 
 
 def UdpFlow(client, ip: str, port: int, *, sport: int = 0, timeout: float = 1.0) -> kit.UdpFlow:
@@ -128,7 +151,8 @@ def test_endpoint_change_moves_new_flows(lab):
     assert udp_ask(c1, lab.topo.node_ip, NP_UDP) == "b"
 
 
-def test_partial_sync_moves_the_changed_service(lab):
+def test_partial_sync_moves_the_changed_service(ipt_lab):
+    lab = ipt_lab
     c1 = lab.topo.clients["c1"]
     lab.apply(lab.snapshot("a"))
     full = render(lab.snapshot("a"), lab.config)
@@ -161,7 +185,8 @@ def test_service_without_endpoints_is_rejected(lab):
         tcp_ask(c1, lab.topo.node_ip, NP_TCP)
 
 
-def test_failed_restore_keeps_old_rules_working(lab):
+def test_failed_restore_keeps_old_rules_working(ipt_lab):
+    lab = ipt_lab
     c1 = lab.topo.clients["c1"]
     lab.apply(lab.snapshot("a"))
     before = nat_rules(lab)
@@ -234,7 +259,8 @@ def test_baseline_fixed_port_udp_client_is_black_holed_after_endpoint_removal(la
         pinned.close()
 
 
-def test_cleanup_rules_leaves_nothing_and_is_idempotent(lab):
+def test_cleanup_rules_leaves_nothing_and_is_idempotent(ipt_lab):
+    lab = ipt_lab
     lab.apply(lab.snapshot("a"))
     lab.runner.ensure_jumps()  # twice: still one jump each
     save = lab.runner.save("nat")
@@ -259,3 +285,49 @@ def test_comment_length_limit_and_escaping_survive_the_kernel(make_netns):
     r.ensure_jumps()
     r.restore(render(snap, RenderConfig(cluster_cidrs=("198.18.1.0/24",))).text)
     assert "KUBE-FW-" in r.save("nat")
+
+
+# ------------------------------------------------------------------ nftables mode only
+
+
+def nft_ruleset(lab: Lab) -> str:
+    return lab.topo.node.run(["nft", "list", "table", "ip", "kube-proxy"]).stdout
+
+
+def test_nft_partial_sync_moves_the_changed_service(nft_lab):
+    lab = nft_lab
+    c1 = lab.topo.clients["c1"]
+    full = render_nft(lab.snapshot("a"), lab.config)
+    lab.runner.restore(full.text)
+    assert udp_ask(c1, ECHO_IP, PORT) == "a"
+    part = render_nft(lab.snapshot("b"), lab.config, previous=full.state, changed={ECHO_U, ECHO_T})
+    assert not part.full and "kube-dns" not in part.text
+    lab.runner.restore(part.text)
+    assert udp_ask(c1, ECHO_IP, PORT) == "b"
+    assert tcp_ask(c1, lab.topo.node_ip, NP_TCP) == "b"
+    assert udp_ask(c1, DNS_IP, 53) == "dns"  # untouched chains kept working
+    kernel = {c for c in lab.runner.existing_objects()["chains"] if "/" in c}
+    assert kernel == set(part.state.chains)
+
+
+def test_nft_failed_transaction_changes_nothing(nft_lab):
+    lab = nft_lab
+    c1 = lab.topo.clients["c1"]
+    lab.apply(lab.snapshot("a"))
+    before = nft_ruleset(lab)
+    good = render_nft(lab.snapshot("b"), lab.config, existing=lab.runner.existing_objects()).text
+    bad = good.replace("jump mark-for-masquerade", "jump no-such-chain", 1)
+    with pytest.raises(RestoreError) as ei:
+        lab.runner.restore(bad)
+    assert ei.value.line is not None and "no-such-chain" in ei.value.context
+    assert nft_ruleset(lab) == before
+    assert udp_ask(c1, ECHO_IP, PORT) == "a"
+    assert tcp_ask(c1, ECHO_IP, PORT) == "a"
+
+
+def test_nft_cleanup_removes_the_table_and_is_idempotent(nft_lab):
+    lab = nft_lab
+    lab.apply(lab.snapshot("a"))
+    assert lab.runner.cleanup_rules() == 1
+    assert lab.topo.node.run(["nft", "list", "tables"]).stdout.strip() == ""
+    assert lab.runner.cleanup_rules() == 0

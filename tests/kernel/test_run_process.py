@@ -83,3 +83,39 @@ def test_unknown_plugin_fails_before_any_rule(make_netns):
     assert cp.returncode == 1
     assert "nope" in cp.stderr and "full" in cp.stderr  # names the plugin and lists the known ones
     assert "KUBE-" not in ns.run(["iptables-save"]).stdout
+
+
+def test_run_in_nftables_mode_programs_the_table_replaces_iptables_rules_and_cleans_up(make_netns, tmp_path):
+    ns = make_netns()
+    manifests = tmp_path / "m"
+    shutil.copytree(EXAMPLES, manifests)
+    args = ["--source", "files", "--manifests", str(manifests), "--hostname-override", "node-a"]
+    # Leftover iptables-mode rules: switching modes must remove them (kube-proxy's platformCleanup).
+    ns.run(["iptables", "-t", "nat", "-N", "KUBE-SERVICES"])
+    ns.run(["iptables", "-t", "nat", "-A", "OUTPUT", "-m", "comment", "--comment", "kubernetes service portals",
+            "-j", "KUBE-SERVICES"])
+    proc = ns.popen(REFPROXY + ["run", *args, "--proxy-mode", "nftables", "--cleanup-plugin", "full",
+                                "--metrics-bind-address", "127.0.0.1:10249", "--healthz-bind-address", "",
+                                "--min-sync-period", "100ms"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        table = _wait(lambda: "198.19.0.10" in (s := ns.run(["nft", "list", "table", "ip", "kube-proxy"],
+                                                           check=False).stdout) and s)
+        assert table, "the kube-proxy table never appeared"
+        assert "map service-ips" in table and "KUBE-SERVICES" not in ns.run(["iptables-save"]).stdout
+        ran = 'refproxy_cleanup_runs_total{plugin="full",result="ok"}'
+        assert _wait(lambda: ran in _get(ns, "http://127.0.0.1:10249/metrics"), timeout=60), "the cleanup never ran"
+        assert "nftables" in _get(ns, "http://127.0.0.1:10249/proxyMode")
+        (manifests / "udp-echo.yaml").unlink()
+        assert _wait(lambda: "udp-echo" not in ns.run(["nft", "list", "table", "ip", "kube-proxy"]).stdout)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out.decode()[-2000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert "kube-proxy" in ns.run(["nft", "list", "tables"]).stdout  # rules survive the exit
+    ns.run(REFPROXY + ["cleanup-rules"])
+    assert "table ip kube-proxy" not in ns.run(["nft", "list", "tables"]).stdout
+    ns.run(REFPROXY + ["run", "--cleanup", *args])  # kube-proxy's spelling: every family, both modes
+    assert "kube-proxy" not in ns.run(["nft", "list", "tables"]).stdout

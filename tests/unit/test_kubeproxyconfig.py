@@ -113,14 +113,28 @@ def test_all_errors_are_reported_at_once(tmp_path):
     assert "iptables.syncPeriod" in str(e.value) and "bogus: unknown field" in str(e.value)
 
 
-@pytest.mark.parametrize("mode", ["nftables", "ipvs"])
-def test_unsupported_modes_are_refused_clearly(tmp_path, mode):
+def test_ipvs_is_refused_clearly(tmp_path):
     doc = kubeadm_doc()
-    doc["mode"] = mode
-    with pytest.raises(ConfigError, match=f"'{mode}' is not supported by refproxy yet"):
+    doc["mode"] = "ipvs"
+    with pytest.raises(ConfigError, match="'ipvs' is not supported by refproxy"):
         run_config(tmp_path, doc=doc)
     with pytest.raises(ConfigError, match="--proxy-mode"):
-        config_from_args(build_parser().parse_args(["run", "--source=kube", f"--proxy-mode={mode}"]))
+        config_from_args(build_parser().parse_args(["run", "--source=kube", "--proxy-mode=ipvs"]))
+    with pytest.raises(ConfigError, match="not a Linux proxy mode"):
+        config_from_args(build_parser().parse_args(["run", "--source=kube", "--proxy-mode=userspace"]))
+
+
+def test_nftables_mode_in_file_reads_the_nftables_block(tmp_path):
+    doc = kubeadm_doc()
+    doc["mode"] = "nftables"
+    doc["nftables"] = {"masqueradeBit": 9, "masqueradeAll": True, "syncPeriod": "45s", "minSyncPeriod": "2s"}
+    c = run_config(tmp_path, doc=doc)
+    assert (c.mode, c.masquerade_bit, c.masquerade_all, c.sync_period, c.min_sync_period) == (
+        "nftables", 9, True, 45.0, 2.0)
+    assert not any("nftables" in w for w in c.warnings)
+    flags = config_from_args(build_parser().parse_args(["run", "--source=kube", "--proxy-mode=nftables"]))
+    assert flags.mode == "nftables"
+    assert config_from_args(build_parser().parse_args(["run", "--source=kube"])).mode == "iptables"
 
 
 def test_json_is_accepted(tmp_path):

@@ -310,3 +310,32 @@ def test_changed_keys_sees_adds_updates_and_deletes():
     changed, seen = changed_keys([b2], seen)
     assert changed == {("n", "a"), ("n", "b")}  # a deleted, b updated
     assert changed_keys([b2], seen)[0] == set()
+
+
+class FakeNftRules(FakeRules):
+    """An nftables backend: the table holds one stale per-port chain before the first sync."""
+
+    def existing_objects(self):
+        self.reads += 1
+        return {"chains": {"service-OLDOLDOL-ns/old/tcp/p", "services"}, "sets": set()}
+
+
+def test_nftables_mode_renders_nft_transactions_full_then_partial():
+    rules, worker = FakeNftRules(), FakeWorker()
+    src = FakeSource([service()], [endpoint_slice()])
+    p = Proxier(ProxyConfig(hostname="node-1", mode="nftables"), src, rules, Metrics(process=False), cleanup=worker,
+                addresses=lambda: frozenset({"198.18.0.1"}))
+    assert p.sync() is True
+    (text,) = rules.restores
+    assert text.startswith("add table ip kube-proxy") and "KUBE-" not in text
+    assert "delete chain ip kube-proxy service-OLDOLDOL-ns/old/tcp/p" in text
+    assert "198.19.0.10 . udp . 53 : goto service-" in text and rules.reads == 1
+    src.slices = [endpoint_slice(ips=("198.18.1.2",), rv="2")]
+    assert p.sync() is True
+    part = rules.restores[-1]
+    assert "add table" not in part and "dnat to 198.18.1.2:5353" in part and rules.reads == 1
+    assert "delete chain ip kube-proxy endpoint-" in part  # the old endpoint's chain goes
+    rules.fail = 1
+    src.slices = [endpoint_slice(ips=("198.18.1.3",), rv="3")]
+    assert p.sync() is False and p.need_full_sync
+    assert p.sync() is True and rules.restores[-1].startswith("add table") and rules.reads == 2
