@@ -52,6 +52,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from refproxy.errors import LabError
+from refproxy.lab.scenario import DEFAULT_NODE, MAX_NODES
 from refproxy.testing.netns import NetNS
 
 __all__ = ["Topology", "Pod", "Client", "LabNode", "NodePlan", "TopologyPlan", "plan_topology", "echo_argv",
@@ -61,8 +62,6 @@ POD_NET = ipaddress.IPv4Network("198.18.1.0/24")
 CLIENT_NET = ipaddress.IPv4Network("198.18.2.0/24")
 EXTERNAL_NET = ipaddress.IPv4Network("198.18.4.0/24")  # outside the lab's --cluster-cidr 198.18.0.0/22
 NODE_NET = ipaddress.IPv4Network("198.18.0.0/24")
-DEFAULT_NODE = "lab-node"
-MAX_NODES = 4
 ECHO_READY_TIMEOUT = 10.0
 
 
@@ -149,9 +148,11 @@ def plan_topology(node_names: Sequence[str] = (DEFAULT_NODE,)) -> TopologyPlan:
 
 
 def echo_argv(server_id: str, udp: int | None, tcp: int | None, *, lifetime: float = 3600.0,
-              host: str | None = None) -> list[str]:
+              host: str | None = None, report_peer: bool = False) -> list[str]:
     """The command line of the lab echo server (for any namespace's ``popen``); ``host="::"`` serves both families."""
     argv = [sys.executable, "-m", "refproxy.lab.echo", "--id", server_id, "--lifetime", str(lifetime)]
+    if report_peer:
+        argv.append("--report-peer")
     if host is not None:
         argv += ["--host", host]
     if udp is not None:
@@ -162,9 +163,9 @@ def echo_argv(server_id: str, udp: int | None, tcp: int | None, *, lifetime: flo
 
 
 def start_echo_in(ns: NetNS, server_id: str, udp: int | None, tcp: int | None, *,
-                  host: str | None = None) -> subprocess.Popen:
+                  host: str | None = None, report_peer: bool = False) -> subprocess.Popen:
     """Start an echo server in ``ns`` and return once its sockets are bound."""
-    proc = ns.popen(echo_argv(server_id, udp, tcp, host=host), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = ns.popen(echo_argv(server_id, udp, tcp, host=host, report_peer=report_peer), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None  # stdout=PIPE
     ready, _, _ = select.select([proc.stdout], [], [], ECHO_READY_TIMEOUT)
     line = proc.stdout.readline().strip() if ready else ""
@@ -189,10 +190,10 @@ class Pod:
     echo: subprocess.Popen | None = field(default=None, repr=False)
     node: str = DEFAULT_NODE
 
-    def start_echo(self, udp: int | None, tcp: int | None = None) -> subprocess.Popen:
+    def start_echo(self, udp: int | None, tcp: int | None = None, *, report_peer: bool = False) -> subprocess.Popen:
         """Start (or restart) this pod's echo server; it answers with the pod's name."""
         self.stop_echo()
-        self.echo = start_echo_in(self.ns, self.name, udp, tcp)
+        self.echo = start_echo_in(self.ns, self.name, udp, tcp, report_peer=report_peer)
         return self.echo
 
     def stop_echo(self) -> None:
