@@ -18,11 +18,17 @@ the same service, or the end of the run):
   the service without endpoints.
 * ``lost``: requests sent in the window that were never answered;
   ``lost_served``: those sent from ``t_ref`` on (while endpoints existed).
+
+A TCP flow (one long-lived connection to a service no step changes) is judged
+across *every* step, each with ``t_ref`` at the step's start and nothing
+removed: it must keep echoing through every cleanup, so a connection whose
+conntrack entry a plugin deleted shows as never recovered.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from refproxy.lab.engine import FlowResult, FlowStep, Sample, StepRecord
 from refproxy.lab.scenario import ClientSpec, Scenario
@@ -44,7 +50,10 @@ def _window(samples: Sequence[Sample], lo: float, hi: float) -> list[Sample]:
 def analyse_flow(client: ClientSpec, samples: Sequence[Sample], steps: Sequence[StepRecord], end: float) -> FlowResult:
     """Judge one client flow across the steps of its service."""
     samples = sorted(samples, key=lambda s: s.sent)
-    own = [st for st in steps if client.service is not None and st.service == client.service]
+    if client.tcp:
+        own = [replace(st, t_ref=st.t_start, removed={}) for st in steps]
+    else:
+        own = [st for st in steps if client.service is not None and st.service == client.service]
     out: list[FlowStep] = []
     for k, st in enumerate(own):
         hi = own[k + 1].t_start if k + 1 < len(own) else end
@@ -78,6 +87,8 @@ def analyse_flow(client: ClientSpec, samples: Sequence[Sample], steps: Sequence[
         sent=len(samples),
         answered=sum(1 for s in samples if s.replied is not None),
         steps=tuple(out),
+        protocol=client.protocol,
+        peers=tuple(sorted({s.peer for s in samples if s.peer is not None})),
     )
 
 

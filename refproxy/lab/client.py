@@ -1,4 +1,4 @@
-"""The lab's UDP client: ``python3 -m refproxy.lab.client --target IP:PORT ...``.
+"""The lab's UDP and TCP client: ``python3 -m refproxy.lab.client --target IP:PORT ...``.
 
 Contract: one flow per process, run inside a client namespace. With
 ``--sport`` every request leaves from that fixed source port for the whole
@@ -8,7 +8,8 @@ every ``--interval`` seconds for at most ``--duration`` seconds (or until
 SIGTERM) and appends to ``--out``:
 
     s <seq> <sent wall time>
-    r <seq> <received wall time> <responder id>
+    r <seq> <received wall time> <responder id> [<source address the responder saw>]
+    x <wall time> <why>          (TCP: the connection broke)
 
 flushed about twice a second so the lab can read progress mid-run. Wall
 clock (``time.time()``) is the clock the lab's processes share. The log
@@ -25,9 +26,9 @@ import sys
 import time
 from collections.abc import Iterable
 
-from refproxy.lab.echo import decode_reply, encode_request
+from refproxy.lab.echo import decode_peer, decode_reply, encode_request
 
-__all__ = ["parse_log", "run_client", "main", "READY"]
+__all__ = ["parse_log", "run_client", "run_tcp_client", "main", "READY"]
 
 READY = "ready"
 FLUSH_EVERY = 0.5
@@ -43,16 +44,16 @@ def parse_log(lines: Iterable[str]):
     from refproxy.lab.engine import Sample
 
     sent: dict[int, float] = {}
-    replies: dict[int, tuple[float, str]] = {}
+    replies: dict[int, tuple[float, str, str | None]] = {}
     for line in lines:
         parts = line.split()
         try:
             if len(parts) == 3 and parts[0] == "s":
                 sent[int(parts[1])] = float(parts[2])
-            elif len(parts) == 4 and parts[0] == "r":
+            elif len(parts) in (4, 5) and parts[0] == "r":
                 seq = int(parts[1])
                 if seq not in replies:
-                    replies[seq] = (float(parts[2]), parts[3])
+                    replies[seq] = (float(parts[2]), parts[3], parts[4] if len(parts) == 5 else None)
         except ValueError:
             continue
     out = []
@@ -60,7 +61,7 @@ def parse_log(lines: Iterable[str]):
         r = replies.get(seq)
         if r is not None and r[0] < sent[seq]:
             r = None  # a reply cannot precede its request: not ours
-        out.append(Sample(seq, sent[seq], r[0] if r else None, r[1] if r else None))
+        out.append(Sample(seq, sent[seq], r[0] if r else None, r[1] if r else None, r[2] if r else None))
     return out
 
 
@@ -112,9 +113,7 @@ def run_client(target: tuple[str, int], sport: int | None, interval: float, dura
                         break
                     except OSError:
                         break  # ECONNREFUSED etc. from an ICMP error
-                    got = decode_reply(data)
-                    if got is not None:
-                        out.write(f"r {got[1]} {time.time():.6f} {got[0]}\n")
+                    _log_reply(out, data)
             now = time.monotonic()
             if now - last_flush >= FLUSH_EVERY:
                 out.flush()
@@ -127,6 +126,90 @@ def run_client(target: tuple[str, int], sport: int | None, interval: float, dura
             s.close()
         if fixed is not None:
             fixed.close()
+    return seq
+
+
+def _log_reply(out, data: bytes) -> None:
+    got = decode_reply(data)
+    if got is not None:
+        peer = decode_peer(data)
+        out.write(f"r {got[1]} {time.time():.6f} {got[0]}{f' {peer}' if peer else ''}\n")
+
+
+def run_tcp_client(target: tuple[str, int], sport: int | None, interval: float, duration: float, out,
+                   flow: str = "", ready_out=None) -> int:
+    """One TCP connection for the whole run, a request line every ``interval``; returns requests sent.
+
+    Never reconnects: after the connection breaks (``x`` line) requests are
+    still logged as sent, unanswered.
+    """
+    sock: socket.socket | None = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    assert sock is not None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if sport is not None:
+        sock.bind(("0.0.0.0", sport))
+    sock.settimeout(5.0)
+    sock.connect(target)
+    sock.setblocking(False)
+    start = time.monotonic()
+    deadline = start + duration
+    seq = 0
+    last_flush = start
+    buf = b""
+
+    def broke(why: str) -> None:
+        nonlocal sock
+        out.write(f"x {time.time():.6f} {why}\n")
+        if sock is not None:
+            sock.close()
+        sock = None
+
+    try:
+        while time.monotonic() < deadline:
+            out.write(f"s {seq} {time.time():.6f}\n")
+            if sock is not None:
+                try:
+                    sock.sendall(encode_request(seq, flow) + b"\n")
+                except (BlockingIOError, InterruptedError):
+                    pass  # the kernel's send buffer is full: this request is lost
+                except OSError as err:
+                    broke(type(err).__name__)
+            if seq == 0 and ready_out is not None:
+                out.flush()
+                print(READY, file=ready_out, flush=True)
+            seq += 1
+            next_send = start + seq * interval
+            while sock is not None and (left := next_send - time.monotonic()) > 0:
+                r, _, _ = select.select([sock], [], [], left)
+                if not r:
+                    break
+                try:
+                    data = sock.recv(4096)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as err:
+                    broke(type(err).__name__)
+                    break
+                if not data:
+                    broke("closed")
+                    break
+                buf += data
+                *lines, buf = buf.split(b"\n")
+                for line in lines[:256]:  # bounded per read
+                    _log_reply(out, line)
+                buf = buf[-1024:]
+            if sock is None:
+                time.sleep(max(0.0, next_send - time.monotonic()))
+            now = time.monotonic()
+            if now - last_flush >= FLUSH_EVERY:
+                out.flush()
+                last_flush = now
+    except _Stop:
+        pass
+    finally:
+        out.flush()
+        if sock is not None:
+            sock.close()
     return seq
 
 
@@ -146,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=300.0, help="stop after this many seconds")
     p.add_argument("--out", required=True, help="file to write the log to (truncated)")
     p.add_argument("--flow", default="", help="flow name carried in each request")
+    p.add_argument("--tcp", action="store_true", help="one long-lived TCP connection instead of UDP datagrams")
     a = p.parse_args(argv)
     if not 0.001 <= a.interval <= 10 or not 0 < a.duration <= 3600:
         p.error("--interval must be within 1ms..10s and --duration within 0..3600s")
@@ -155,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     with open(a.out, "w", encoding="ascii") as out:  # one run per file
-        run_client(a.target, a.sport, a.interval, a.duration, out, a.flow, ready_out=sys.stdout)
+        run = run_tcp_client if a.tcp else run_client
+        run(a.target, a.sport, a.interval, a.duration, out, a.flow, ready_out=sys.stdout)
     return 0
 
 

@@ -3,7 +3,12 @@
 Contract: a tiny, dependency-free server run inside a pod (or node) network
 namespace. UDP: every datagram gets one reply ``NAME <request payload>``, so a
 client can tell *which* endpoint answered *which* request (the payload carries
-the client's sequence number). TCP: accept, send ``NAME\\n``, close. The wire
+the client's sequence number); with ``--report-peer`` the reply ends in
+`` from=IP``, the source address the server saw (so the lab can tell a
+masqueraded request from one whose client address was preserved). TCP:
+accept, send ``NAME\\n``, then answer every request line with the same reply
+(``from=`` always included) until the client closes: one-shot probes read the
+greeting and go, the lab's long-lived TCP clients keep one connection. The wire
 format lives in the pure helpers :func:`encode_request` / :func:`encode_reply`
 / :func:`decode_reply`, shared with the lab's clients and unit-tested.
 
@@ -20,7 +25,7 @@ import socket
 import sys
 import time
 
-__all__ = ["encode_request", "encode_reply", "decode_reply", "serve", "main", "READY"]
+__all__ = ["encode_request", "encode_reply", "decode_reply", "decode_peer", "serve", "main", "READY"]
 
 READY = "ready"
 MAX_DATAGRAM = 2048
@@ -33,9 +38,16 @@ def encode_request(seq: int, flow: str = "") -> bytes:
     return f"{seq} {flow}".rstrip().encode()
 
 
-def encode_reply(server_id: str, request: bytes) -> bytes:
-    """The server's reply to ``request``: its id, a space, the request payload."""
-    return server_id.encode() + b" " + request[: MAX_DATAGRAM - len(server_id) - 1]
+def encode_reply(server_id: str, request: bytes, peer: str | None = None) -> bytes:
+    """The server's reply to ``request``: its id, a space, the request payload (`` from=PEER`` if given)."""
+    tail = f" from={peer}".encode() if peer else b""
+    return server_id.encode() + b" " + request[: MAX_DATAGRAM - len(server_id) - 1 - len(tail)] + tail
+
+
+def decode_peer(data: bytes) -> str | None:
+    """The ``from=`` address a reply carries, or ``None``."""
+    words = data.decode("ascii", "replace").split()
+    return words[-1][5:] if words and words[-1].startswith("from=") and len(words[-1]) > 5 else None
 
 
 def decode_reply(data: bytes) -> tuple[str, int] | None:
@@ -51,8 +63,12 @@ def _dual(s: socket.socket) -> None:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
 
 
+MAX_TCP_CONNECTIONS = 64
+MAX_LINE = 512
+
+
 def serve(server_id: str, udp_port: int | None, tcp_port: int | None, *, lifetime: float,
-          host: str = "0.0.0.0", ready_out=sys.stdout) -> int:
+          host: str = "0.0.0.0", ready_out=sys.stdout, report_peer: bool = False) -> int:
     """Serve until ``lifetime`` seconds have passed; returns datagrams answered."""
     sel = selectors.DefaultSelector()
     socks: list[socket.socket] = []
@@ -75,6 +91,7 @@ def serve(server_id: str, udp_port: int | None, tcp_port: int | None, *, lifetim
         t.setblocking(False)
         sel.register(t, selectors.EVENT_READ, "tcp")
         socks.append(t)
+    conns: dict[socket.socket, bytes] = {}  # open TCP connections -> unterminated input
     print(READY, file=ready_out, flush=True)
     answered = 0
     deadline = time.monotonic() + lifetime
@@ -93,25 +110,61 @@ def serve(server_id: str, udp_port: int | None, tcp_port: int | None, *, lifetim
                         except OSError:  # ICMP errors surface here on some kernels
                             break
                         try:
-                            sock.sendto(encode_reply(server_id, data), peer)
+                            sock.sendto(encode_reply(server_id, data, peer[0] if report_peer else None), peer)
                             answered += 1
                         except OSError:
                             pass
-                else:
+                elif key.data == "tcp":
                     try:
                         conn, _peer = sock.accept()
                     except (BlockingIOError, InterruptedError):
                         continue
-                    with conn:
-                        conn.settimeout(1.0)
-                        try:
-                            conn.sendall(server_id.encode() + b"\n")
-                        except OSError:
-                            pass
+                    conn.settimeout(1.0)
+                    try:
+                        conn.sendall(server_id.encode() + b"\n")
+                    except OSError:
+                        conn.close()
+                        continue
+                    if len(conns) >= MAX_TCP_CONNECTIONS:
+                        conn.close()
+                        continue
+                    conns[conn] = b""
+                    sel.register(conn, selectors.EVENT_READ, "conn")
+                else:
+                    answered += _answer_lines(server_id, sock, conns, sel)
     finally:
+        for c in list(conns):
+            c.close()
         for s in socks:
             s.close()
         sel.close()
+    return answered
+
+
+def _answer_lines(server_id: str, conn: socket.socket, conns: dict[socket.socket, bytes],
+                  sel: selectors.BaseSelector) -> int:
+    """Answer every complete request line on ``conn``; close it on EOF, error or an over-long line."""
+    try:
+        data = conn.recv(MAX_DATAGRAM)
+    except OSError:
+        data = b""
+    buf = conns.get(conn, b"") + data
+    lines = buf.split(b"\n")
+    answered = 0
+    if data:
+        try:
+            peer = conn.getpeername()[0]
+            for line in lines[:-1]:
+                conn.sendall(encode_reply(server_id, line.strip(), peer) + b"\n")
+                answered += 1
+        except OSError:
+            data = b""
+    if not data or len(lines[-1]) > MAX_LINE:
+        sel.unregister(conn)
+        conns.pop(conn, None)
+        conn.close()
+    else:
+        conns[conn] = lines[-1]
     return answered
 
 
@@ -123,13 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--id", required=True, help="name sent back in every reply")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default all)")
     p.add_argument("--lifetime", type=float, default=3600.0, help="exit after this many seconds")
+    p.add_argument("--report-peer", action="store_true", help="end every UDP reply in ' from=IP' (the source seen)")
     a = p.parse_args(argv)
     if a.udp is None and a.tcp is None:
         p.error("give --udp and/or --tcp")
     if not a.id or any(c.isspace() for c in a.id):
         p.error("--id must be a non-empty word")
     try:
-        serve(a.id, a.udp, a.tcp, lifetime=a.lifetime, host=a.host)
+        serve(a.id, a.udp, a.tcp, lifetime=a.lifetime, host=a.host, report_peer=a.report_peer)
     except KeyboardInterrupt:
         pass
     return 0

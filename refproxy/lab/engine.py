@@ -47,12 +47,17 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """One client request: when it was sent, and when and by whom it was answered."""
+    """One client request: when it was sent, and when and by whom it was answered.
+
+    ``peer``: the source address the responder saw, when it reports it (the
+    client's own address, or a node's after masquerading).
+    """
 
     seq: int
     sent: float
     replied: float | None = None
     responder: str | None = None
+    peer: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +137,8 @@ class FlowResult:
     sent: int
     answered: int
     steps: tuple[FlowStep, ...] = ()
+    protocol: str = "UDP"
+    peers: tuple[str, ...] = ()  # source addresses the responders saw (masqueraded or the client's own)
 
     @property
     def lost(self) -> int:

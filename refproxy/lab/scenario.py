@@ -39,6 +39,30 @@ File format (YAML)::
       - {at: 8s, action: scale, service: statsd, replicas: 0}
       - {at: 11s, action: scale, service: statsd, replicas: 2}
       - {at: 14s, action: recreate, service: statsd, gap: 1s}
+
+Several nodes (``scenarios/two-node.yaml``; default one node, ``lab-node``)::
+
+    nodes: [node-a, node-b]    # node namespaces, one refproxy each (--hostname-override)
+    services:
+      - name: web
+        nodes: [node-a]        # where its pods go, round-robin (default: every node)
+        external_traffic_policy: Local   # Cluster (default) or Local; Local needs a NodePort/ExternalIP
+        ports: [{name: http, port: 80, target_port: 8080, protocol: TCP, node_port: 30080}]
+    clients:
+      - name: web-local        # attached to node-a, from outside the cluster (not masqueraded by
+        service: web           #   --cluster-cidr), to node-a's IP:NodePort
+        via: node_port
+        node: node-a
+        external: true
+      - {name: web-miss, service: web, via: node_port, node: node-b, external: true,
+         expect: drop}         # node-b has no local endpoint: nothing may answer
+      - {name: web-tcp, service: web, protocol: TCP, node: node-b, via: node_port, via_node: node-a}
+
+``node`` is where a client is attached (default the first node),
+``via_node`` whose IP a ``node_port``/``node_port_raw`` client sends to
+(default its own node), ``protocol: TCP`` one long-lived connection that must
+keep echoing through every step, ``expect: drop`` a flow that must never be
+answered.
 """
 
 from __future__ import annotations
@@ -46,6 +70,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +93,9 @@ __all__ = [
     "builtin_scenarios",
     "find_scenario",
     "DEFAULT_SCENARIO",
+    "DEFAULT_NODE",
+    "MAX_NODES",
+    "port_of",
 ]
 
 SERVICE_NET = ipaddress.ip_network("198.18.0.0/15")
@@ -77,6 +105,9 @@ MAX_CLIENTS = 32
 MAX_STEPS = 32
 MAX_PAD = 5_000_000
 MAX_SECONDS = 600.0
+DEFAULT_NODE = "lab-node"
+MAX_NODES = 4
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class Action(enum.Enum):
@@ -117,16 +148,23 @@ class ServiceSpec:
     namespace: str = "default"
     replicas: int = 1
     external_ips: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()               # where its pods go, round-robin; () = every node
+    external_traffic_policy: str = "Cluster"  # or "Local"
 
 
 @dataclass(frozen=True, slots=True)
 class ClientSpec:
-    """A UDP client flow.
+    """A client flow.
 
     ``source_port`` set: a fixed source port for the whole run (resolvers,
     statsd: the flow a stale entry black-holes). ``None``: a fresh port per
     request. ``node_port_raw``: send to the node IP on a port that is *not* a
-    service port (a VXLAN-like flow cleanup must never touch).
+    service port (a VXLAN-like flow cleanup must never touch). ``protocol``
+    ``TCP``: one long-lived connection that must survive every step. ``node``:
+    the node it is attached to (``None``: the first); ``via_node``: whose IP a
+    NodePort or raw flow targets (``None``: its own node); ``external``: its
+    address is outside the cluster CIDR; ``expect`` ``drop``: must never be
+    answered.
     """
 
     name: str
@@ -136,11 +174,21 @@ class ClientSpec:
     source_port: int | None = None
     node_port_raw: int | None = None
     interval: float = 0.02
+    protocol: str = "UDP"
+    node: str | None = None
+    via_node: str | None = None
+    external: bool = False
+    expect: str = "deliver"
 
     @property
     def fixed(self) -> bool:
-        """True for a fixed-source-port flow."""
-        return self.source_port is not None
+        """True for a flow with one 5-tuple all run: a fixed source port, or a TCP connection."""
+        return self.source_port is not None or self.protocol == "TCP"
+
+    @property
+    def tcp(self) -> bool:
+        """True for a long-lived TCP connection."""
+        return self.protocol == "TCP"
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +219,7 @@ class Scenario:
     observe: float = 5.0
     pad: int = 0
     source: str = "<memory>"
+    nodes: tuple[str, ...] = (DEFAULT_NODE,)
 
     def service(self, name: str) -> ServiceSpec:
         """The service called ``name`` (validated to exist)."""
@@ -274,8 +323,42 @@ def _port(ctx: _Ctx, where: str, m: Mapping[str, Any]) -> PortSpec:
     )
 
 
-def _service(ctx: _Ctx, where: str, m: Mapping[str, Any]) -> ServiceSpec:
-    _only(ctx, where, m, ("name", "namespace", "cluster_ip", "external_ips", "replicas", "ports"))
+def _node_list(ctx: _Ctx, where: str, v: Any, known: tuple[str, ...] | None, *,
+               allow_empty: bool) -> tuple[str, ...]:
+    """Node names: unique DNS labels, each one of ``known`` (unless ``known`` is None: the top level)."""
+    items = _list(ctx, where, v, MAX_NODES)
+    if not items and not allow_empty:
+        raise ctx.fail(where, "needs at least one node")
+    out = []
+    for i, n in enumerate(items):
+        if not isinstance(n, str) or not _DNS_LABEL.match(n):
+            raise ctx.fail(f"{where}[{i}]", f"expected a node name (a lower-case DNS label), got {n!r}")
+        if known is not None and n not in known:
+            raise ctx.fail(f"{where}[{i}]", f"no node named {n!r}; nodes: {', '.join(known)}")
+        if n in out:
+            raise ctx.fail(where, f"node {n!r} listed twice")
+        out.append(n)
+    return tuple(out)
+
+
+def _node_ref(ctx: _Ctx, where: str, v: Any, known: tuple[str, ...]) -> str | None:
+    if v is None:
+        return None
+    if v not in known:
+        raise ctx.fail(where, f"no node named {v!r}; nodes: {', '.join(known)}")
+    return str(v)
+
+
+def port_of(spec: ServiceSpec, client: ClientSpec) -> PortSpec:
+    """The service port a client sends to: the named one, else the first of the client's protocol."""
+    if client.port is not None:
+        return next(p for p in spec.ports if p.name == client.port)
+    return next(p for p in spec.ports if p.protocol == client.protocol)
+
+
+def _service(ctx: _Ctx, where: str, m: Mapping[str, Any], nodes: tuple[str, ...] = (DEFAULT_NODE,)) -> ServiceSpec:
+    _only(ctx, where, m, ("name", "namespace", "cluster_ip", "external_ips", "replicas", "ports", "nodes",
+                          "external_traffic_policy"))
     ports = tuple(
         _port(ctx, f"{where}.ports[{i}]", _mapping(ctx, f"{where}.ports[{i}]", p))
         for i, p in enumerate(_list(ctx, where + ".ports", m.get("ports"), 8))
@@ -287,7 +370,16 @@ def _service(ctx: _Ctx, where: str, m: Mapping[str, Any]) -> ServiceSpec:
     for p in ports:
         if p.node_port and p.node_port < 30000:
             raise ctx.fail(where + ".ports", f"node_port {p.node_port} is outside 30000-32767")
+    placement = _node_list(ctx, where + ".nodes", m.get("nodes"), nodes, allow_empty=True)
+    policy = m.get("external_traffic_policy", "Cluster")
+    if policy not in ("Cluster", "Local"):
+        raise ctx.fail(where + ".external_traffic_policy", f"expected Cluster or Local, got {policy!r}")
+    if policy == "Local" and not (any(p.node_port for p in ports) or m.get("external_ips")):
+        raise ctx.fail(where + ".external_traffic_policy",
+                       "Local applies to external traffic: give the service a node_port or external_ips")
     return ServiceSpec(
+        nodes=placement,
+        external_traffic_policy=policy,
         name=_str(ctx, where + ".name", m.get("name")),
         namespace=_str(ctx, where + ".namespace", m.get("namespace", "default")),
         cluster_ip=_ip(ctx, where + ".cluster_ip", m.get("cluster_ip")),
@@ -300,8 +392,19 @@ def _service(ctx: _Ctx, where: str, m: Mapping[str, Any]) -> ServiceSpec:
     )
 
 
-def _client(ctx: _Ctx, where: str, m: Mapping[str, Any], services: Mapping[str, ServiceSpec]) -> ClientSpec:
-    _only(ctx, where, m, ("name", "service", "via", "port", "source_port", "node_port_raw", "interval"))
+def _client(ctx: _Ctx, where: str, m: Mapping[str, Any], services: Mapping[str, ServiceSpec],
+            nodes: tuple[str, ...] = (DEFAULT_NODE,)) -> ClientSpec:
+    _only(ctx, where, m, ("name", "service", "via", "port", "source_port", "node_port_raw", "interval", "protocol",
+                          "node", "via_node", "external", "expect"))
+    proto = str(m.get("protocol", "UDP")).upper()
+    if proto not in ("UDP", "TCP"):
+        raise ctx.fail(where + ".protocol", f"expected UDP or TCP, got {m.get('protocol')!r}")
+    expect = m.get("expect", "deliver")
+    if expect not in ("deliver", "drop"):
+        raise ctx.fail(where + ".expect", f"expected deliver or drop, got {expect!r}")
+    external = m.get("external", False)
+    if not isinstance(external, bool):
+        raise ctx.fail(where + ".external", f"expected true or false, got {external!r}")
     name = _str(ctx, where + ".name", m.get("name"))
     raw = m.get("node_port_raw")
     svc = m.get("service")
@@ -317,15 +420,27 @@ def _client(ctx: _Ctx, where: str, m: Mapping[str, Any], services: Mapping[str, 
         spec = services.get(svc)
         if spec is None:
             raise ctx.fail(where + ".service", f"no service named {svc!r}")
-        port = spec.ports[0] if port_name is None else next((p for p in spec.ports if p.name == port_name), None)
-        if port is None:
-            raise ctx.fail(where + ".port", f"service {svc} has no port named {port_name!r}")
-        if port.protocol != "UDP":
-            raise ctx.fail(where + ".port", "lab clients are UDP; pick a UDP port")
+        if port_name is None:
+            port = next((p for p in spec.ports if p.protocol == proto), None)
+            if port is None:
+                raise ctx.fail(where + ".protocol", f"service {svc} has no {proto} port")
+        else:
+            port = next((p for p in spec.ports if p.name == port_name), None)
+            if port is None:
+                raise ctx.fail(where + ".port", f"service {svc} has no port named {port_name!r}")
+            if port.protocol != proto:
+                raise ctx.fail(where + ".port", f"port {port_name} is {port.protocol}, the client {proto}; "
+                                                "set the client's protocol to match")
         if via is Via.EXTERNAL_IP and not spec.external_ips:
             raise ctx.fail(where + ".via", f"service {svc} has no external_ips")
         if via is Via.NODE_PORT and not port.node_port:
             raise ctx.fail(where + ".via", f"port {port.name} of service {svc} has no node_port")
+    elif proto == "TCP":
+        raise ctx.fail(where + ".protocol", "a node_port_raw flow is UDP")
+    node = _node_ref(ctx, where + ".node", m.get("node"), nodes)
+    via_node = _node_ref(ctx, where + ".via_node", m.get("via_node"), nodes)
+    if via_node is not None and raw is None and via is not Via.NODE_PORT:
+        raise ctx.fail(where + ".via_node", "only node_port and node_port_raw flows go via a node")
     sport = m.get("source_port")
     interval = _seconds(ctx, where + ".interval", m.get("interval", 0.02))
     if not 0.005 <= interval <= 1.0:
@@ -338,6 +453,11 @@ def _client(ctx: _Ctx, where: str, m: Mapping[str, Any], services: Mapping[str, 
         source_port=None if sport is None else _int(ctx, where + ".source_port", sport, 1024, 65535),
         node_port_raw=None if raw is None else _int(ctx, where + ".node_port_raw", raw, 1, 65535),
         interval=interval,
+        protocol=proto,
+        node=node,
+        via_node=via_node,
+        external=external,
+        expect=expect,
     )
 
 
@@ -373,9 +493,11 @@ def parse_scenario(data: Any, source: str = "<memory>") -> Scenario:
     ctx = _Ctx(source)
     m = _mapping(ctx, "top level", data)
     _only(ctx, "top level", m, ("name", "description", "sync_period", "min_sync_period", "warmup", "observe",
-                                "pad", "services", "clients", "steps"))
+                                "pad", "services", "clients", "steps", "nodes"))
+    nodes = (_node_list(ctx, "nodes", m["nodes"], None, allow_empty=False) if m.get("nodes") is not None
+             else (DEFAULT_NODE,))
     services_l = [
-        _service(ctx, f"services[{i}]", _mapping(ctx, f"services[{i}]", s))
+        _service(ctx, f"services[{i}]", _mapping(ctx, f"services[{i}]", s), nodes)
         for i, s in enumerate(_list(ctx, "services", m.get("services"), 16))
     ]
     services = {s.name: s for s in services_l}
@@ -397,10 +519,10 @@ def parse_scenario(data: Any, source: str = "<memory>") -> Scenario:
     if len(node_ports) != len(set(node_ports)):
         raise ctx.fail("services", "node ports must be unique")
     clients = [
-        _client(ctx, f"clients[{i}]", _mapping(ctx, f"clients[{i}]", c), services)
+        _client(ctx, f"clients[{i}]", _mapping(ctx, f"clients[{i}]", c), services, nodes)
         for i, c in enumerate(_list(ctx, "clients", m.get("clients"), MAX_CLIENTS))
     ]
-    if not any(c.fixed and c.service for c in clients):
+    if not any(c.source_port is not None and c.service and not c.tcp for c in clients):
         raise ctx.fail("clients", "needs at least one fixed-source-port service client (the flow under test)")
     if len({c.name for c in clients}) != len(clients):
         raise ctx.fail("clients", "client names must be unique")
@@ -413,6 +535,11 @@ def parse_scenario(data: Any, source: str = "<memory>") -> Scenario:
     ]
     if [s.at for s in steps] != sorted(s.at for s in steps):
         raise ctx.fail("steps", "steps must be in time order")
+    stepped = {s.service for s in steps}
+    for i, c in enumerate(clients):
+        if c.tcp and c.service in stepped:
+            raise ctx.fail(f"clients[{i}].service", f"a TCP client's service must stay untouched by the steps "
+                                                     f"({c.service} has steps; its connection would die with its pod)")
     sync = _seconds(ctx, "sync_period", m.get("sync_period", "2s"))
     min_sync = _seconds(ctx, "min_sync_period", m.get("min_sync_period", "200ms"))
     if sync <= 0 or min_sync > sync:
@@ -432,6 +559,7 @@ def parse_scenario(data: Any, source: str = "<memory>") -> Scenario:
         observe=_seconds(ctx, "observe", m.get("observe", "5s")),
         pad=_int(ctx, "pad", m.get("pad", 0), 0, MAX_PAD),
         source=source,
+        nodes=nodes,
     )
 
 
