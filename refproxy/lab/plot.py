@@ -43,17 +43,20 @@ def require_matplotlib():
 
 
 def no_endpoint_windows(service: str | None, steps: Sequence[StepRecord], end: float) -> list[tuple[float, float]]:
-    """When ``service`` had no endpoints: from a step that left it empty
-    (``t_ref is None``; from its first endpoint removal) to the moment a later
-    step of the service had endpoints again (its ``t_ref``), or ``end``."""
+    """When ``service`` had no endpoints: from a step's first endpoint removal
+    (or its start) to the moment endpoints existed again -- the step's own
+    ``t_ref`` when that is later than its start (a re-create, a scale-up from
+    zero), else a later step's ``t_ref`` when the step left it empty
+    (``t_ref is None``), else ``end``."""
     own = [st for st in steps if service is not None and st.service == service]
     out = []
     for k, st in enumerate(own):
-        if st.t_ref is not None:
-            continue
         lo = min(st.removed.values(), default=st.t_start)
-        nxt = next((o.t_ref for o in own[k + 1:] if o.t_ref is not None), None)
-        out.append((lo, end if nxt is None else nxt))
+        if st.t_ref is None:
+            nxt = next((o.t_ref for o in own[k + 1:] if o.t_ref is not None), None)
+            out.append((lo, end if nxt is None else nxt))
+        elif st.t_ref > st.t_start and st.t_ref > lo:
+            out.append((min(lo, st.t_start), st.t_ref))
     return out
 
 
@@ -170,7 +173,7 @@ def build_figure(results: Sequence[RunResult], title: str = ""):
     fig.legend(handles, [DELIVERED, BLACK_HOLED, NO_ENDPOINTS], loc="lower right", fontsize=7, ncol=3,
                frameon=False)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, y=1.03)
     return fig
 
 

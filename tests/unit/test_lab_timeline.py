@@ -31,7 +31,11 @@ def step(index, t_start, t_ref, removed=None, service="app"):
 
 def test_no_endpoint_windows_run_from_the_removal_to_endpoints_again():
     steps = [step(0, 5.0, None, {"a": 5.5}), step(1, 9.0, 9.4), step(2, 12.0, None), step(3, 1.0, None, service="x")]
-    assert no_endpoint_windows("app", steps, end=20.0) == [(5.5, 9.4), (12.0, 20.0)]
+    # scale to zero, scale up (its own wait for endpoints too), scale to zero again until the end
+    assert no_endpoint_windows("app", steps, end=20.0) == [(5.5, 9.4), (9.0, 9.4), (12.0, 20.0)]
+    # a re-create: deleted at its start, endpoints again at t_ref; a rolling update (t_ref = start): none
+    assert no_endpoint_windows("app", [step(0, 3.0, 4.5, {"a": 3.1}), step(1, 6.0, 6.0, {"b": 6.5})], 9.0) == [
+        (3.0, 4.5)]
     assert no_endpoint_windows(None, steps, end=20.0) == []
     assert no_endpoint_windows("other", steps, end=20.0) == []
 
