@@ -183,13 +183,21 @@ def _progress(msg: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the benchmark and print its table."""
+    """Run the benchmark and print its table; SIGTERM unwinds like Ctrl-C
+    (namespace deleted, ``nf_conntrack_max`` put back)."""
+    from refproxy.testing.netns import sigterm_unwinds
+
+    with sigterm_unwinds():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     from refproxy.conntrack.netlink import NetlinkConntrackTable
     from refproxy.conntrack.types import DumpFilter
     from refproxy.errors import ConfigError
     from refproxy.progress import bar, counted
     from refproxy.testing.fill import conntrack_max, insert
-    from refproxy.testing.netns import NetNS, check_prefix, missing_requirements, remove_leftovers, sigterm_unwinds
+    from refproxy.testing.netns import NetNS, check_prefix, missing_requirements, remove_leftovers
 
     why = missing_requirements(("ip", "conntrack"))
     if why:
@@ -208,48 +216,47 @@ def main(args: argparse.Namespace) -> int:
     print(_header(), flush=True)
     jf = open(args.json, "w") if args.json else None
     try:
-        with sigterm_unwinds():  # kill: namespaces deleted, nf_conntrack_max put back
-            for n in sizes:
-                with conntrack_max(n + n // 4 + 10000, _progress), NetNS(args.netns_prefix) as ns, \
-                        bar(len(keys) * len(methods) * args.repeat, f"N={n}", unit="run") as pb:
-                    table = NetlinkConntrackTable(IPFamily.IPv4, ns.name)
-                    try:
-                        for e in keys:
-                            sc = Scenario(n, min(args.stale, n // 10), e)
-                            sc.validate()
-                            _progress(f"N={n} E={e} K={sc.stale}: filling {ns.name}")
-                            table.flush(DumpFilter())
-                            t0 = time.perf_counter()
-                            with bar(n, f"filling N={n}", unit="entry", unit_scale=True) as fb:
-                                r = insert(None, counted(sc.entries(), fb), table=table)
-                            _progress(f"filled {r.inserted} entries in {time.perf_counter() - t0:.1f}s "
-                                      f"({r.inserted / max(1e-9, time.perf_counter() - t0):,.0f}/s)"
-                                      + (f", {r.failed} failed: {r.first_error}" if r.failed else ""))
-                            runs: dict[str, list[tuple[RunResult, str]]] = {m: [] for m in methods}
-                            for rep in range(args.repeat):
-                                for m in methods:
-                                    if table.count() != n:  # restore after a run that deleted too much or too little
-                                        table.flush(DumpFilter())
-                                        insert(None, sc.entries(), table=table)
-                                    pb.set_description(f"N={n} E={e} {m}")
-                                    _progress(f"N={n} E={e}: running {m} ({rep + 1}/{args.repeat})")
-                                    res = _run_worker(m, ns.name, sc, opts.get(m.partition("@")[0], {}),
-                                                      warm=not args.cold)
-                                    verdict = _verify(table, sc)
-                                    runs[m].append((res, verdict))
-                                    pb.update(1)
-                                    if jf:
-                                        jf.write(json.dumps({"n": n, "keys": e, "stale": sc.stale, "run": rep + 1,
-                                                             "verified": verdict, **asdict(res)}) + "\n")
-                                    # Put the stale entries back for the next method.
-                                    insert(None, sc.stale_entries(), table=table)
+        for n in sizes:
+            with conntrack_max(n + n // 4 + 10000, _progress), NetNS(args.netns_prefix) as ns, \
+                    bar(len(keys) * len(methods) * args.repeat, f"N={n}", unit="run") as pb:
+                table = NetlinkConntrackTable(IPFamily.IPv4, ns.name)
+                try:
+                    for e in keys:
+                        sc = Scenario(n, min(args.stale, n // 10), e)
+                        sc.validate()
+                        _progress(f"N={n} E={e} K={sc.stale}: filling {ns.name}")
+                        table.flush(DumpFilter())
+                        t0 = time.perf_counter()
+                        with bar(n, f"filling N={n}", unit="entry", unit_scale=True) as fb:
+                            r = insert(None, counted(sc.entries(), fb), table=table)
+                        _progress(f"filled {r.inserted} entries in {time.perf_counter() - t0:.1f}s "
+                                  f"({r.inserted / max(1e-9, time.perf_counter() - t0):,.0f}/s)"
+                                  + (f", {r.failed} failed: {r.first_error}" if r.failed else ""))
+                        runs: dict[str, list[tuple[RunResult, str]]] = {m: [] for m in methods}
+                        for rep in range(args.repeat):
                             for m in methods:
-                                s = summarize(runs[m])
-                                rows.append((sc, s))
-                                pb.write(_row(sc, s), file=sys.stdout)
-                                sys.stdout.flush()
-                    finally:
-                        table.close()
+                                if table.count() != n:  # restore after a run that deleted too much or too little
+                                    table.flush(DumpFilter())
+                                    insert(None, sc.entries(), table=table)
+                                pb.set_description(f"N={n} E={e} {m}")
+                                _progress(f"N={n} E={e}: running {m} ({rep + 1}/{args.repeat})")
+                                res = _run_worker(m, ns.name, sc, opts.get(m.partition("@")[0], {}),
+                                                  warm=not args.cold)
+                                verdict = _verify(table, sc)
+                                runs[m].append((res, verdict))
+                                pb.update(1)
+                                if jf:
+                                    jf.write(json.dumps({"n": n, "keys": e, "stale": sc.stale, "run": rep + 1,
+                                                         "verified": verdict, **asdict(res)}) + "\n")
+                                # Put the stale entries back for the next method.
+                                insert(None, sc.stale_entries(), table=table)
+                        for m in methods:
+                            s = summarize(runs[m])
+                            rows.append((sc, s))
+                            pb.write(_row(sc, s), file=sys.stdout)
+                            sys.stdout.flush()
+                finally:
+                    table.close()
     finally:
         if jf:
             jf.close()
