@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-__all__ = ["bar", "enabled"]
+__all__ = ["bar", "enabled", "counted"]
+
+T = TypeVar("T")
 
 
 def enabled(stream: Any = None) -> bool:
@@ -38,3 +41,17 @@ def bar(total: float | None, desc: str, *, unit: str = "it", leave: bool = False
     """
     return tqdm(total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr,
                 disable=not enabled(), dynamic_ncols=True, **kw)
+
+
+def counted(items: Iterable[T], pb: tqdm, *, every: int = 4096) -> Iterator[T]:
+    """Yield ``items`` unchanged, advancing ``pb`` by one per item (in steps of
+    ``every``, so a million-entry fill does not pay a bar update per entry)."""
+    n = 0
+    for item in items:
+        yield item
+        n += 1
+        if n == every:
+            pb.update(n)
+            n = 0
+    if n:
+        pb.update(n)

@@ -33,7 +33,9 @@ _results: dict[tuple[str, str], object] = {}
 def _run(scenario: str, plugin: str):
     key = (scenario, plugin)
     if key not in _results:
-        sc = load_scenario(scenario)
+        # The suite judges recovery and collateral, not cost: an empty table
+        # keeps it fast (the padded cost is the lab's and the bench's job).
+        sc = load_scenario(scenario).with_pad(0)
         _results[key] = run_scenario(NetnsPlatform(E2E_PREFIX), sc, plugin, {})
     return _results[key]
 

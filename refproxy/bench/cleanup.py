@@ -183,13 +183,21 @@ def _progress(msg: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the benchmark and print its table."""
+    """Run the benchmark and print its table; SIGTERM unwinds like Ctrl-C
+    (namespace deleted, ``nf_conntrack_max`` put back)."""
+    from refproxy.testing.netns import sigterm_unwinds
+
+    with sigterm_unwinds():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     from refproxy.conntrack.netlink import NetlinkConntrackTable
     from refproxy.conntrack.types import DumpFilter
     from refproxy.errors import ConfigError
-    from refproxy.progress import bar
+    from refproxy.progress import bar, counted
     from refproxy.testing.fill import conntrack_max, insert
-    from refproxy.testing.netns import NetNS, missing_requirements, remove_leftovers
+    from refproxy.testing.netns import NetNS, check_prefix, missing_requirements, remove_leftovers
 
     why = missing_requirements(("ip", "conntrack"))
     if why:
@@ -203,13 +211,13 @@ def main(args: argparse.Namespace) -> int:
     for m in methods:
         if m != CLI_METHOD:
             _split_variant(m, {})  # a malformed NAME@K=V fails here, before any namespace exists
-    remove_leftovers(args.netns_prefix)
+    remove_leftovers(check_prefix(args.netns_prefix))
     rows: list[tuple[Scenario, Summary]] = []
     print(_header(), flush=True)
     jf = open(args.json, "w") if args.json else None
     try:
         for n in sizes:
-            with conntrack_max(n + n // 4 + 10000), NetNS(args.netns_prefix) as ns, \
+            with conntrack_max(n + n // 4 + 10000, _progress), NetNS(args.netns_prefix) as ns, \
                     bar(len(keys) * len(methods) * args.repeat, f"N={n}", unit="run") as pb:
                 table = NetlinkConntrackTable(IPFamily.IPv4, ns.name)
                 try:
@@ -219,7 +227,8 @@ def main(args: argparse.Namespace) -> int:
                         _progress(f"N={n} E={e} K={sc.stale}: filling {ns.name}")
                         table.flush(DumpFilter())
                         t0 = time.perf_counter()
-                        r = insert(None, sc.entries(), table=table)
+                        with bar(n, f"filling N={n}", unit="entry", unit_scale=True) as fb:
+                            r = insert(None, counted(sc.entries(), fb), table=table)
                         _progress(f"filled {r.inserted} entries in {time.perf_counter() - t0:.1f}s "
                                   f"({r.inserted / max(1e-9, time.perf_counter() - t0):,.0f}/s)"
                                   + (f", {r.failed} failed: {r.first_error}" if r.failed else ""))

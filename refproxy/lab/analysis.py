@@ -33,7 +33,7 @@ from dataclasses import replace
 from refproxy.lab.engine import FlowResult, FlowStep, Sample, StepRecord
 from refproxy.lab.scenario import ClientSpec, Scenario
 
-__all__ = ["analyse_flows", "analyse_flow", "target_of", "TAIL_GRACE"]
+__all__ = ["analyse_flows", "analyse_flow", "target_of", "timeline", "TAIL_GRACE"]
 
 TAIL_GRACE = 0.3  # seconds of unanswered requests tolerated at a window's end (in flight)
 
@@ -45,6 +45,27 @@ def target_of(c: ClientSpec) -> str:
 
 def _window(samples: Sequence[Sample], lo: float, hi: float) -> list[Sample]:
     return [s for s in samples if lo <= s.sent < hi]
+
+
+def timeline(samples: Sequence[Sample]) -> tuple[tuple[float, float, bool], ...]:
+    """A flow's history as runs of answered and unanswered requests.
+
+    ``(from, to, delivered)`` per run, on send times: a run starts at its
+    first request and ends where the next run starts (the last one at its
+    last request). Consecutive runs alternate, so one lost request between
+    answered ones is a short unanswered run of its own.
+    """
+    ordered = sorted(samples, key=lambda s: s.sent)
+    out: list[tuple[float, float, bool]] = []
+    for s in ordered:
+        ok = s.replied is not None
+        if out and out[-1][2] == ok:
+            out[-1] = (out[-1][0], s.sent, ok)
+        else:
+            if out:
+                out[-1] = (out[-1][0], s.sent, out[-1][2])
+            out.append((s.sent, s.sent, ok))
+    return tuple(out)
 
 
 def analyse_flow(client: ClientSpec, samples: Sequence[Sample], steps: Sequence[StepRecord], end: float) -> FlowResult:
@@ -89,6 +110,7 @@ def analyse_flow(client: ClientSpec, samples: Sequence[Sample], steps: Sequence[
         steps=tuple(out),
         protocol=client.protocol,
         peers=tuple(sorted({s.peer for s in samples if s.peer is not None})),
+        timeline=timeline(samples),
     )
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "Platform",
     "ProxyExited",
     "run_scenario",
+    "phase_count",
 ]
 
 
@@ -139,6 +140,9 @@ class FlowResult:
     steps: tuple[FlowStep, ...] = ()
     protocol: str = "UDP"
     peers: tuple[str, ...] = ()  # source addresses the responders saw (masqueraded or the client's own)
+    # Runs of answered / unanswered requests, (from, to, delivered) in send
+    # times: what the lab chart draws (analysis.timeline).
+    timeline: tuple[tuple[float, float, bool], ...] = ()
 
     @property
     def lost(self) -> int:
@@ -254,6 +258,12 @@ def _quiet(_: str) -> None:
     pass
 
 
+def phase_count(scenario: Scenario) -> int:
+    """How many times :func:`run_scenario` calls ``phase_done`` for ``scenario``:
+    setup, proxy start, each step, observing, measuring."""
+    return len(scenario.steps) + 4
+
+
 def run_scenario(
     platform: Platform,
     scenario: Scenario,
@@ -261,6 +271,7 @@ def run_scenario(
     options: Mapping[str, str] | None = None,
     *,
     progress: Progress = _quiet,
+    phase_done: Progress = _quiet,
     clock: Callable[[], float] = time.time,
     sleep: Callable[[float], None] = time.sleep,
 ) -> RunResult:
@@ -277,9 +288,11 @@ def run_scenario(
         progress(f"[{plugin}] setting up {scenario.name} on {platform.name}"
                  + (f" (padding {scenario.pad} entries)" if scenario.pad else ""))
         platform.setup(scenario)
+        phase_done("set up")
         progress(f"[{plugin}] starting refproxy")
         platform.start_proxy(plugin, dict(options or {}))
         platform.start_clients(scenario.clients)
+        phase_done("refproxy and clients started")
         t0 = clock()
         try:
             for i, step in enumerate(scenario.steps):
@@ -287,8 +300,10 @@ def run_scenario(
                 progress(f"[{plugin}] step {i + 1}/{len(scenario.steps)}: {step.action.value} {step.service}")
                 steps.append(platform.perform(step, i))
                 _check_proxy(platform)
+                phase_done(f"step {i + 1}/{len(scenario.steps)} {step.action.value}")
             progress(f"[{plugin}] observing {scenario.observe:.0f}s")
             _wait_until(platform, max(clock(), t0 + scenario.warmup) + scenario.observe, clock, sleep)
+            phase_done("observed")
         except ProxyExited as gone:
             error = f"refproxy {gone}"
             progress(f"[{plugin}] refproxy {gone}: ending the run early")
@@ -297,6 +312,7 @@ def run_scenario(
         res = platform.resources()
         if error is None and (why := platform.proxy_status()) is not None:
             error = f"refproxy {why}"
+        phase_done("measured")
     except RefproxyError as err:
         # A run that could not be built or measured (the proxy never came
         # up, a kubectl wait timed out) is a result too: reported, not fatal

@@ -23,7 +23,7 @@ import contextlib
 import ipaddress
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from refproxy.conntrack.types import IPPROTO_TCP, IPPROTO_UDP, ConntrackEntry
@@ -44,6 +44,7 @@ __all__ = [
 DEFAULT_TIMEOUT = 3600
 DEFAULT_BATCH = 2048
 CONNTRACK_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
+SYSCTL_NAME = "net.netfilter.nf_conntrack_max"
 _V4_CLIENTS = int(ipaddress.IPv4Address("198.18.128.0"))
 _V4_PEERS = int(ipaddress.IPv4Address("198.19.0.0"))
 _V6_CLIENTS = int(ipaddress.IPv6Address("2001:2::8000:0"))
@@ -161,13 +162,22 @@ def insert(
 _max_lock = threading.Lock()
 
 
+def _announce_stderr(msg: str) -> None:
+    import sys
+
+    print(f"refproxy: {msg}", file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
-def conntrack_max(needed: int) -> Iterator[int]:
+def conntrack_max(needed: int, announce: Callable[[str], None] = _announce_stderr) -> Iterator[int]:
     """Raise the host-wide ``nf_conntrack_max`` to at least ``needed`` for the block.
 
     The limit is global (the init namespace's sysctl caps every namespace's
-    table). On exit the old value is put back, unless someone else changed it
-    in the meantime (then theirs stays). Yields the limit in force.
+    table), so a change is never silent: ``announce`` (stderr by default) is
+    told when the limit is raised, when it is put back, and when it is left
+    alone because someone else changed it in the meantime (then theirs
+    stays). Restoring runs on any exit from the block, Ctrl-C included.
+    Yields the limit in force.
     """
     with _max_lock:
         try:
@@ -183,16 +193,24 @@ def conntrack_max(needed: int) -> Iterator[int]:
                     f.write(str(new))
             except OSError as err:
                 raise ConntrackError(f"raising {CONNTRACK_MAX} to {new}: {err}", errno=err.errno) from err
+            announce(f"raised host-wide {SYSCTL_NAME} from {old} to {new} for this run (put back on exit)")
     try:
         yield new
     finally:
         if new != old:
-            with _max_lock, contextlib.suppress(OSError):
-                with open(CONNTRACK_MAX) as f:
-                    current = int(f.read())
-                if current == new:
-                    with open(CONNTRACK_MAX, "w") as f:
-                        f.write(str(old))
+            with _max_lock:
+                try:
+                    with open(CONNTRACK_MAX) as f:
+                        current = int(f.read())
+                    if current == new:
+                        with open(CONNTRACK_MAX, "w") as f:
+                            f.write(str(old))
+                        announce(f"put host-wide {SYSCTL_NAME} back to {old}")
+                    else:
+                        announce(f"left host-wide {SYSCTL_NAME} at {current}: changed by someone else "
+                                 f"during the run (was {old}, raised to {new})")
+                except OSError as err:
+                    announce(f"could not put host-wide {SYSCTL_NAME} back to {old}: {err}")
 
 
 def pad_table(netns: str, total: int, *, family: IPFamily = IPFamily.IPv4, start: int = 1 << 30,
@@ -204,12 +222,15 @@ def pad_table(netns: str, total: int, *, family: IPFamily = IPFamily.IPv4, start
     :func:`conntrack_max` when ``total`` exceeds it.
     """
     from refproxy.conntrack.netlink import NetlinkConntrackTable
+    from refproxy.progress import bar, counted
 
     with NetlinkConntrackTable(family, netns) as t:
         missing = total - t.count()
         if missing <= 0:
             return FillResult()
-        return insert(None, padding(missing, ClientPool(family, start)), family=family, timeout=timeout, table=t)
+        with bar(missing, "padding conntrack", unit="entry", unit_scale=True) as pb:
+            entries = counted(padding(missing, ClientPool(family, start)), pb)
+            return insert(None, entries, family=family, timeout=timeout, table=t)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

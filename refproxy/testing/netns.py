@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -27,7 +28,11 @@ __all__ = [
     "missing_requirements",
     "list_namespaces",
     "remove_leftovers",
+    "check_prefix",
+    "sigterm_unwinds",
 ]
+
+PREFIX_MAX = 12
 
 NETNS_DIR = _nsenter.NETNS_DIR
 
@@ -192,3 +197,41 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+_PREFIX = re.compile(r"[a-z][a-z0-9]*")
+
+
+def check_prefix(prefix: str, flag: str = "--netns-prefix") -> str:
+    """``prefix`` when it can name this kit's namespaces, else a ``ConfigError``.
+
+    Lowercase letters and digits, starting with a letter, at most
+    ``PREFIX_MAX`` characters: a ``-`` would break :func:`remove_leftovers`'
+    ``prefix-pid-hex`` parsing, and a long one would not fit interface names
+    derived from it.
+    """
+    from refproxy.errors import ConfigError
+
+    if not (1 <= len(prefix) <= PREFIX_MAX and _PREFIX.fullmatch(prefix)):
+        raise ConfigError(f"{flag} {prefix!r}: use 1-{PREFIX_MAX} lowercase letters and digits, starting with a "
+                          "letter (namespaces are named PREFIX-PID-HEX)")
+    return prefix
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Inside the block, SIGTERM raises ``KeyboardInterrupt`` like Ctrl-C does.
+
+    So ``kill`` gets the same orderly unwinding: namespaces deleted by name,
+    host-wide sysctls put back (every ``with`` block exits). The previous
+    handler is restored on exit.
+    """
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -64,6 +64,23 @@ def test_conntrack_max_keeps_a_concurrent_change(tmp_path, monkeypatch):
     f = tmp_path / "nf_conntrack_max"
     f.write_text("1000")
     monkeypatch.setattr(fill, "CONNTRACK_MAX", str(f))
-    with fill.conntrack_max(5000):
+    said = []
+    with fill.conntrack_max(5000, said.append):
         f.write_text("9000")  # someone else raised it further meanwhile
     assert int(f.read_text()) == 9000
+    assert "left host-wide net.netfilter.nf_conntrack_max at 9000" in said[-1]
+
+
+def test_conntrack_max_announces_every_change_and_none_when_unchanged(tmp_path, monkeypatch):
+    f = tmp_path / "nf_conntrack_max"
+    f.write_text("262144")
+    monkeypatch.setattr(fill, "CONNTRACK_MAX", str(f))
+    said = []
+    with fill.conntrack_max(100, said.append):
+        pass
+    assert said == []
+    with pytest.raises(KeyboardInterrupt), fill.conntrack_max(350_000, said.append):
+        raise KeyboardInterrupt  # Ctrl-C (or SIGTERM through sigterm_unwinds) still restores
+    assert int(f.read_text()) == 262144
+    assert said == ["raised host-wide net.netfilter.nf_conntrack_max from 262144 to 350000 for this run "
+                    "(put back on exit)", "put host-wide net.netfilter.nf_conntrack_max back to 262144"]

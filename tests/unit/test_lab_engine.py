@@ -111,3 +111,15 @@ def test_proxy_that_never_starts_is_a_failed_result_not_an_abort():
     assert r.error == "refproxy exited 1 (log: bad flag)"
     assert r.conntrack is None and r.steps == () and p.calls[-1] == "teardown"
     assert all(f.sent == 0 for f in r.flows)
+
+
+def test_every_phase_is_reported_once_in_order():
+    from refproxy.lab.engine import phase_count
+
+    sc = load_scenario("default")
+    clock = FakeClock()
+    done = []
+    run_scenario(FakePlatform(clock), sc, "full", clock=clock, sleep=clock.sleep, phase_done=done.append)
+    assert len(done) == phase_count(sc)
+    assert done[0] == "set up" and done[-1] == "measured"
+    assert done[2] == f"step 1/{len(sc.steps)} {sc.steps[0].action.value}"

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from refproxy.cli import main as refproxy_main
+from refproxy.errors import ConfigError
 from refproxy.lab import cli as lab_cli
 from refproxy.lab.engine import ConntrackState, FlowResult, FlowStep, ResourceFigures, RunResult
 from refproxy.lab.report import comparison_table, summarize, verdict, write_json
@@ -95,7 +96,7 @@ def test_refuses_without_root(monkeypatch, capsys):
     assert "run it as root" in capsys.readouterr().err
 
 
-def test_plot_without_matplotlib_fails_first(monkeypatch, capsys):
+def _no_matplotlib(monkeypatch):
     import builtins
 
     real = builtins.__import__
@@ -106,11 +107,51 @@ def test_plot_without_matplotlib_fails_first(monkeypatch, capsys):
         return real(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_mpl)
+
+
+def test_explicit_plot_without_matplotlib_fails_first(monkeypatch, capsys):
+    _no_matplotlib(monkeypatch)
     import refproxy.testing.netns
 
     monkeypatch.setattr(refproxy.testing.netns, "remove_leftovers", lambda *a: pytest.fail("must fail before running"))
     assert refproxy_main(["lab", "--plugins", "none", "--plot", "x.png"]) == 1
-    assert "--plot needs matplotlib" in capsys.readouterr().err
+    assert "the lab chart needs matplotlib" in capsys.readouterr().err
+
+
+def test_default_chart_is_skipped_with_a_note_without_matplotlib(monkeypatch, capsys):
+    _no_matplotlib(monkeypatch)
+    import refproxy.testing.netns
+
+    monkeypatch.setattr(refproxy.testing.netns, "missing_requirements", lambda tools: "needs root")
+    assert refproxy_main(["lab", "--plugins", "none"]) == 2  # got past the chart check, stopped at root
+    err = capsys.readouterr().err
+    assert "no chart:" in err and "needs root" in err
+
+
+def test_report_and_chart_paths_default_next_to_each_other():
+    import argparse
+
+    ns = argparse.Namespace(json=None, plot=None, no_plot=False)
+    pytest.importorskip("matplotlib")
+    assert lab_cli._outputs(ns, "default") == ("reports/lab-default.json", "reports/lab-default.png")
+    ns.json = "out/run.json"
+    assert lab_cli._outputs(ns, "default") == ("out/run.json", "out/run.png")
+    ns.no_plot = True
+    assert lab_cli._outputs(ns, "x/../y") == ("out/run.json", None)
+    ns.json, ns.plot = None, "c.png"
+    with pytest.raises(ConfigError, match="contradict"):
+        lab_cli._outputs(ns, "default")
+    ns.no_plot = False
+    assert lab_cli._outputs(ns, "a b/c") == ("reports/lab-a_b_c.json", "c.png")
+
+
+@pytest.mark.parametrize("prefix", ["", "rp-lab", "RPLAB", "1lab", "averyverylongprefix"])
+def test_a_bad_netns_prefix_is_refused_before_anything(prefix, monkeypatch, capsys):
+    import refproxy.testing.netns
+
+    monkeypatch.setattr(refproxy.testing.netns, "remove_leftovers", lambda *a: pytest.fail("must fail before running"))
+    assert refproxy_main(["lab", "--plugins", "none", "--netns-prefix", prefix, "--no-plot"]) == 1
+    assert "--netns-prefix" in capsys.readouterr().err
 
 
 def test_default_plugins_put_the_control_first():
@@ -136,10 +177,50 @@ def test_a_plugin_that_fails_to_load_is_not_offered(monkeypatch, capsys):
     assert "not offering cleanup plugin 'broken'" in err and "unknown cleanup plugin 'broken'" in err
 
 
+def timeline_result(plugin, *, recovered):
+    """A run whose fixed flow lost its answers from t=4 on, recovering at 5 (or never)."""
+    from refproxy.lab.analysis import timeline
+    from refproxy.lab.engine import Sample, StepRecord
+
+    samples = [Sample(i, 100 + i * 0.5, 100 + i * 0.5 + 0.01 if (i < 8 or (recovered and i >= 10)) else None)
+               for i in range(24)]
+    step = StepRecord(0, "rolling_update", "app", 103.9, 104.5, 103.9, {"app-1": 104.0}, ("app-2",))
+    flow = FlowResult("fixed", True, "app/cluster_ip", 24, 20, (FlowStep(0, True, recovered, 1.0, 4),),
+                      timeline=timeline(samples))
+    tcp = FlowResult("tcp", True, "db/cluster_ip", 24, 24, (), protocol="TCP",
+                     timeline=((100.0, 111.5, True),))
+    return RunResult("default", plugin, "netns", 2.0, 0, 99.0, 13.0, (flow, tcp), (step,),
+                     ResourceFigures(1.25, 40 * 2**20, {}), ConntrackState(0, 0, 3, 50))
+
+
+def _texts(fig):
+    return [t.get_text() for ax in fig.axes for t in ax.texts] + [ax.get_title(loc="left") for ax in fig.axes]
+
+
+def test_chart_draws_a_timeline_per_plugin_and_a_cost_panel():
+    pytest.importorskip("matplotlib")
+    from refproxy.lab.plot import build_figure
+
+    fig = build_figure([timeline_result("none", recovered=False), timeline_result("full", recovered=True)], "t")
+    texts = _texts(fig)
+    assert len(fig.axes) == 2 + 3  # one timeline per run, three cost axes
+    assert texts.count("never recovered") == 1  # only the control's flow
+    assert any(t.startswith("none: never recovered") for t in texts)
+    assert any(t.startswith("full: worst black hole") for t in texts)
+    for title in ("cleanup wall time", "refproxy CPU", "refproxy peak RSS"):
+        assert sum(t.startswith(title) for t in texts) == 1, title
+    assert "1 rolling_update" in texts
+    # each flow row, TCP included
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["fixed (udp)", "tcp (tcp)"]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     from refproxy.lab.plot import plot_runs
 
     path = tmp_path / "lab.png"
-    plot_runs([summarize(result("none", None)), summarize(result("full", 0.3))], str(path), "t")
+    plot_runs([result("none", None), result("full", 0.3)], str(path), "t")  # runs without timelines draw too
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

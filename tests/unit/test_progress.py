@@ -32,3 +32,16 @@ def test_forced_bar_writes_to_stderr_and_disabled_bar_stays_silent(monkeypatch, 
         b.update(3)
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
+
+
+def test_counted_passes_items_through_and_counts_them_all():
+    class Bar:
+        def __init__(self):
+            self.updates = []
+
+        def update(self, n):
+            self.updates.append(n)
+
+    b = Bar()
+    assert list(progress.counted(range(10), b, every=3)) == list(range(10))
+    assert b.updates == [3, 3, 3, 1]
