@@ -563,8 +563,7 @@ class NetnsPlatform:
 
     def conntrack_state(self) -> ConntrackState:
         """Collateral deletions from every node's DESTROY events, stale entries from every node's final table."""
-        for p in self._events.values():
-            self._stop(p, signal.SIGINT)
+        self._stop_all(self._events.values(), signal.SIGINT)
         return ConntrackState.combine({n: self._node_conntrack(n) for n in self._scenario.nodes})
 
     def _node_conntrack(self, node: str) -> ConntrackState:
@@ -619,29 +618,28 @@ class NetnsPlatform:
 
     # -- teardown ---------------------------------------------------------
     @staticmethod
-    def _stop(p: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
-        if p is None or p.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            p.send_signal(sig)
-        try:
-            p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
+    def _stop_all(procs: Iterable[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
+        """Signal every running process first, then wait for each (5 s, then SIGKILL and 5 s more)."""
+        live = [p for p in procs if p.poll() is None]
+        for p in live:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(sig)
+        for p in live:
+            try:
                 p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=5)
 
     def teardown(self) -> None:
         """Stop clients, refproxy and the API server; delete every namespace. Idempotent."""
         if self._torn_down:
             return
         self._torn_down = True
-        for p, _ in self._clients.values():
-            self._stop(p)
-        for proxy in self.proxies.values():
-            self._stop(proxy)
-        for events in self._events.values():
-            self._stop(events, signal.SIGINT)
+        self._stop_all(p for p, _ in self._clients.values())
+        self._stop_all(self.proxies.values())
+        self._stop_all(self._events.values(), signal.SIGINT)
         if self.api is not None:
             with contextlib.suppress(Exception):
                 self.api.stop()
