@@ -16,7 +16,8 @@ conntrack-event watcher in its own namespace; the API server on the first
 node's IP, which the others reach over the fabric; pods placed round-robin
 over the service's ``nodes`` (default every node), each EndpointSlice
 endpoint carrying the ``nodeName`` of its pod's node; clients attached to
-their ``node``; NodePort and raw node flows sent to ``via_node``'s IP.
+their ``node``; NodePort and raw node flows sent to ``via_node``'s IP;
+``scenario.pad`` entries in the first node's table.
 Conntrack is judged on every node's table (each with its own node address as
 the NodePort frontend) and the figures summed (``ConntrackState.combine``,
 ``ResourceFigures.combine``, each node's kept in ``by_node``).
