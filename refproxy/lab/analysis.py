@@ -29,7 +29,8 @@ unexpected (``FlowResult.answered``). An external client's flow to a
 NodePort or ExternalIP of a service with ``externalTrafficPolicy: Local``
 has a ``local_node`` (the node it enters: ``via_node``, else its own) and
 ``off_node_answers``: answers from backends placed on any other node
-(``placement``, backend -> node, from the platform), which Local forbids.
+(``placement``, backend -> node, from the platform; none given: 0), which
+Local forbids.
 """
 
 from __future__ import annotations
@@ -108,7 +109,9 @@ def analyse_flow(client: ClientSpec, samples: Sequence[Sample], steps: Sequence[
         out.append(FlowStep(st.index, affected, recovered, round(longest, 4), lost, lost_served))
     answered_by = [s.responder for s in samples if s.replied is not None and s.responder is not None]
     where = placement or {}
-    off = 0 if local_node is None else sum(1 for r in answered_by if where.get(r) != local_node)
+    # No placement (a platform without one): nothing to judge locality by. With
+    # one, an answer from a backend it does not know counts as off-node.
+    off = 0 if local_node is None or not where else sum(1 for r in answered_by if where.get(r) != local_node)
     return FlowResult(
         client=client.name,
         fixed=client.fixed,

@@ -166,6 +166,9 @@ def test_off_node_answers_and_drop_flows():
 
     a = analyse_flow(sc.clients[1], samples["miss"], (), 5.0, local_node="node-a", placement=placement)
     assert a.off_node_answers == 5
+    assert analyse_flow(sc.clients[1], samples["miss"], (), 5.0, local_node="node-a").off_node_answers == 0
+    assert analyse_flow(sc.clients[1], samples["miss"], (), 5.0, local_node="node-b",
+                        placement={"other": "node-b"}).off_node_answers == 5  # unknown backend: not local
     r = RunResult("t", "targeted", "netns", 2.0, 0, 0.0, 5.0, flows=flows)
     assert [x.client for x in r.fixed_flows] == ["f", "tcp"]  # the drop flow is never a recovery
 
