@@ -2,7 +2,8 @@
 
 Every test here needs root, iproute2, iptables and conntrack; without them
 each is skipped with the reason. Namespaces use the prefix ``rpe2e`` so the
-suite only ever deletes its own (leftovers of a killed run included).
+suite only ever deletes its own (leftovers of a killed run included);
+``test_netns_two_node.py`` uses ``rptn2n`` and its own leftover fixture.
 """
 
 from __future__ import annotations

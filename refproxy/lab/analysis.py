@@ -23,6 +23,14 @@ A TCP flow (one long-lived connection to a service no step changes) is judged
 across *every* step, each with ``t_ref`` at the step's start and nothing
 removed: it must keep echoing through every cleanup, so a connection whose
 conntrack entry a plugin deleted shows as never recovered.
+
+A flow with ``expect: drop`` is judged on no step: every answer it got is
+unexpected (``FlowResult.answered``). An external client's flow to a
+NodePort or ExternalIP of a service with ``externalTrafficPolicy: Local``
+has a ``local_node`` (the node it enters: ``via_node``, else its own) and
+``off_node_answers``: answers from backends placed on any other node
+(``placement``, backend -> node, from the platform; none given: 0), which
+Local forbids.
 """
 
 from __future__ import annotations
@@ -31,16 +39,32 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from refproxy.lab.engine import FlowResult, FlowStep, Sample, StepRecord
-from refproxy.lab.scenario import ClientSpec, Scenario
+from refproxy.lab.scenario import ClientSpec, Scenario, Via
 
-__all__ = ["analyse_flows", "analyse_flow", "target_of", "timeline", "TAIL_GRACE"]
+__all__ = ["analyse_flows", "analyse_flow", "target_of", "local_node_of", "timeline", "TAIL_GRACE"]
 
 TAIL_GRACE = 0.3  # seconds of unanswered requests tolerated at a window's end (in flight)
 
 
 def target_of(c: ClientSpec) -> str:
     """A short label of where a client sends: ``statsd/cluster_ip``, ``node:4789``."""
-    return f"node:{c.node_port_raw}" if c.node_port_raw is not None else f"{c.service}/{c.via.value}"
+    at = f"@{c.via_node}" if c.via_node is not None else ""
+    return f"node:{c.node_port_raw}{at}" if c.node_port_raw is not None else f"{c.service}/{c.via.value}{at}"
+
+
+def local_node_of(scenario: Scenario, c: ClientSpec) -> str | None:
+    """The node whose endpoints alone may answer ``c`` under ``externalTrafficPolicy: Local``, or ``None``.
+
+    Only external clients count (pod traffic to a NodePort or ExternalIP goes
+    to the cluster-wide endpoints, as kube-proxy routes it), and only via a
+    NodePort (the node it targets) or an ExternalIP (the client's own node).
+    """
+    if c.service is None or not c.external or c.via is Via.CLUSTER_IP:
+        return None
+    if scenario.service(c.service).external_traffic_policy != "Local":
+        return None
+    own = c.node or scenario.nodes[0]
+    return (c.via_node or own) if c.via is Via.NODE_PORT else own
 
 
 def _window(samples: Sequence[Sample], lo: float, hi: float) -> list[Sample]:
@@ -68,9 +92,12 @@ def timeline(samples: Sequence[Sample]) -> tuple[tuple[float, float, bool], ...]
     return tuple(out)
 
 
-def analyse_flow(client: ClientSpec, samples: Sequence[Sample], steps: Sequence[StepRecord], end: float) -> FlowResult:
-    """Judge one client flow across the steps of its service."""
+def analyse_flow(client: ClientSpec, samples: Sequence[Sample], steps: Sequence[StepRecord], end: float, *,
+                 local_node: str | None = None, placement: Mapping[str, str] | None = None) -> FlowResult:
+    """Judge one client flow across the steps of its service (see the module docstring)."""
     samples = sorted(samples, key=lambda s: s.sent)
+    if client.expect == "drop":
+        steps = ()
     if client.tcp:
         own = [replace(st, t_ref=st.t_start, removed={}) for st in steps]
     else:
@@ -101,6 +128,11 @@ def analyse_flow(client: ClientSpec, samples: Sequence[Sample], steps: Sequence[
         recovered = got_after_cut and tail <= max(TAIL_GRACE, 5 * client.interval)
         lost_served = sum(1 for s in in_window if s.replied is None)
         out.append(FlowStep(st.index, affected, recovered, round(longest, 4), lost, lost_served))
+    answered_by = [s.responder for s in samples if s.replied is not None and s.responder is not None]
+    where = placement or {}
+    # No placement (a platform without one): nothing to judge locality by. With
+    # one, an answer from a backend it does not know counts as off-node.
+    off = 0 if local_node is None or not where else sum(1 for r in answered_by if where.get(r) != local_node)
     return FlowResult(
         client=client.name,
         fixed=client.fixed,
@@ -110,12 +142,18 @@ def analyse_flow(client: ClientSpec, samples: Sequence[Sample], steps: Sequence[
         steps=tuple(out),
         protocol=client.protocol,
         peers=tuple(sorted({s.peer for s in samples if s.peer is not None})),
+        expect=client.expect,
+        responders=tuple(sorted(set(answered_by))),
+        local_node=local_node,
+        off_node_answers=off,
         timeline=timeline(samples),
     )
 
 
 def analyse_flows(
-    scenario: Scenario, samples: Mapping[str, Sequence[Sample]], steps: Sequence[StepRecord], end: float
+    scenario: Scenario, samples: Mapping[str, Sequence[Sample]], steps: Sequence[StepRecord], end: float,
+    placement: Mapping[str, str] | None = None,
 ) -> tuple[FlowResult, ...]:
     """Judge every client flow of ``scenario`` (clients without samples count as sending nothing)."""
-    return tuple(analyse_flow(c, samples.get(c.name, ()), steps, end) for c in scenario.clients)
+    return tuple(analyse_flow(c, samples.get(c.name, ()), steps, end, local_node=local_node_of(scenario, c),
+                              placement=placement) for c in scenario.clients)

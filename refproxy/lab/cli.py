@@ -53,7 +53,7 @@ def _warn_unloadable(failures: Mapping[str, str]) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``refproxy lab`` flags."""
     p.add_argument("--scenario", default="default", metavar="NAME|FILE",
-                   help="built-in scenario name (refproxy/lab/scenarios/: default, restart, padded) or a YAML file (default: default)")
+                   help="built-in scenario name (refproxy/lab/scenarios/: default, padded, restart, two-node) or a YAML file (default: default)")
     p.add_argument("--plugins", metavar="A,B", default="",
                    help=f"cleanup plugins to compare; '{NO_CLEANUP}' is the no-cleanup control "
                         f"(default: {NO_CLEANUP} plus every installed plugin that loads)")

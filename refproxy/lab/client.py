@@ -69,6 +69,43 @@ class _Stop(Exception):
     pass
 
 
+class _SampleLog:
+    """A flow's request bookkeeping, shared by the UDP and TCP loops.
+
+    One ``s`` line per request (:meth:`request`), ``ready`` on ``ready_out``
+    once the first request is out, the pace (request *n* is due at
+    ``start + n * interval``) and a flush about twice a second (:meth:`tick`).
+    """
+
+    def __init__(self, out, interval: float, ready_out=None) -> None:
+        self.out = out
+        self.interval = interval
+        self.ready_out = ready_out
+        self.start = time.monotonic()
+        self.seq = 0
+        self._last_flush = self.start
+
+    def request(self) -> int:
+        """Log the request about to be sent; returns its sequence number."""
+        self.out.write(f"s {self.seq} {time.time():.6f}\n")
+        return self.seq
+
+    def sent(self) -> float:
+        """The request went out (or was lost trying): say ``ready`` after the first; the next one's due time."""
+        if self.seq == 0 and self.ready_out is not None:
+            self.out.flush()
+            print(READY, file=self.ready_out, flush=True)
+        self.seq += 1
+        return self.start + self.seq * self.interval
+
+    def tick(self) -> None:
+        """Flush when the last flush is :data:`FLUSH_EVERY` old, so the lab reads progress mid-run."""
+        now = time.monotonic()
+        if now - self._last_flush >= FLUSH_EVERY:
+            self.out.flush()
+            self._last_flush = now
+
+
 def run_client(target: tuple[str, int], sport: int | None, interval: float, duration: float, out, flow: str = "",
                ready_out=None) -> int:
     """Send requests until ``duration`` passes or SIGTERM; returns requests sent."""
@@ -78,10 +115,8 @@ def run_client(target: tuple[str, int], sport: int | None, interval: float, dura
         fixed.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         fixed.bind(("0.0.0.0", sport))
         fixed.setblocking(False)
-    start = time.monotonic()
-    deadline = start + duration
-    seq = 0
-    last_flush = start
+    log = _SampleLog(out, interval, ready_out)
+    deadline = log.start + duration
     pending: list[socket.socket] = []
     try:
         while time.monotonic() < deadline:
@@ -92,16 +127,12 @@ def run_client(target: tuple[str, int], sport: int | None, interval: float, dura
                 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 sock.setblocking(False)
                 pending = [sock]
-            out.write(f"s {seq} {time.time():.6f}\n")
+            seq = log.request()
             try:
                 sock.sendto(encode_request(seq, flow), target)
             except OSError:
                 pass  # no route / ICMP error: the request is lost, which is what we measure
-            if seq == 0 and ready_out is not None:
-                out.flush()
-                print(READY, file=ready_out, flush=True)
-            seq += 1
-            next_send = start + seq * interval
+            next_send = log.sent()
             while (left := next_send - time.monotonic()) > 0:
                 r, _, _ = select.select([sock], [], [], left)
                 if not r:
@@ -114,10 +145,7 @@ def run_client(target: tuple[str, int], sport: int | None, interval: float, dura
                     except OSError:
                         break  # ECONNREFUSED etc. from an ICMP error
                     _log_reply(out, data)
-            now = time.monotonic()
-            if now - last_flush >= FLUSH_EVERY:
-                out.flush()
-                last_flush = now
+            log.tick()
     except _Stop:
         pass
     finally:
@@ -126,7 +154,7 @@ def run_client(target: tuple[str, int], sport: int | None, interval: float, dura
             s.close()
         if fixed is not None:
             fixed.close()
-    return seq
+    return log.seq
 
 
 def _log_reply(out, data: bytes) -> None:
@@ -151,10 +179,8 @@ def run_tcp_client(target: tuple[str, int], sport: int | None, interval: float, 
     sock.settimeout(5.0)
     sock.connect(target)
     sock.setblocking(False)
-    start = time.monotonic()
-    deadline = start + duration
-    seq = 0
-    last_flush = start
+    log = _SampleLog(out, interval, ready_out)
+    deadline = log.start + duration
     buf = b""
 
     def broke(why: str) -> None:
@@ -166,7 +192,7 @@ def run_tcp_client(target: tuple[str, int], sport: int | None, interval: float, 
 
     try:
         while time.monotonic() < deadline:
-            out.write(f"s {seq} {time.time():.6f}\n")
+            seq = log.request()
             if sock is not None:
                 try:
                     sock.sendall(encode_request(seq, flow) + b"\n")
@@ -174,11 +200,7 @@ def run_tcp_client(target: tuple[str, int], sport: int | None, interval: float, 
                     pass  # the kernel's send buffer is full: this request is lost
                 except OSError as err:
                     broke(type(err).__name__)
-            if seq == 0 and ready_out is not None:
-                out.flush()
-                print(READY, file=ready_out, flush=True)
-            seq += 1
-            next_send = start + seq * interval
+            next_send = log.sent()
             while sock is not None and (left := next_send - time.monotonic()) > 0:
                 r, _, _ = select.select([sock], [], [], left)
                 if not r:
@@ -200,17 +222,14 @@ def run_tcp_client(target: tuple[str, int], sport: int | None, interval: float, 
                 buf = buf[-1024:]
             if sock is None:
                 time.sleep(max(0.0, next_send - time.monotonic()))
-            now = time.monotonic()
-            if now - last_flush >= FLUSH_EVERY:
-                out.flush()
-                last_flush = now
+            log.tick()
     except _Stop:
         pass
     finally:
         out.flush()
         if sock is not None:
             sock.close()
-    return seq
+    return log.seq
 
 
 def _parse_target(text: str) -> tuple[str, int]:

@@ -97,6 +97,30 @@ class ResourceFigures:
     cpu_seconds: float | None = None
     peak_rss_bytes: int | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
+    by_node: Mapping[str, ResourceFigures] = field(default_factory=dict)
+
+    @classmethod
+    def combine(cls, by_node: Mapping[str, ResourceFigures]) -> ResourceFigures:
+        """One figure for several nodes' proxies, keeping each node's in :attr:`by_node`.
+
+        Pure. CPU seconds and every counter (``*_total``, histogram ``_sum``
+        and ``_count``) add up over the nodes; peak RSS and the other gauges
+        are the largest node's (one proxy's memory, comparable with a
+        one-node run). One node: that node's figures, ``by_node`` empty.
+        """
+        if len(by_node) == 1:
+            return next(iter(by_node.values()))
+        figs = list(by_node.values())
+        cpus = [f.cpu_seconds for f in figs if f.cpu_seconds is not None]
+        rsss = [f.peak_rss_bytes for f in figs if f.peak_rss_bytes is not None]
+        metrics: dict[str, float] = {}
+        for f in figs:
+            for k, v in f.metrics.items():
+                if k.endswith(("_total", "_sum", "_count")):
+                    metrics[k] = metrics.get(k, 0.0) + v
+                else:
+                    metrics[k] = max(metrics.get(k, v), v)
+        return cls(sum(cpus) if cpus else None, max(rsss) if rsss else None, metrics, dict(by_node))
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +138,21 @@ class ConntrackState:
     destroyed: int = 0
     entries: int = 0
     examples: tuple[str, ...] = ()
+    by_node: Mapping[str, ConntrackState] = field(default_factory=dict)
+
+    @classmethod
+    def combine(cls, by_node: Mapping[str, ConntrackState], max_examples: int = 10) -> ConntrackState:
+        """Every node's table judged: counts add up, examples carry their node; each node's in :attr:`by_node`.
+
+        Pure. One node: that node's state, ``by_node`` empty.
+        """
+        if len(by_node) == 1:
+            return next(iter(by_node.values()))
+        states = list(by_node.items())
+        examples = tuple(f"{node}: {e}" for node, st in states for e in st.examples)[:max_examples]
+        return cls(sum(st.stale_left for _, st in states), sum(st.collateral for _, st in states),
+                   sum(st.destroyed for _, st in states), sum(st.entries for _, st in states), examples,
+                   dict(by_node))
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +179,10 @@ class FlowResult:
     steps: tuple[FlowStep, ...] = ()
     protocol: str = "UDP"
     peers: tuple[str, ...] = ()  # source addresses the responders saw (masqueraded or the client's own)
+    expect: str = "deliver"      # "drop": must never be answered (no steps are judged for it)
+    responders: tuple[str, ...] = ()  # backends (pods) that answered
+    local_node: str | None = None  # externalTrafficPolicy Local: the node whose endpoints alone may answer
+    off_node_answers: int = 0      # answers from a backend on another node than local_node
     # Runs of answered / unanswered requests, (from, to, delivered) in send
     # times: what the lab chart draws (analysis.timeline).
     timeline: tuple[tuple[float, float, bool], ...] = ()
@@ -180,10 +223,12 @@ class RunResult:
     conntrack: ConntrackState | None = None
     error: str | None = None
 
+    placement: Mapping[str, str] = field(default_factory=dict)  # backend (pod) -> node, every one of the run
+
     @property
     def fixed_flows(self) -> tuple[FlowResult, ...]:
-        """Fixed-source-port flows to services (the flows a stale entry black-holes)."""
-        return tuple(f for f in self.flows if f.fixed and not f.target.startswith("node:"))
+        """Fixed-source-port (and TCP) flows to services that must be answered (the flows a stale entry black-holes)."""
+        return tuple(f for f in self.flows if f.fixed and not f.target.startswith("node:") and f.expect == "deliver")
 
     @property
     def worst_recovery(self) -> float | None:
@@ -250,6 +295,10 @@ class Platform(TypingProtocol):
         """Stop everything and delete everything ``setup`` created. Idempotent."""
         ...
 
+    # Optional member (read with getattr; a platform without it runs one node):
+    # ``placement() -> Mapping[str, str]``, every backend (pod) of the run -> its
+    # node, called before teardown; analysis uses it to judge Local policies.
+
 
 Progress = Callable[[str], None]
 
@@ -284,6 +333,7 @@ def run_scenario(
     state: ConntrackState | None = None
     res = ResourceFigures()
     samples: Mapping[str, Sequence[Sample]] = {}
+    placement: Mapping[str, str] = {}
     try:
         progress(f"[{plugin}] setting up {scenario.name} on {platform.name}"
                  + (f" (padding {scenario.pad} entries)" if scenario.pad else ""))
@@ -308,6 +358,8 @@ def run_scenario(
             error = f"refproxy {gone}"
             progress(f"[{plugin}] refproxy {gone}: ending the run early")
         samples = platform.samples()
+        if (where := getattr(platform, "placement", None)) is not None:
+            placement = dict(where())
         state = platform.conntrack_state()
         res = platform.resources()
         if error is None and (why := platform.proxy_status()) is not None:
@@ -321,7 +373,7 @@ def run_scenario(
         progress(f"[{plugin}] failed: {err}")
     finally:
         platform.teardown()
-    flows = analyse_flows(scenario, samples, steps, end=clock())
+    flows = analyse_flows(scenario, samples, steps, end=clock(), placement=placement)
     return RunResult(
         scenario=scenario.name,
         plugin=plugin,
@@ -335,6 +387,7 @@ def run_scenario(
         resources=res,
         conntrack=state,
         error=error,
+        placement=placement,
     )
 
 

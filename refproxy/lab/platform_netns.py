@@ -2,11 +2,25 @@
 
 Contract: implements :class:`refproxy.lab.engine.Platform` with a
 :class:`~refproxy.lab.topology.Topology` (node, pod and client namespaces),
-the lab API server (``refproxy.testing.apiserver``) listening *inside* the node namespace,
-``refproxy run`` as its own process in the node namespace using its
-production kube source, echo servers in pods, one client process per flow.
-Never touches the host's namespace: every iptables rule and conntrack entry
-lives in the node namespace, which is deleted at teardown.
+the lab API server (``refproxy.testing.apiserver``) listening *inside* the
+(first) node namespace, ``refproxy run`` as its own process in every node
+namespace using its production kube source, echo servers in pods, one client
+process per flow. Never touches the host's namespace: every iptables rule and
+conntrack entry lives in a node namespace, which is deleted at teardown.
+
+One node (the default): the node ``lab-node``, the API server on its
+127.0.0.1. Several (``scenario.nodes``, planned by
+:func:`~refproxy.lab.topology.plan_topology`): one refproxy per node started
+with ``--hostname-override <node>``, each with its own log, metrics and
+conntrack-event watcher in its own namespace; the API server on the first
+node's IP, which the others reach over the fabric; pods placed round-robin
+over the service's ``nodes`` (default every node), each EndpointSlice
+endpoint carrying the ``nodeName`` of its pod's node; clients attached to
+their ``node``; NodePort and raw node flows sent to ``via_node``'s IP;
+``scenario.pad`` entries in the first node's table.
+Conntrack is judged on every node's table (each with its own node address as
+the NodePort frontend) and the figures summed (``ConntrackState.combine``,
+``ResourceFigures.combine``, each node's kept in ``by_node``).
 
 It keeps its own record ("truth") of which endpoints served when, written
 at every API change, and judges conntrack against it with the same stale
@@ -15,7 +29,8 @@ predicate the plugins obey (``refproxy.cleanup.stale.StaleIndex``):
 * collateral deletion: a ``DESTROY`` event from userspace (``conntrack -E``
   marks those ``[USERSPACE]``; UDP timeouts are raised in the node so
   nothing expires during a run anyway) for an entry that was not stale for
-  the truth in force when it was deleted;
+  the truth in force when it was deleted -- UDP and TCP alike: a TCP entry is
+  never stale, so any cleanup deleting one is collateral;
 * stale left: an entry in the final table that is stale for the final truth
   (frontends ever used in the run count as retired when gone).
 """
@@ -44,7 +59,7 @@ from refproxy.errors import LabError
 from refproxy.lab.client import parse_log
 from refproxy.lab.engine import ConntrackState, ResourceFigures, Sample, StepRecord
 from refproxy.lab.report import parse_prometheus  # the one Prometheus text parser; re-exported
-from refproxy.lab.scenario import Action, ClientSpec, Scenario, ServiceSpec, StepSpec, Via
+from refproxy.lab.scenario import DEFAULT_NODE, Action, ClientSpec, Scenario, ServiceSpec, StepSpec, Via, port_of
 from refproxy.lab.topology import Pod, Topology, start_echo_in
 from refproxy.model import Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, Snapshot
 
@@ -53,11 +68,12 @@ if TYPE_CHECKING:  # imported where used: the API server is only needed once set
 
 __all__ = ["NetnsPlatform", "parse_conntrack_line", "parse_prometheus", "judge_deletions", "NODE_NAME"]
 
-NODE_NAME = "lab-node"
+NODE_NAME = DEFAULT_NODE  # the one node of a one-node run
 METRICS_PORT = 10249
 HEALTHZ_PORT = 10256
 APISERVER_PORT = 6443
 READY_TIMEOUT = 30.0
+CLIENT_READY_TIMEOUT = 10.0
 TRIGGER_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 
 _KV = re.compile(r"(src|dst|sport|dport)=(\S+)")
@@ -157,17 +173,17 @@ class NetnsPlatform:
         self.topo: Topology | None = None
         self.scenario: Scenario | None = None
         self.api: APIServer | None = None
-        self.proxy: subprocess.Popen | None = None
-        self.proxy_log = os.path.join(self.workdir, "refproxy.log")
-        self._events: subprocess.Popen | None = None
-        self._events_log = os.path.join(self.workdir, "conntrack-events.log")
+        self.proxy: subprocess.Popen | None = None  # the first node's (see proxies)
+        self.proxies: dict[str, subprocess.Popen] = {}  # node -> its refproxy
+        self._events: dict[str, subprocess.Popen] = {}  # node -> its conntrack -E
+        self._placement: dict[str, str] = {}  # every backend (pod) of the run -> its node
+        self._placed: dict[str, int] = {}  # service -> pods placed so far (round-robin)
         self._clients: dict[str, tuple[subprocess.Popen, str]] = {}
         self._svcs: dict[str, _Svc] = {}
         self._truth: list[tuple[float, Snapshot, dict]] = []  # (time, state, frontends ever used)
         self._ever: dict = {}
         self._pod_seq = 0
         self._stack = contextlib.ExitStack()
-        self._last_resources = ResourceFigures()
         self._torn_down = False
 
     # -- setup ------------------------------------------------------------
@@ -190,20 +206,32 @@ class NetnsPlatform:
             raise LabError("the netns platform is not set up")
         return self.api
 
+    @property
+    def _multi(self) -> bool:
+        return len(self._scenario.nodes) > 1
+
+    def _log(self, base: str, node: str) -> str:
+        """``base.log`` for one node (the paths of a one-node run, unchanged), ``base-<node>.log`` for several."""
+        if not self._multi:
+            return os.path.join(self.workdir, f"{base}.log")
+        return os.path.join(self.workdir, f"{base}-{node}.log")
+
     def setup(self, scenario: Scenario) -> None:
-        """Build the topology, serve the API inside the node, create services, pods and padding."""
+        """Build the topology, serve the API inside the (first) node, create services, pods and padding."""
         from refproxy.testing.apiserver import APIServer
 
         self.scenario = scenario
-        self.topo = Topology(self.prefix)
+        self.topo = Topology(self.prefix, nodes=scenario.nodes)
         node = self.topo.node
-        # Nothing may expire during a run, so every DESTROY event is a deletion.
-        for key in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
-            node.run(["sysctl", "-qw", f"net.netfilter.{key}=600"], check=False)
+        for n in scenario.nodes:
+            # Nothing may expire during a run, so every DESTROY event is a deletion.
+            for key in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
+                self.topo.node_ns(n).run(["sysctl", "-qw", f"net.netfilter.{key}=600"], check=False)
         with node.entered():
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", APISERVER_PORT))
+        # One node: loopback. Several: the first node's IP, which the others route over the fabric.
+        sock.bind((self.topo.node_ip if self._multi else "127.0.0.1", APISERVER_PORT))
         sock.listen(64)
         self.api = APIServer(sock=sock).start()
         for spec in scenario.services:
@@ -215,9 +243,9 @@ class NetnsPlatform:
             # No trigger time on objects made before the proxy starts: the
             # network-programming figure then measures the run's changes only.
             self._publish(st, trigger=False)
-        for c in scenario.clients:
-            if c.node_port_raw is not None:
-                start_echo_in(node, "node", c.node_port_raw, None)
+        raw = {(self._via_node(c), c.node_port_raw) for c in scenario.clients if c.node_port_raw is not None}
+        for n, port in sorted(raw):
+            start_echo_in(self.topo.node_ns(n), "node", port, None)
         if scenario.pad:
             from refproxy.testing.fill import conntrack_max, pad_table
 
@@ -239,19 +267,32 @@ class NetnsPlatform:
                   "clusterIPs": [spec.cluster_ip], "ipFamilies": ["IPv4"], "ports": ports}
         if spec.external_ips:
             spec_d["externalIPs"] = list(spec.external_ips)
+        if spec.external_traffic_policy != "Cluster":
+            spec_d["externalTrafficPolicy"] = spec.external_traffic_policy
         return {"apiVersion": "v1", "kind": "Service",
                 "metadata": {"name": spec.name, "namespace": spec.namespace}, "spec": spec_d}
 
     def _new_backend(self, spec: ServiceSpec) -> _Backend:
         self._pod_seq += 1
         name = f"{spec.name}-{self._pod_seq}"
-        pod = self._topo.add_pod(name)
+        # Round-robin over the service's nodes: with an even replica count a
+        # rolling update (surge 1) replaces each pod on its own node.
+        nodes = spec.nodes or self._scenario.nodes
+        k = self._placed.get(spec.name, 0)
+        self._placed[spec.name] = k + 1
+        pod = self._topo.add_pod(name, node=nodes[k % len(nodes)])
+        self._placement[name] = pod.node
         udp = sorted({p.target_port for p in spec.ports if p.protocol == "UDP"})
         tcp = sorted({p.target_port for p in spec.ports if p.protocol == "TCP"})
-        pod.start_echo(udp[0] if udp else None, tcp[0] if tcp else None)
+        # Several nodes: replies say which source the pod saw (masqueraded or the client's own).
+        pod.start_echo(udp[0] if udp else None, tcp[0] if tcp else None, report_peer=self._multi)
         for extra in udp[1:]:
-            start_echo_in(pod.ns, name, extra, None)
+            start_echo_in(pod.ns, name, extra, None, report_peer=self._multi)
         return _Backend(name, pod)
+
+    def placement(self) -> dict[str, str]:
+        """Every backend (pod) of the run so far -> the node it was placed on."""
+        return dict(self._placement)
 
     def _slice_obj(self, st: _Svc, now: float | None) -> dict:
         spec = st.spec
@@ -271,7 +312,7 @@ class NetnsPlatform:
             "endpoints": [
                 {"addresses": [b.pod.ip],
                  "conditions": {"ready": b.ready, "serving": b.serving, "terminating": b.terminating},
-                 "nodeName": NODE_NAME, "targetRef": {"kind": "Pod", "name": b.name, "namespace": spec.namespace}}
+                 "nodeName": b.pod.node, "targetRef": {"kind": "Pod", "name": b.name, "namespace": spec.namespace}}
                 for b in st.backends
             ],
             "ports": [{"name": p.name, "port": p.target_port, "protocol": p.protocol} for p in spec.ports],
@@ -297,17 +338,18 @@ class NetnsPlatform:
                                              node_port=p.node_port, target_port=p.target_port,
                                              external_ips=st.spec.external_ips)
                 endpoints[name] = tuple(Endpoint(b.pod.ip, p.target_port, b.ready, b.serving, b.terminating,
-                                                 NODE_NAME) for b in st.backends)
+                                                 b.pod.node) for b in st.backends)
                 self._ever[name] = services[name]
-        snap = Snapshot(IPFamily.IPv4, services, endpoints, NODE_NAME, len(self._truth))
+        # Locality never enters the stale predicate, so one truth serves every node.
+        snap = Snapshot(IPFamily.IPv4, services, endpoints, self._scenario.nodes[0], len(self._truth))
         self._truth.append((now, snap, dict(self._ever)))
 
     # -- proxy ------------------------------------------------------------
-    def proxy_argv(self, plugin: str, options: Mapping[str, str], kubeconfig: str) -> list[str]:
-        """The ``refproxy run`` command line the lab uses (kube-proxy flags)."""
+    def proxy_argv(self, plugin: str, options: Mapping[str, str], kubeconfig: str, node: str | None = None) -> list[str]:
+        """The ``refproxy run`` command line the lab uses on ``node`` (default the first; kube-proxy flags)."""
         sc = self._scenario
         argv = [sys.executable, "-m", "refproxy"] + ["-v"] * self.proxy_verbosity + [
-            "run", "--source", "kube", "--kubeconfig", kubeconfig, "--hostname-override", NODE_NAME,
+            "run", "--source", "kube", "--kubeconfig", kubeconfig, "--hostname-override", node or sc.nodes[0],
             "--cleanup-plugin", plugin, "--ip-family", "4",
             "--min-sync-period", f"{sc.min_sync_period}s", "--sync-period", f"{sc.sync_period}s",
             "--metrics-bind-address", f"127.0.0.1:{METRICS_PORT}",
@@ -318,6 +360,7 @@ class NetnsPlatform:
             # pod's veth) goes away, which would hide the black hole
             # (nf_nat_masquerade's device notifier); NodePort and ExternalIP
             # traffic is still masqueraded, as kube-proxy does.
+            # External clients (198.18.4/24) are outside it: traffic from outside the cluster.
             "--cluster-cidr", "198.18.0.0/22",  # node, pods (198.18.1/24), clients (198.18.2/24)
         ]
         for k, v in sorted(options.items()):
@@ -325,86 +368,112 @@ class NetnsPlatform:
         return argv
 
     def start_proxy(self, plugin: str, options: Mapping[str, str]) -> None:
-        """Start ``refproxy run`` in the node namespace; return after its first sync."""
-        node = self._topo.node
+        """Start ``refproxy run`` (and a DESTROY watcher) in every node namespace; return after each one's first sync."""
         kubeconfig = self._api.write_kubeconfig(os.path.join(self.workdir, "kubeconfig"))
-        self._events = node.popen(
-            ["conntrack", "-E", "-e", "DESTROY", "-p", "udp", "-o", "timestamp", "-b", str(8 << 20)],
-            stdout=open(self._events_log, "w"), stderr=subprocess.STDOUT)
-        log = open(self.proxy_log, "w")
-        self.proxy = node.popen(self.proxy_argv(plugin, options, kubeconfig), stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+        for n in self._scenario.nodes:
+            ns = self._topo.node_ns(n)
+            # Every protocol: a TCP entry deleted by a cleanup is collateral too.
+            self._events[n] = ns.popen(
+                ["conntrack", "-E", "-e", "DESTROY", "-o", "timestamp", "-b", str(8 << 20)],
+                stdout=open(self._log("conntrack-events", n), "w"), stderr=subprocess.STDOUT)
+            log = open(self._log("refproxy", n), "w")
+            self.proxies[n] = ns.popen(self.proxy_argv(plugin, options, kubeconfig, n), stdout=log,
+                                       stderr=subprocess.STDOUT)
+            log.close()
+        self.proxy = self.proxies[self._scenario.nodes[0]]
         want = [s.cluster_ip for s in self._scenario.services]
+        pending = list(self._scenario.nodes)
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
             why = self.proxy_status()
             if why is not None:
                 raise LabError(f"refproxy {why}")
-            m = self._metrics()
-            if m.get("kubeproxy_sync_proxy_rules_last_timestamp_seconds", 0) > 0:
-                nat = node.run(["iptables-save", "-t", "nat"], check=False).stdout
-                if all(ip in nat for ip in want):
-                    return
+            for n in list(pending):
+                m = self._metrics(n)
+                if m.get("kubeproxy_sync_proxy_rules_last_timestamp_seconds", 0) > 0:
+                    nat = self._topo.node_ns(n).run(["iptables-save", "-t", "nat"], check=False).stdout
+                    if all(ip in nat for ip in want):
+                        pending.remove(n)
+            if not pending:
+                return
             time.sleep(0.2)
-        raise LabError(f"refproxy did not program rules for {', '.join(want)} within {READY_TIMEOUT:.0f}s; "
-                       f"log tail: {self._log_tail()}")
+        where = f" on {', '.join(pending)}" if self._multi else ""
+        raise LabError(f"refproxy{where} did not program rules for {', '.join(want)} within {READY_TIMEOUT:.0f}s; "
+                       f"log tail: {self._log_tail(node=pending[0])}")
 
-    def _log_tail(self, n: int = 6) -> str:
-        with contextlib.suppress(OSError):
-            with open(self.proxy_log, encoding="utf-8", errors="replace") as f:
+    def _log_tail(self, n: int = 6, node: str | None = None) -> str:
+        with contextlib.suppress(OSError, LabError):
+            path = self._log("refproxy", node or self._scenario.nodes[0])
+            with open(path, encoding="utf-8", errors="replace") as f:
                 return " | ".join(line.rstrip() for line in f.readlines()[-n:])
         return "(no log)"
 
     def proxy_status(self) -> str | None:
-        """``None`` while refproxy runs, else ``exited N`` with the log's last lines."""
-        if self.proxy is None:
+        """``None`` while every refproxy runs, else ``exited N`` (``on NODE`` with several) with the log's last lines."""
+        if not self.proxies:
             return "not started"
-        rc = self.proxy.poll()
-        if rc is None:
-            return None
-        return f"exited {rc} (log: {self._log_tail(3)})"
+        for node, proxy in self.proxies.items():
+            rc = proxy.poll()
+            if rc is not None:
+                where = f" on {node}" if self._multi else ""
+                return f"exited {rc}{where} (log: {self._log_tail(3, node)})"
+        return None
 
-    def _metrics(self) -> dict[str, float]:
+    def _metrics(self, node: str | None = None) -> dict[str, float]:
         try:
-            with self._topo.node.entered():
+            with self._topo.node_ns(node).entered():
                 with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=2) as r:
                     return parse_prometheus(r.read().decode("utf-8", "replace"))
         except (OSError, ValueError):
             return {}
 
     # -- clients ----------------------------------------------------------
+    def _via_node(self, c: ClientSpec) -> str:
+        """The node whose IP a NodePort or raw flow targets: ``via_node``, else the client's own."""
+        return c.via_node or c.node or self._scenario.nodes[0]
+
     def target_of(self, c: ClientSpec) -> tuple[str, int]:
         """Where client ``c`` sends (IP, port)."""
+        node_ip = self._topo.plan.node(self._via_node(c)).ip
         if c.node_port_raw is not None:
-            return self._topo.node_ip, c.node_port_raw
+            return node_ip, c.node_port_raw
         assert c.service is not None  # scenario.py: a client names a service or a raw node port
         spec = self._svcs[c.service].spec
-        port = spec.ports[0] if c.port is None else next(p for p in spec.ports if p.name == c.port)
+        port = port_of(spec, c)
         if c.via is Via.EXTERNAL_IP:
             return spec.external_ips[0], port.port
         if c.via is Via.NODE_PORT:
-            return self._topo.node_ip, port.node_port
+            return node_ip, port.node_port
         return spec.cluster_ip, port.port
 
     def start_clients(self, clients: Sequence[ClientSpec]) -> None:
-        """One namespace and one process per flow; returns once each has sent."""
+        """One namespace and one process per flow; returns once each has sent.
+
+        Every process is started first, then each one's ``ready`` awaited
+        (bounded, ``CLIENT_READY_TIMEOUT`` each): interpreters start side by side.
+        """
         import select
 
         duration = self._scenario.duration + 60
+        started: list[tuple[ClientSpec, subprocess.Popen]] = []
         for c in clients:
-            cl = self._topo.add_client(c.name)
+            cl = self._topo.add_client(c.name, node=c.node, external=c.external)
             ip, port = self.target_of(c)
             out = os.path.join(self.workdir, f"client-{c.name}.log")
             argv = [sys.executable, "-m", "refproxy.lab.client", "--target", f"{ip}:{port}", "--interval",
                     str(c.interval), "--duration", str(duration), "--out", out, "--flow", c.name]
             if c.source_port is not None:
                 argv += ["--sport", str(c.source_port)]
+            if c.tcp:
+                argv.append("--tcp")
             p = cl.ns.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self._clients[c.name] = (p, out)
+            started.append((c, p))
+        for c, p in started:
             assert p.stdout is not None and p.stderr is not None  # both PIPE
-            ready, _, _ = select.select([p.stdout], [], [], 10)
+            ready, _, _ = select.select([p.stdout], [], [], CLIENT_READY_TIMEOUT)
             if not ready or p.stdout.readline().strip() != "ready":
                 raise LabError(f"client {c.name} did not start: {p.stderr.read() if p.poll() is not None else ''}")
-            self._clients[c.name] = (p, out)
 
     def samples(self) -> Mapping[str, Sequence[Sample]]:
         """Every client's samples so far, parsed from its log."""
@@ -487,24 +556,29 @@ class NetnsPlatform:
         return t if n else None
 
     # -- judging ----------------------------------------------------------
-    def _index(self, snap: Snapshot, ever: Mapping) -> StaleIndex:
-        # Frontends used earlier in the run but gone now count as retired.
-        return StaleIndex(snap, Snapshot(IPFamily.IPv4, ever, {}), (self._topo.node_ip, "127.0.0.1"))
+    def _index(self, snap: Snapshot, ever: Mapping, node: str | None = None) -> StaleIndex:
+        # Frontends used earlier in the run but gone now count as retired;
+        # NodePorts answer on the judged node's own address.
+        node_ip = self._topo.plan.node(node or self._scenario.nodes[0]).ip
+        return StaleIndex(snap, Snapshot(IPFamily.IPv4, ever, {}), (node_ip, "127.0.0.1"))
 
     def conntrack_state(self) -> ConntrackState:
-        """Collateral deletions from the DESTROY events, stale entries from the final table."""
+        """Collateral deletions from every node's DESTROY events, stale entries from every node's final table."""
+        self._stop_all(self._events.values(), signal.SIGINT)
+        return ConntrackState.combine({n: self._node_conntrack(n) for n in self._scenario.nodes})
+
+    def _node_conntrack(self, node: str) -> ConntrackState:
         from refproxy.conntrack.netlink import NetlinkConntrackTable
 
-        self._stop(self._events, signal.SIGINT)
-        indexes = [(t, self._index(snap, ever)) for t, snap, ever in self._truth]
+        indexes = [(t, self._index(snap, ever, node)) for t, snap, ever in self._truth]
         lines: list[str] = []
         with contextlib.suppress(OSError):
-            with open(self._events_log, encoding="ascii", errors="replace") as f:
+            with open(self._log("conntrack-events", node), encoding="ascii", errors="replace") as f:
                 lines = f.readlines()
         destroyed, collateral, examples = judge_deletions(lines, indexes)
         final = indexes[-1][1]
         stale = 0
-        with NetlinkConntrackTable(IPFamily.IPv4, netns=self._topo.node.name) as table:
+        with NetlinkConntrackTable(IPFamily.IPv4, netns=self._topo.node_ns(node).name) as table:
             total = table.count()
             seen = set()
             for fe in sorted(final.frontends, key=str):
@@ -521,10 +595,15 @@ class NetnsPlatform:
                               examples=tuple(examples))
 
     def resources(self) -> ResourceFigures:
-        """CPU seconds and peak RSS from /proc, plus refproxy's /metrics."""
+        """Every node's refproxy: CPU seconds and peak RSS from /proc, plus its /metrics (combined over nodes)."""
+        return ResourceFigures.combine({n: self._node_resources(n) for n in self._scenario.nodes})
+
+    def _node_resources(self, node: str) -> ResourceFigures:
         cpu = rss = None
-        if self.proxy is not None and self.proxy.poll() is None:
-            pid = self.proxy.pid
+        proxy = self.proxies.get(node)
+        if proxy is not None and proxy.poll() is None:
+            # ip netns exec execs the command, so this pid is refproxy's own.
+            pid = proxy.pid
             with contextlib.suppress(OSError, ValueError, IndexError):
                 with open(f"/proc/{pid}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
@@ -534,33 +613,34 @@ class NetnsPlatform:
                     for line in f:
                         if line.startswith("VmHWM:"):
                             rss = int(line.split()[1]) * 1024
-        metrics = {k: v for k, v in self._metrics().items()
+        metrics = {k: v for k, v in self._metrics(node).items()
                    if k.startswith(("kubeproxy_", "refproxy_", "process_cpu", "process_resident"))}
         return ResourceFigures(cpu, rss, metrics)
 
     # -- teardown ---------------------------------------------------------
     @staticmethod
-    def _stop(p: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
-        if p is None or p.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            p.send_signal(sig)
-        try:
-            p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
+    def _stop_all(procs: Iterable[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
+        """Signal every running process first, then wait for each (5 s, then SIGKILL and 5 s more)."""
+        live = [p for p in procs if p.poll() is None]
+        for p in live:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(sig)
+        for p in live:
+            try:
                 p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=5)
 
     def teardown(self) -> None:
         """Stop clients, refproxy and the API server; delete every namespace. Idempotent."""
         if self._torn_down:
             return
         self._torn_down = True
-        for p, _ in self._clients.values():
-            self._stop(p)
-        self._stop(self.proxy)
-        self._stop(self._events, signal.SIGINT)
+        self._stop_all(p for p, _ in self._clients.values())
+        self._stop_all(self.proxies.values())
+        self._stop_all(self._events.values(), signal.SIGINT)
         if self.api is not None:
             with contextlib.suppress(Exception):
                 self.api.stop()

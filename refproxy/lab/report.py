@@ -58,7 +58,7 @@ def summarize(r: RunResult) -> dict[str, Any]:
     expected = [s for f in fixed for s in f.steps if s.recovered is not None]
     worst = r.worst_recovery
     ct = r.conntrack
-    return {
+    row: dict[str, Any] = {
         "plugin": r.plugin,
         "scenario": r.scenario,
         "platform": r.platform,
@@ -70,7 +70,7 @@ def summarize(r: RunResult) -> dict[str, Any]:
         "worst_black_hole_s": None if worst is None or math.isinf(worst) else round(worst, 3),
         "lost_fixed": sum(f.lost_served for f in fixed),
         "lost_fixed_total": sum(f.lost for f in fixed),
-        "lost_all": sum(f.lost for f in r.flows),
+        "lost_all": sum(f.lost for f in r.flows if f.expect == "deliver"),
         "node_flow_lost": sum(f.lost for f in r.flows if f.target.startswith("node:")),
         "cleanup_runs": int(m.get("kubeproxy_conntrack_reconciler_sync_duration_seconds_count", 0)),
         "cleanup_seconds": round(m.get("kubeproxy_conntrack_reconciler_sync_duration_seconds_sum", 0.0), 4),
@@ -92,7 +92,36 @@ def summarize(r: RunResult) -> dict[str, Any]:
         if "kubeproxy_network_programming_duration_seconds_count" in m
         else _ratio(m, "refproxy_network_programming_duration_seconds"),
         "error": r.error,
+        # Several nodes, TCP, Local policy (scenarios/two-node.yaml); 0 for a one-node run.
+        "tcp_flows": sum(1 for f in r.flows if f.protocol == "TCP"),
+        "tcp_broken": sum(1 for f in r.flows if f.protocol == "TCP" and any(s.recovered is False for s in f.steps)),
+        "unexpected_answers": sum(f.answered for f in r.flows if f.expect == "drop"),
+        "off_node_answers": sum(f.off_node_answers for f in r.flows),
     }
+    if r.resources.by_node or (ct is not None and ct.by_node):
+        row["per_node"] = _per_node(r)
+    return row
+
+
+def _per_node(r: RunResult) -> dict[str, dict[str, Any]]:
+    """Each node's proxy cost and conntrack figures (the row's figures are their sums, RSS their max)."""
+    ct = r.conntrack.by_node if r.conntrack is not None else {}
+    out: dict[str, dict[str, Any]] = {}
+    for node in sorted(set(r.resources.by_node) | set(ct)):
+        res = r.resources.by_node.get(node)
+        m = res.metrics if res is not None else {}
+        st = ct.get(node)
+        out[node] = {
+            "cpu_seconds": None if res is None or res.cpu_seconds is None else round(res.cpu_seconds, 2),
+            "peak_rss_mb": None if res is None or res.peak_rss_bytes is None else round(res.peak_rss_bytes / MB, 1),
+            "cleanup_runs": int(m.get("kubeproxy_conntrack_reconciler_sync_duration_seconds_count", 0)),
+            "cleanup_seconds": round(m.get("kubeproxy_conntrack_reconciler_sync_duration_seconds_sum", 0.0), 4),
+            "entries_deleted": int(m.get("refproxy_cleanup_entries_deleted_total", 0)),
+            "collateral": None if st is None else st.collateral,
+            "stale_left": None if st is None else st.stale_left,
+            "destroyed": None if st is None else st.destroyed,
+        }
+    return out
 
 
 def verdict(row: dict[str, Any], recovery_bound: float | None = None) -> str:
@@ -110,6 +139,10 @@ def verdict(row: dict[str, Any], recovery_bound: float | None = None) -> str:
         problems.append(f"{row['collateral']} collateral")
     if row["stale_left"]:
         problems.append(f"{row['stale_left']} stale left")
+    for key, what in (("tcp_broken", "TCP flow(s) broken"), ("unexpected_answers", "answers to drop flows"),
+                      ("off_node_answers", "non-local answers (Local policy)")):
+        if row.get(key):
+            problems.append(f"{row[key]} {what}")
     return "; ".join(problems) or "ok"
 
 
