@@ -48,12 +48,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 
-from refproxy.cleanup.api import CleanupPlugin, CleanupReport, CleanupRequest, runs_in_sync
+from refproxy.cleanup.api import CleanupPlugin, CleanupReport, CleanupRequest, close_plugin, runs_in_sync
 from refproxy.cleanup.stale import Frontend, StaleIndex
 from refproxy.conntrack.types import (
     IPPROTO_SCTP,
     IPPROTO_UDP,
     ConntrackEntry,
+    ConntrackEvents,
     ConntrackTable,
     DeleteResult,
     DumpFilter,
@@ -116,6 +117,11 @@ class LiveRulesGuard:
         self._cache: dict[tuple[int, frozenset[str]], tuple[Snapshot, StaleIndex]] = {}
         self.family = table.family
         self.vetoed = 0
+        # The optional event capability passes through (events never delete,
+        # so the guard has nothing to check); absent when the table lacks it,
+        # so ``isinstance(guard, ConntrackEvents)`` tells the truth.
+        if isinstance(table, ConntrackEvents):
+            self.subscribe = table.subscribe
 
     @property
     def requests(self) -> int:
@@ -254,11 +260,16 @@ class CleanupWorker:
         self._thread.start()
 
     def stop(self, timeout: float = 60.0) -> None:
+        """Stop the thread, then call the plugin's optional ``close`` (``api.close_plugin``)."""
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        try:
+            close_plugin(self.plugin)
+        except Exception as err:  # a plugin bug must not break the shutdown
+            log.warning("cleanup plugin close failed plugin=%s error=%r", self.plugin.name, err)
 
     def idle(self) -> bool:
         """True when nothing is pending or running (for tests and the lab)."""

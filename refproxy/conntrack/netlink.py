@@ -25,9 +25,18 @@ import socket
 from collections.abc import Callable, Iterable, Iterator
 
 from refproxy.conntrack import nlmsg as nl
+from refproxy.conntrack.events import EventReader
 from refproxy.conntrack.nsenter import entered
 from refproxy.conntrack.probe import KernelSupport, kernel_support
-from refproxy.conntrack.types import ConntrackEntry, DeleteResult, DumpFilter, InsertResult, TupleFilter
+from refproxy.conntrack.types import (
+    ConntrackEntry,
+    DeleteResult,
+    DumpFilter,
+    EventFilter,
+    EventSink,
+    InsertResult,
+    TupleFilter,
+)
 from refproxy.errors import ConntrackError, ConntrackUnsupported
 from refproxy.model import IPFamily
 
@@ -138,6 +147,12 @@ class NetlinkConntrackTable:
         _tune(s)
         s.bind((0, 0))
         return s
+
+    # -- ConntrackEvents (optional capability) -------------------------------
+    def subscribe(self, flt: EventFilter, sink: EventSink) -> EventReader:
+        """NEW/DESTROY events of this family matching ``flt`` (kernel BPF filter), read on a thread (events.py)."""
+        sock = self._open()
+        return EventReader(sock, self.family, flt, sink)
 
     # -- ConntrackTable ----------------------------------------------------
     @property
