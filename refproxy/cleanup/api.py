@@ -27,14 +27,18 @@ read them through the helper, never with ``plugin.attr``):
   beyond a run (``indexed``'s event subscription and its reader thread)
   releases them; the worker logs an exception it raises.
 
-Optional table capability (a plugin checks it with ``isinstance(table,
-ConntrackEvents)``; the worker's guard passes it through when the table has
-it): ``subscribe(EventFilter, EventSink)`` delivers ctnetlink NEW/DESTROY
-events filtered in the kernel, and reports every loss (``on_lost``).
+They are deliberately not members of the :class:`CleanupPlugin` protocol: a
+``runtime_checkable`` protocol (and mypy) would then require every plugin to
+declare them.
 
-These members are deliberately not members of the
-  :class:`CleanupPlugin` protocol: a ``runtime_checkable`` protocol (and
-  mypy) would then require every plugin to declare them.
+Optional table capability (``ConntrackEvents``): ``table.subscribe(EventFilter,
+EventSink)`` delivers ctnetlink NEW/DESTROY events filtered in the kernel and
+returns an ``EventSubscription`` (``sync``, ``update``, ``close``); every
+loss is reported (``EventSink.on_lost``). The netlink and in-memory tables
+have it, the worker's guard passes it through; a table without it raises
+``ConntrackUnsupported``. A plugin that sets ``details["index_fallback"]``
+to a true value in its report has the run counted in
+``refproxy_cleanup_index_fallbacks_total``.
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ __all__ = [
     "ConntrackError",
     "ConntrackUnsupported",
     "PluginError",
+    "IPFamily",
 ]
 
 API_VERSION = 1

@@ -54,12 +54,11 @@ from refproxy.conntrack.types import (
     IPPROTO_SCTP,
     IPPROTO_UDP,
     ConntrackEntry,
-    ConntrackEvents,
     ConntrackTable,
     DeleteResult,
     DumpFilter,
 )
-from refproxy.errors import ConntrackError
+from refproxy.errors import ConntrackError, ConntrackUnsupported
 from refproxy.log import kv
 from refproxy.metrics import Metrics
 from refproxy.model import Snapshot
@@ -117,11 +116,6 @@ class LiveRulesGuard:
         self._cache: dict[tuple[int, frozenset[str]], tuple[Snapshot, StaleIndex]] = {}
         self.family = table.family
         self.vetoed = 0
-        # The optional event capability passes through (events never delete,
-        # so the guard has nothing to check); absent when the table lacks it,
-        # so ``isinstance(guard, ConntrackEvents)`` tells the truth.
-        if isinstance(table, ConntrackEvents):
-            self.subscribe = table.subscribe
 
     @property
     def requests(self) -> int:
@@ -182,6 +176,16 @@ class LiveRulesGuard:
                     if idx.serving_of(f) and (f.ip is not None or o.dst in idx.node_addresses):
                         raise ConntrackError(f"flush of {f} refused: the live rules serve it again")
         return self._table.flush(flt)
+
+    def subscribe(self, flt, sink):  # -> EventSubscription
+        """The optional event capability passes through (events delete nothing: no check needed).
+
+        Raises ``ConntrackUnsupported`` when the wrapped table has no events.
+        """
+        sub = getattr(self._table, "subscribe", None)
+        if sub is None:
+            raise ConntrackUnsupported(f"{type(self._table).__name__} delivers no conntrack events")
+        return sub(flt, sink)
 
 
 class CleanupWorker:
@@ -260,14 +264,13 @@ class CleanupWorker:
         self._thread.start()
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop the thread, then call the plugin's optional ``close`` (``api.close_plugin``)."""
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
         try:
-            close_plugin(self.plugin)
+            close_plugin(self.plugin)  # the optional ``close`` (api.close_plugin): e.g. an event socket
         except Exception as err:  # a plugin bug must not break the shutdown
             log.warning("cleanup plugin close failed plugin=%s error=%r", self.plugin.name, err)
 
@@ -340,6 +343,8 @@ class CleanupWorker:
         m.cleanup_pending.labels(name).set(report.pending)
         if report.errors:
             m.cleanup_errors.labels(name).inc(len(report.errors))
+        if report.details.get("index_fallback"):
+            m.cleanup_index_fallbacks.labels(name).inc()
         kv(log, logging.INFO if (report.deleted or report.errors) else logging.DEBUG, "Cleaned conntrack",
            plugin=name, examined=report.examined, deleted=report.deleted, pending=report.pending,
            requests=report.requests, seconds=f"{report.wall_seconds:.4f}", errors=len(report.errors))

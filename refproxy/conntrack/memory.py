@@ -216,6 +216,8 @@ class MemoryConntrackTable:
 
 
 class _Subscription:
+    """A subscription to a :class:`MemoryConntrackTable` (events are delivered synchronously)."""
+
     precision = "exact"
 
     def __init__(self, table: MemoryConntrackTable, flt: EventFilter, sink: EventSink) -> None:
@@ -223,7 +225,12 @@ class _Subscription:
         self.filter = flt
         self.sink = sink
 
+    def sync(self) -> None:
+        """Nothing is ever queued here: every event was delivered when it happened."""
+
+    def update(self, flt: EventFilter) -> None:
+        self.filter = flt
+
     def close(self) -> None:
         if self in self.table._subs:
             self.table._subs.remove(self)
-

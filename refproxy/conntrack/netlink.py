@@ -25,18 +25,9 @@ import socket
 from collections.abc import Callable, Iterable, Iterator
 
 from refproxy.conntrack import nlmsg as nl
-from refproxy.conntrack.events import EventReader
 from refproxy.conntrack.nsenter import entered
 from refproxy.conntrack.probe import KernelSupport, kernel_support
-from refproxy.conntrack.types import (
-    ConntrackEntry,
-    DeleteResult,
-    DumpFilter,
-    EventFilter,
-    EventSink,
-    InsertResult,
-    TupleFilter,
-)
+from refproxy.conntrack.types import ConntrackEntry, DeleteResult, DumpFilter, InsertResult, TupleFilter
 from refproxy.errors import ConntrackError, ConntrackUnsupported
 from refproxy.model import IPFamily
 
@@ -147,12 +138,6 @@ class NetlinkConntrackTable:
         _tune(s)
         s.bind((0, 0))
         return s
-
-    # -- ConntrackEvents (optional capability) -------------------------------
-    def subscribe(self, flt: EventFilter, sink: EventSink) -> EventReader:
-        """NEW/DESTROY events of this family matching ``flt`` (kernel BPF filter), read on a thread (events.py)."""
-        sock = self._open()
-        return EventReader(sock, self.family, flt, sink)
 
     # -- ConntrackTable ----------------------------------------------------
     @property
@@ -415,6 +400,13 @@ class NetlinkConntrackTable:
             code = errs[0]
             exc = ConntrackUnsupported if code in (E.EOPNOTSUPP, E.EINVAL) and "flush" in what else ConntrackError
             raise exc(f"{what}: {os.strerror(code)}", errno=code)
+
+    # -- ConntrackEvents (optional capability; docs/design.md) -------------
+    def subscribe(self, flt, sink):  # -> events.EventReader
+        """NEW/DESTROY events of this family matching ``flt`` (kernel BPF filter), drained as events.py says."""
+        from refproxy.conntrack.events import EventReader  # only a subscriber pays for the import
+
+        return EventReader(self._open(), self.family, flt, sink)
 
 
 def _tune(s: socket.socket) -> None:

@@ -18,14 +18,7 @@ import struct
 from collections.abc import Callable
 from typing import cast
 
-from refproxy.conntrack.types import (
-    EVENT_DESTROY,
-    EVENT_NEW,
-    IPPROTO_SCTP,
-    IPPROTO_TCP,
-    IPPROTO_UDP,
-    ConntrackEntry,
-)
+from refproxy.conntrack.types import IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, ConntrackEntry
 from refproxy.model import IPFamily
 
 __all__ = [
@@ -552,30 +545,6 @@ class Decoder:
                         return True, interrupted, code
             m += (mlen + 3) & ~3
         return False, interrupted, 0
-
-    def events(self, buf, n: int, out: list) -> int:
-        """Decode the ctnetlink event messages in ``buf[:n]`` into ``(kind, entry)`` pairs in ``out``.
-
-        ``IPCTNL_MSG_CT_NEW`` is ``EVENT_NEW``, ``IPCTNL_MSG_CT_DELETE`` is
-        ``EVENT_DESTROY``; messages of another family or type are skipped.
-        Returns the number of messages read (events carry seq 0 and no
-        NLMSG_DONE: each recv holds whole messages).
-        """
-        hdr = _NLMSGHDR.unpack_from
-        new_type = msg_type(IPCTNL_MSG_CT_NEW)
-        del_type = msg_type(IPCTNL_MSG_CT_DELETE)
-        m = seen = 0
-        while m + 16 <= n:
-            mlen, mtype, _flags, _seq, _pid = hdr(buf, m)
-            if mlen < 16 or m + mlen > n:
-                break
-            seen += 1
-            if mtype == new_type or mtype == del_type:
-                e = self.entry(buf, m, mlen) if mlen >= 20 else None
-                if e is not None:
-                    out.append((EVENT_NEW if mtype == new_type else EVENT_DESTROY, e))
-            m += (mlen + 3) & ~3
-        return seen
 
     def _generic(self, buf, o: int, end: int) -> ConntrackEntry:
         orig = reply = None

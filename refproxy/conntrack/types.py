@@ -300,10 +300,22 @@ class EventSink(TypingProtocol):
 
 
 class EventSubscription(TypingProtocol):
-    """A live subscription; ``close`` stops delivery (idempotent)."""
+    """A live subscription (docs/design.md, "The cleanup plugin contract").
+
+    ``sync()`` returns once every event the kernel queued before the call has
+    reached the sink (or a loss was reported): after it, the sink has seen
+    every entry confirmed or destroyed before the call. ``update(flt)``
+    replaces the filter atomically (no event of the old or the new filter's
+    common part is lost or duplicated by the switch). ``close`` stops
+    delivery (idempotent).
+    """
 
     precision: str
     """How exact the kernel filter is: ``exact``, ``ports`` or ``protocol`` (``bpf.build_filter``)."""
+
+    def sync(self) -> None: ...
+
+    def update(self, flt: EventFilter) -> None: ...
 
     def close(self) -> None: ...
 
@@ -315,7 +327,8 @@ class ConntrackEvents(TypingProtocol):
     Guarantees: events matching ``flt`` reach ``sink.on_events`` in kernel
     order from the moment ``subscribe`` returns; any loss is reported through
     ``sink.on_lost`` (never silent). The netlink table reads on a daemon
-    thread; the in-memory one calls the sink synchronously.
+    thread (and in ``sync``); the in-memory one calls the sink synchronously.
+    A table without events raises ``ConntrackUnsupported``.
     """
 
     def subscribe(self, flt: EventFilter, sink: EventSink) -> EventSubscription: ...
