@@ -20,7 +20,15 @@ from hypothesis import strategies as st
 from refproxy.conntrack import bpf
 from refproxy.conntrack import nlmsg as nl
 from refproxy.conntrack.events import decode_events
-from refproxy.conntrack.types import EVENT_DESTROY, EVENT_NEW, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, ConntrackEntry, EventFilter
+from refproxy.conntrack.types import (
+    EVENT_DESTROY,
+    EVENT_NEW,
+    IPPROTO_SCTP,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    ConntrackEntry,
+    EventFilter,
+)
 from refproxy.model import IPFamily
 
 _AD = 0x100000000 + bpf.SKF_AD_OFF  # SKF_AD_OFF as the unsigned k the kernel sees
