@@ -51,6 +51,7 @@ SO_ATTACH_FILTER = 26
 EVENT_RCVBUF = 64 << 20
 RECV_SIZE = 256 << 10
 DRAIN_INTERVAL = 0.1  # seconds between the reader thread's drains
+DELIVER_BATCH = 1024  # events handed to the sink per call
 _NLMSGHDR = struct.Struct("=IHHII")
 _NEW_TYPE = nl.msg_type(nl.IPCTNL_MSG_CT_NEW)
 _DEL_TYPE = nl.msg_type(nl.IPCTNL_MSG_CT_DELETE)
@@ -143,27 +144,37 @@ class EventReader:
                 self.cpu_seconds += time.thread_time() - c0
 
     def _drain(self) -> None:
-        sock, view, buf = self._sock, self._view, self._buf
-        while True:
-            try:
-                n = sock.recv_into(view, RECV_SIZE, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
-            except OSError as err:
-                if err.errno == E.ENOBUFS:
+        # One recv is one event (the kernel broadcasts one message per skb):
+        # the sink gets them in batches of up to DELIVER_BATCH, in order.
+        sock, view, buf, decoder = self._sock, self._view, self._buf, self._decoder
+        out: list[ConntrackEvent] = []
+        try:
+            while True:
+                try:
+                    n = sock.recv_into(view, RECV_SIZE, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    return
+                except OSError as err:
+                    if err.errno == E.ENOBUFS:
+                        self.losses += 1
+                        self.sink.on_lost("ENOBUFS: the event socket's buffer overflowed")
+                        continue
                     self.losses += 1
-                    self.sink.on_lost("ENOBUFS: the event socket's buffer overflowed")
-                    continue
-                self.losses += 1
-                self.sink.on_lost(f"event socket error: {err}")
-                raise ConntrackError(f"reading conntrack events: {err}", errno=err.errno) from err
-            if n == 0:
-                return
-            out: list[ConntrackEvent] = []
-            decode_events(self._decoder, buf, n, out)
+                    self.sink.on_lost(f"event socket error: {err}")
+                    raise ConntrackError(f"reading conntrack events: {err}", errno=err.errno) from err
+                if n == 0:
+                    return
+                decode_events(decoder, buf, n, out)
+                if len(out) >= DELIVER_BATCH:
+                    self._deliver(out)
+                    out = []
+        finally:
             if out:
-                self.events += len(out)
-                self.sink.on_events(out)
+                self._deliver(out)
+
+    def _deliver(self, out: list[ConntrackEvent]) -> None:
+        self.events += len(out)
+        self.sink.on_events(out)
 
     def update(self, flt: EventFilter) -> None:
         """Replace the kernel filter (atomic in the kernel); events queued before stay queued."""
