@@ -302,6 +302,7 @@ class IndexedCleanup:
             self._untrusted = f"address family changed to {family.name}"
         self._family = family
         self._seeded = frozenset()
+        self._untrusted = self._untrusted or "new subscription"  # events before it were never seen
         subscribe = getattr(table, "subscribe", None)
         try:
             if subscribe is None:
