@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import struct
 import subprocess
 import threading
 from collections.abc import Sequence
@@ -96,7 +97,10 @@ class _Lib:
             from refproxy.rules.nftd import NftHelper
 
             self.helper = NftHelper(runner.argv_prefix, warm, timeout=runner.timeout)
-            self.helper.call(b"S", "")  # starts it; raises NftLibUnavailable when it cannot run libnftables
+            try:
+                self.helper.call(b"S", "")  # starts it; NftLibUnavailable when it cannot run libnftables
+            except (OSError, EOFError, TimeoutError) as err:
+                raise NftLibUnavailable(f"the nft helper failed at start: {err!r}") from err
         else:
             self.session = NftSession(NftContext, warm)
 
@@ -106,11 +110,12 @@ class _Lib:
                 return self.session.run(text, **kw)
             except NftLibUnavailable as err:
                 raise RestoreError(f"{what}: {err}") from err
+        from refproxy.rules.nftd import ProtocolError
+
         try:
             return self.helper.call(op, text)
-        except (OSError, EOFError, TimeoutError, NftLibUnavailable) as err:
-            raise RestoreError(f"{what}: the nft helper failed: {err!r}") from err
-        except Exception as err:  # a protocol error: the helper was killed, the next call restarts it
+        except (OSError, EOFError, TimeoutError, NftLibUnavailable, ProtocolError, struct.error) as err:
+            # The helper was killed; the next call starts a new one.
             raise RestoreError(f"{what}: the nft helper failed: {err!r}") from err
 
     def transaction(self, text: str, what: str) -> NftResult:

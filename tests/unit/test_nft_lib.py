@@ -417,3 +417,10 @@ def test_a_rejected_nftables_sync_is_counted_as_an_nftables_sync_failure():
     assert m.registry.get_sample_value("kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
                                        {"ip_family": "IPv4"}) == 1
     assert p.sync() is True
+
+
+def test_a_helper_that_never_says_hello_falls_back_to_the_binary():
+    # The prefix swallows the helper's argv and hangs: no hello within the timeout.
+    r = NftRunner(IPFamily.IPv4, ["sh", "-c", "exec sleep 30", "sh"], timeout=0.5)
+    assert r.backend == "nft" and "did not start" in r.fallback_reason
+    r.close()
