@@ -233,11 +233,18 @@ class NftRunner:
         raise RestoreError(f"nft delete table {self.nft_family} {NFT_TABLE}: {r.error.strip()[-300:]}")
 
     def available(self) -> bool:
-        """nftables can be driven here (the family's tables can be listed)."""
+        """nftables can be driven here (the family's tables can be listed).
+
+        A probe on a fresh runner (start-up's family check) frees what it made.
+        """
+        fresh = self._impl is None
         try:
             return self._backend().listing(f"list tables {self.nft_family}", "probing nft").ok
         except RestoreError:
             return False
+        finally:
+            if fresh:
+                self.close()
 
     def settle(self, timeout: float = 30.0) -> bool:
         """Wait until the backend's cache is warm again after the last commit (benchmarks)."""

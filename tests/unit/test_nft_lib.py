@@ -424,3 +424,12 @@ def test_a_helper_that_never_says_hello_falls_back_to_the_binary():
     r = NftRunner(IPFamily.IPv4, ["sh", "-c", "exec sleep 30", "sh"], timeout=0.5)
     assert r.backend == "nft" and "did not start" in r.fallback_reason
     r.close()
+
+
+def test_a_probe_on_a_fresh_runner_frees_its_backend(monkeypatch):
+    impl = FakeImpl(NftResult(0, "", ""))
+    monkeypatch.setattr(nft_apply, "_Lib", lambda runner: impl)
+    r = NftRunner(IPFamily.IPv4)
+    assert r.available() and impl.closed == 1
+    r.restore("add table ip kube-proxy\n")
+    assert r.available() and impl.closed == 1  # in use: kept
