@@ -50,6 +50,7 @@ from dataclasses import replace
 
 from refproxy.cleanup.api import CleanupPlugin, CleanupReport, CleanupRequest, runs_in_sync
 from refproxy.cleanup.stale import Frontend, StaleIndex
+from refproxy.conntrack.selection import SelectedDump, Selection, dump_selected
 from refproxy.conntrack.types import (
     IPPROTO_SCTP,
     IPPROTO_UDP,
@@ -126,6 +127,14 @@ class LiveRulesGuard:
 
     def dump(self, flt: DumpFilter | None = None) -> Iterator[ConntrackEntry]:
         return self._table.dump(flt)
+
+    def dump_selected(self, sel: Selection) -> SelectedDump:
+        """Pass-through (``selection.dump_selected``: natively when the table has it, else via ``dump``).
+
+        Like ``dump``, nothing to vet: what is selected still reaches the
+        kernel only through :meth:`delete`, which checks every entry.
+        """
+        return dump_selected(self._table, sel)
 
     def _indexes(self) -> list[StaleIndex]:
         out = []
