@@ -226,7 +226,7 @@ class ConntrackTableContract:
         if not isinstance(self.full_table(), SelectingTable):
             return
         t = self.make_table(CONTRACT_ENTRIES.values(), batch_size=2)
-        r = t.delete(t.dump_selected(Selection(IPPROTO_UDP, {(SVC_A, 53): [(EP_2, 5353)]})))  # type: ignore[attr-defined]
+        r = t.delete(t.dump_selected(Selection(IPPROTO_UDP, {(SVC_A, 53): [(EP_2, 5353)]})))
         assert (r.deleted, r.not_found, r.failed) == (2, 0, ())  # a1 a_z5
         assert _names(t.dump()) == set(_V4_NAMES) - {"a1", "a_z5"}
 
