@@ -123,7 +123,8 @@ class CleanupRequest:
 class CleanupReport:
     """What one cleanup run did. Exported as metrics and logged per sync.
 
-    ``examined``: entries that crossed into userspace and were matched;
+    ``examined``: entries that crossed into userspace and were matched
+    (decoded, or judged from their raw bytes by a selected dump);
     ``deleted``: entries removed (ENOENT counts as removed);
     ``pending``: stale entries (or keys) knowingly left for a later run;
     ``requests``: netlink requests sent; ``errors``: messages of failures
