@@ -104,8 +104,9 @@ class LiveRulesGuard:
     """A ``ConntrackTable`` wrapper that refuses to delete what live rules serve.
 
     ``live()`` returns the snapshots whose rules are in the kernel or being
-    restored right now, with the node addresses. ``dump``/``count`` pass
-    through; ``delete`` drops protected entries (counted in ``vetoed`` and
+    restored right now, with the node addresses. ``dump``/``count`` and
+    ``dump_selected`` (natively or through its fallback) pass through;
+    ``delete`` drops protected entries (counted in ``vetoed`` and
     reported as ``not_found``); a ``flush`` whose filter selects one live,
     served frontend raises ``ConntrackError`` (the plugin retries the scope
     later with a dump + delete, which this guard checks entry by entry).
