@@ -13,11 +13,14 @@ carrying an id that no longer matches removes nothing (``not_found``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
-from refproxy.conntrack.selection import SelectedDump, Selection
 from refproxy.conntrack.types import ConntrackEntry, DeleteResult, DumpFilter, InsertResult
 from refproxy.errors import ConntrackError
 from refproxy.model import IPFamily
+
+if TYPE_CHECKING:  # imported where used: keeps this module's import block as it was (merges stay clean)
+    from refproxy.conntrack.selection import SelectedDump, Selection
 
 __all__ = ["MemoryConntrackTable"]
 
@@ -113,6 +116,8 @@ class MemoryConntrackTable:
         into userspace there), the ones ``sel`` does not select in
         ``skipped``.
         """
+        from refproxy.conntrack.selection import SelectedDump
+
         flt = sel.dump_filter
 
         def run(out: SelectedDump) -> Iterator[ConntrackEntry]:
