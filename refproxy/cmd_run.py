@@ -229,7 +229,7 @@ def _serve(config: ProxyConfig) -> int:
     from refproxy.runner import BoundedFrequencyRunner
     from refproxy.sources.base import watch_errors, watch_node
 
-    metrics = Metrics()
+    metrics = Metrics(mode=config.mode)
     health = ProxyHealth(2 * config.sync_period, metrics)
     plugins: dict[IPFamily, Any] = {}
     if config.cleanup != NO_CLEANUP:
@@ -304,6 +304,8 @@ def _serve(config: ProxyConfig) -> int:
 
             worker = CleanupWorker(plugins[fam], functools.partial(NetlinkConntrackTable, fam), metrics)
         backend = NftRunner(fam) if config.mode == "nftables" else IptablesRunner(fam)
+        if isinstance(backend, NftRunner):
+            metrics.nft_backend.labels(fam.name, backend.backend).set(1)
         proxier = Proxier(
             fcfg, source, backend, metrics, cleanup=worker, health=health,
             addresses=functools.partial(local_addresses, fam),

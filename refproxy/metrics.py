@@ -4,7 +4,12 @@ Contract: names, help texts, types, label names and buckets reuse
 kube-proxy's (subsystem ``kubeproxy``, ``pkg/proxy/metrics/metrics.go``; the
 iptables-mode families, with ``ip_family`` exactly where upstream has it)
 where the meaning is the same, so dashboards and alerts carry over;
-refproxy-only metrics use the ``refproxy`` prefix. Units are in the names
+refproxy-only metrics use the ``refproxy`` prefix. The rejected-transaction
+families follow the proxy mode as upstream's ``RegisterMetrics(mode)`` does:
+iptables mode exports ``sync_proxy_rules_iptables_restore_failures_total``
+and ``..._iptables_partial_restore_failures_total``, nftables mode
+``sync_proxy_rules_nftables_sync_failures_total`` instead (both through the
+:attr:`Metrics.restore_failures` object). Units are in the names
 (``_seconds``, ``_total``, ``_bytes``). Nothing else defines metrics; callers
 use the objects of one :class:`Metrics` instance (one per process, shared by
 the per-family proxiers, or one per test for isolation). Family label values
@@ -71,7 +76,10 @@ class _PeakRSS:
 class Metrics:
     """The metric objects of one proxy process, in their own registry."""
 
-    def __init__(self, *, process: bool = True) -> None:
+    def __init__(self, *, process: bool = True, mode: str = "iptables") -> None:
+        if mode not in ("iptables", "nftables"):
+            raise ValueError(f"mode {mode!r}: expected iptables or nftables")
+        self.mode = mode
         r = self.registry = CollectorRegistry(auto_describe=True)
         if process:
             ProcessCollector(registry=r, pid=lambda: os.getpid())
@@ -109,13 +117,30 @@ class Metrics:
         self.service_changes = Counter(
             "sync_proxy_rules_service_changes_total", "Cumulative proxy rules Service changes",
             namespace=kp, registry=r)
-        # -- iptables mode (per family; label order as upstream's WithLabelValues) --
-        self.restore_failures = Counter(
-            "sync_proxy_rules_iptables_restore_failures_total",
-            "Cumulative proxy iptables restore failures", fam, namespace=kp, registry=r)
-        self.partial_restore_failures = Counter(
-            "sync_proxy_rules_iptables_partial_restore_failures_total",
-            "Cumulative proxy iptables partial restore failures", fam, namespace=kp, registry=r)
+        # -- rejected transactions, by mode (per family; label order as upstream's WithLabelValues) --
+        if mode == "nftables":
+            # pkg/proxy/metrics: NFTablesSyncFailuresTotal, counted when the sync
+            # transaction fails, partial or full (upstream has no partial family).
+            self.restore_failures = Counter(
+                "sync_proxy_rules_nftables_sync_failures_total",
+                "Cumulative proxy nftables sync failures", fam, namespace=kp, registry=r)
+            # Kept for the proxier's partial-failure count, but not exported: nftables
+            # mode has no such family upstream.
+            self.partial_restore_failures = Counter(
+                "sync_proxy_rules_nftables_partial_sync_failures_total",
+                "Partial nftables sync failures (not exported)", fam, namespace=kp, registry=None)
+        else:
+            self.restore_failures = Counter(
+                "sync_proxy_rules_iptables_restore_failures_total",
+                "Cumulative proxy iptables restore failures", fam, namespace=kp, registry=r)
+            self.partial_restore_failures = Counter(
+                "sync_proxy_rules_iptables_partial_restore_failures_total",
+                "Cumulative proxy iptables partial restore failures", fam, namespace=kp, registry=r)
+        # refproxy-specific: which nftables backend runs the transactions (1 for the one in use).
+        self.nft_backend = Gauge(
+            "nftables_backend", "nftables backend applying transactions: libnftables (kept-warm context) "
+            "or nft (the binary per transaction, when libnftables is unavailable)",
+            [IP_FAMILY, "backend"], namespace=PREFIX, registry=r if mode == "nftables" else None)
         self.rules_total = Gauge(
             "sync_proxy_rules_iptables_total", "Total number of iptables rules owned by kube-proxy",
             ["table", IP_FAMILY], namespace=kp, registry=r)

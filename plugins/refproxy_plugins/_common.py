@@ -24,10 +24,13 @@ from refproxy.cleanup.api import (
     ConntrackTable,
     DumpFilter,
     OptionSpec,
+    Selection,
     StaleIndex,
+    dump_selected,
 )
 
-__all__ = ["Meter", "Tally", "Budget", "Scan", "SCTP_OPTION", "protocols_for", "summarize_failures"]
+__all__ = ["Meter", "Tally", "Budget", "Scan", "SCTP_OPTION", "protocols_for", "summarize_failures",
+           "stale_selection"]
 
 
 SCTP_OPTION = OptionSpec("sctp", "also clean SCTP service ports (true/false)", "false")
@@ -77,6 +80,7 @@ class Tally:
     not_found: int = 0
     flushed: int = 0
     left: int = 0
+    skipped: int = 0  # examined from the raw bytes and not decoded (selected dumps); part of ``examined``
     failed: list[tuple[ConntrackEntry, int]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -115,6 +119,30 @@ def summarize_failures(failed: list[tuple[ConntrackEntry, int]]) -> tuple[str, .
     )
 
 
+def stale_selection(index: StaleIndex, proto: int) -> Selection:
+    """The entries of ``proto`` that ``index`` may call stale, as a :class:`Selection`.
+
+    Every frontend of ``proto`` (current and retired) becomes a key: an
+    ``ip:port`` frontend as itself, a NodePort as every node address with
+    that port; each excludes its serving endpoints (a retired frontend
+    excludes none). Where a node address with a NodePort is also an
+    ``ip:port`` frontend, the latter's serving set applies, as
+    ``StaleIndex.is_stale`` looks ``ip:port`` up first. So the selection
+    matches exactly the entries of ``proto`` that ``is_stale`` calls stale
+    (the scan still re-checks each one).
+    """
+    keys: dict[tuple[str, int], frozenset[tuple[str, int]]] = {}
+    frontends = [(f, index.serving_of(f)) for f in index.frontends if f.proto == proto]
+    for f, serving in frontends:
+        if f.ip is None:
+            for a in index.node_addresses:
+                keys[(a, f.port)] = serving
+    for f, serving in frontends:
+        if f.ip is not None:
+            keys[(f.ip, f.port)] = serving
+    return Selection(proto, keys)
+
+
 class Scan:
     """One dump filtered by ``flt``, matched with the index, streamed into a delete.
 
@@ -149,9 +177,9 @@ class Scan:
         """True when every entry of the filter was read and handled."""
         return self.dump_error is None and self.stopped is None
 
-    def _candidates(self, flt: DumpFilter | None) -> Iterator[ConntrackEntry]:
+    def _candidates(self, flt: DumpFilter | Selection | None) -> Iterator[ConntrackEntry]:
         t, index, budget, seen, counts = self.tally, self.index, self.budget, self.seen, self.port_counts
-        it = self.table.dump(flt)
+        it = dump_selected(self.table, flt) if isinstance(flt, Selection) else self.table.dump(flt)
         try:
             for e in it:
                 t.examined += 1
@@ -186,9 +214,15 @@ class Scan:
             close = getattr(it, "close", None)
             if close is not None:
                 close()
+            skipped = getattr(it, "skipped", 0)  # a SelectedDump: read, matched from raw bytes, not decoded
+            t.examined += skipped
+            t.skipped += skipped
 
-    def run(self, flt: DumpFilter | None) -> Scan:
-        """Dump, match and delete; record every outcome in the tally."""
+    def run(self, flt: DumpFilter | Selection | None) -> Scan:
+        """Dump (or, given a :class:`Selection`, ``dump_selected``), match and delete; record every outcome.
+
+        With a selection, ``port_counts`` sees only the selected entries.
+        """
         try:
             res = self.table.delete(self._candidates(flt))
         except ConntrackError as err:

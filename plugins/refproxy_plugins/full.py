@@ -1,10 +1,20 @@
 """``full``: kube-proxy's 1.32+ conntrack reconciler semantics, streamed.
 
-Contract: every run dumps every UDP entry of the family (one dump, filtered in
-the kernel by protocol only — kube-proxy filters by family and matches the
-rest in userspace, pkg/proxy/conntrack/cleanup.go), matches each entry with
-``StaleIndex.is_stale`` and deletes the stale ones in batches. The baseline:
-correct and simple, expensive on big tables.
+Contract: every run reads every UDP entry of the family (one dump, filtered
+in the kernel by protocol only — kube-proxy filters by family and matches the
+rest in userspace, pkg/proxy/conntrack/cleanup.go), matches each entry
+against the frontends and their serving endpoints and deletes the stale ones
+in batches, each re-checked with ``StaleIndex.is_stale``. The baseline:
+correct and simple, expensive on big tables. A protocol with no frontend at
+all is not dumped (nothing of it can be stale).
+
+The match is a selected dump (``api.dump_selected`` with
+``_common.stale_selection``): the netlink table decides from each entry's
+raw orig ``dst:dport`` and reply ``src:sport`` bytes whether it can be stale
+and decodes only those (docs/design.md, built-in plugins). Every entry read
+still counts in ``examined``; ``details["skipped_raw"]`` says how many were
+decided without decoding. Deletions are those of a decode-everything match
+(tests/unit/test_full_selection.py).
 
 Departures from kube-proxy, on purpose:
 
@@ -28,13 +38,12 @@ from refproxy.cleanup.api import (
     CleanupReport,
     CleanupRequest,
     ConntrackTable,
-    DumpFilter,
     Frontend,
     OptionReader,
     OptionSpec,
     StaleIndex,
 )
-from refproxy_plugins._common import SCTP_OPTION, Meter, Scan, Tally, protocols_for
+from refproxy_plugins._common import SCTP_OPTION, Meter, Scan, Tally, protocols_for, stale_selection
 
 __all__ = ["FullCleanup"]
 
@@ -63,9 +72,13 @@ class FullCleanup:
         index = StaleIndex(
             request.current, request.previous, request.node_addresses, self.protocols, self._carry
         )
-        broken = 0
+        broken = dumps = 0
         for proto in sorted(self.protocols):
-            if not Scan(table, index, tally).run(DumpFilter(proto=proto)).complete:
+            sel = stale_selection(index, proto)
+            if not sel:
+                continue  # no frontend of this protocol: nothing can be stale, no dump needed
+            dumps += 1
+            if not Scan(table, index, tally).run(sel).complete:
                 broken += 1
         # Retired frontends stay stale until a run completes without failure.
         self._carry = index.retired if (broken or tally.failed) else frozenset()
@@ -73,5 +86,6 @@ class FullCleanup:
             self.name,
             tally,
             pending=len(tally.failed) + broken,
-            details={"dumps_failed": float(broken), "retired_carried": float(len(self._carry))},
+            details={"dumps": float(dumps), "dumps_failed": float(broken), "skipped_raw": float(tally.skipped),
+                     "retired_carried": float(len(self._carry))},
         )

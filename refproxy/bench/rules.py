@@ -12,7 +12,13 @@ nothing about them. Per size it measures, best and median of ``--repeat``:
    the change to the rules being applied;
 5. endpoint change, full: the same change rendered and restored in full.
 With ``--mode iptables,nftables`` each size is measured in both proxy modes
-(``iptables-restore`` / one ``nft -f`` transaction), one row per mode.
+(``iptables-restore`` / one nftables transaction), one row per mode. The
+nftables backend is ``--nft-backend`` (default ``auto``: libnftables when it
+loads, else the ``nft`` binary; the header names the one used). The
+libnftables backend re-warms its cache in the background after each commit;
+every timed nftables step starts once it has settled (``NftRunner.settle``,
+outside the timing), as a change arriving ``minSyncPeriod`` after the last
+sync finds it. "first apply" always starts cold (a new namespace and runner).
 Existing chains are tracked from the last successful render, as the proxier does.
 """
 
@@ -43,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=3, metavar="R", help="runs per measurement (default 3)")
     p.add_argument("--mode", default="iptables", metavar="MODE[,MODE]",
                    help="proxy modes to measure side by side: iptables, nftables or iptables,nftables (default iptables)")
+    p.add_argument("--nft-backend", default="auto", choices=("auto", "libnftables", "nft"),
+                   help="nftables mode's backend (default auto: libnftables, else the nft binary)")
 
 
 def make_snapshot(services: int, endpoints: int, *, generation: int = 0, changed: int | None = None) -> Snapshot:
@@ -69,9 +77,11 @@ def make_snapshot(services: int, endpoints: int, *, generation: int = 0, changed
 T = TypeVar("T")
 
 
-def _timed(fn: Callable[[], T], repeat: int) -> tuple[list[float], T]:
+def _timed(fn: Callable[[], T], repeat: int, before: Callable[[], Any] | None = None) -> tuple[list[float], T]:
     times: list[float] = []
     for _ in range(max(1, repeat)):
+        if before is not None:
+            before()  # untimed (the nftables backend's cache warm-up settling)
         t0 = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - t0)
@@ -97,8 +107,9 @@ def _sync(runner, state: dict, config, snap: Snapshot, changed=None) -> int:
     return r.lines
 
 
-def _row(mode: str, n: int, endpoints: int, repeat: int, config) -> tuple[list[list[float]], int, int, int]:
-    """(times of render, first apply, full sync, ep change, ep change full; bytes, lines, change lines)."""
+def _row(mode: str, n: int, endpoints: int, repeat: int, config,
+         nft_backend: str = "auto") -> tuple[list[list[float]], int, int, int, str]:
+    """(times of render, first apply, full sync, ep change, ep change full; bytes, lines, change lines, backend)."""
     from refproxy.rules.apply import IptablesRunner
     from refproxy.rules.nft_apply import NftRunner
     from refproxy.rules.nft_render import render_nft
@@ -112,38 +123,48 @@ def _row(mode: str, n: int, endpoints: int, repeat: int, config) -> tuple[list[l
     def runner_in(ns):
         prefix = ["ip", "netns", "exec", ns.name]
         if mode == "nftables":
-            return NftRunner(IPFamily.IPv4, prefix, timeout=600)
+            return NftRunner(IPFamily.IPv4, prefix, timeout=600, backend=nft_backend)
         r = IptablesRunner(IPFamily.IPv4, prefix, timeout=600)
         r.ensure_jumps()
         return r
 
+    backend = "iptables-restore"
     first_t: list[float] = []
     for _ in range(repeat):
         with NetNS(PREFIX) as ns:  # empty tables each time
             runner = runner_in(ns)
-            t0 = time.perf_counter()
-            runner.restore(rendered.text)
-            first_t.append(time.perf_counter() - t0)
+            try:
+                if mode == "nftables":
+                    backend = runner.backend  # picks it (and starts the helper) before the timing
+                t0 = time.perf_counter()
+                runner.restore(rendered.text)
+                first_t.append(time.perf_counter() - t0)
+            finally:
+                getattr(runner, "close", lambda: None)()
     with NetNS(PREFIX) as ns:
         runner = runner_in(ns)
-        runner.restore(rendered.text)
-        state = {"mode": mode, "chains": getattr(rendered, "chains", None), "nft": getattr(rendered, "state", None)}
-        # partials, not closures: each call binds this iteration's values
-        sync = functools.partial(_sync, runner, state, config)
-        full_t, _ = _timed(functools.partial(sync, snap), repeat)
-        change_t: list[float] = []
-        change_full_t: list[float] = []
-        chg_lines = 0
-        for k in range(repeat):
-            changed = make_snapshot(n, endpoints, generation=k + 1, changed=k % n)
-            name = next(sp.name for sp in changed.services.values() if sp.name.name == f"svc{k % n}")
-            t, chg_lines = _timed(functools.partial(sync, changed, {name}), 1)
-            change_t += t
-            sync(snap, {name})  # back to the baseline
-            t, _ = _timed(functools.partial(sync, changed), 1)
-            change_full_t += t
-            sync(snap)
-    return [render_t, first_t, full_t, change_t, change_full_t], rendered.size, rendered.lines, chg_lines
+        try:
+            runner.restore(rendered.text)
+            settle = getattr(runner, "settle", None)
+            state = {"mode": mode, "chains": getattr(rendered, "chains", None), "nft": getattr(rendered, "state", None)}
+            # partials, not closures: each call binds this iteration's values
+            sync = functools.partial(_sync, runner, state, config)
+            full_t, _ = _timed(functools.partial(sync, snap), repeat, settle)
+            change_t: list[float] = []
+            change_full_t: list[float] = []
+            chg_lines = 0
+            for k in range(repeat):
+                changed = make_snapshot(n, endpoints, generation=k + 1, changed=k % n)
+                name = next(sp.name for sp in changed.services.values() if sp.name.name == f"svc{k % n}")
+                t, chg_lines = _timed(functools.partial(sync, changed, {name}), 1, settle)
+                change_t += t
+                sync(snap, {name})  # back to the baseline
+                t, _ = _timed(functools.partial(sync, changed), 1, settle)
+                change_full_t += t
+                sync(snap)
+        finally:
+            getattr(runner, "close", lambda: None)()
+    return [render_t, first_t, full_t, change_t, change_full_t], rendered.size, rendered.lines, chg_lines, backend
 
 
 def main(args: argparse.Namespace) -> int:
@@ -168,9 +189,14 @@ def main(args: argparse.Namespace) -> int:
     print(f"refproxy bench rules: {args.endpoints} endpoints/service, ms as best/median of {repeat}")
     print(f"{'services':>8} {'mode':>8} " + " ".join(f"{c:>15}" for c in cols)
           + f" {'bytes':>9} {'lines':>7} {'chg lines':>9}", flush=True)
+    seen: set[str] = set()
     for n in sizes:
         for mode in modes:
-            times, size, lines, chg = _row(mode, n, args.endpoints, repeat, config)
+            times, size, lines, chg, backend = _row(mode, n, args.endpoints, repeat, config,
+                                                    getattr(args, "nft_backend", "auto"))
+            if backend not in seen:
+                seen.add(backend)
+                print(f"# {mode}: {backend}", flush=True)
             row = " ".join(f"{min(x) * 1000:7.1f}/{statistics.median(x) * 1000:<7.1f}" for x in times)
             print(f"{n:>8} {mode:>8} {row} {size:>9} {lines:>7} {chg:>9}", flush=True)
     return 0

@@ -12,6 +12,12 @@ Evolution rule (keyring, pluggy): later API versions only add *optional*
 members with defaults; a plugin declares the ``api_version`` it was written
 for and the registry refuses a major mismatch with a clear error.
 
+Optional table capability: ``dump_selected(Selection)``
+(``conntrack/selection.py``, re-exported here): the entries to a set of
+orig ``dst:dport`` keys, minus given reply sources, decided before decoding.
+Call it through :func:`dump_selected`, which works on every table (a table
+without the capability is dumped by protocol and matched in Python).
+
 Optional members added so far (a plugin that lacks them gets the default;
 read them through the helper, never with ``plugin.attr``):
 
@@ -49,6 +55,7 @@ from typing import ClassVar, runtime_checkable
 from typing import Protocol as TypingProtocol
 
 from refproxy.cleanup.stale import DEFAULT_PROTOCOLS, Frontend, StaleIndex, affected_frontends
+from refproxy.conntrack.selection import SelectedDump, SelectingTable, Selection, dump_selected
 from refproxy.conntrack.types import (
     EVENT_DESTROY,
     EVENT_NEW,
@@ -87,6 +94,11 @@ __all__ = [
     "Frontend",
     "StaleIndex",
     "affected_frontends",
+    # the optional selecting-dump capability (conntrack/selection.py)
+    "Selection",
+    "SelectedDump",
+    "SelectingTable",
+    "dump_selected",
     "ConntrackEntry",
     "ConntrackTable",
     "DeleteResult",
@@ -142,7 +154,8 @@ class CleanupRequest:
 class CleanupReport:
     """What one cleanup run did. Exported as metrics and logged per sync.
 
-    ``examined``: entries that crossed into userspace and were matched;
+    ``examined``: entries that crossed into userspace and were matched
+    (decoded, or judged from their raw bytes by a selected dump);
     ``deleted``: entries removed (ENOENT counts as removed);
     ``pending``: stale entries (or keys) knowingly left for a later run;
     ``requests``: netlink requests sent; ``errors``: messages of failures

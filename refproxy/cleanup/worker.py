@@ -50,6 +50,7 @@ from dataclasses import replace
 
 from refproxy.cleanup.api import CleanupPlugin, CleanupReport, CleanupRequest, close_plugin, runs_in_sync
 from refproxy.cleanup.stale import Frontend, StaleIndex
+from refproxy.conntrack.selection import SelectedDump, Selection, dump_selected
 from refproxy.conntrack.types import (
     IPPROTO_SCTP,
     IPPROTO_UDP,
@@ -103,8 +104,9 @@ class LiveRulesGuard:
     """A ``ConntrackTable`` wrapper that refuses to delete what live rules serve.
 
     ``live()`` returns the snapshots whose rules are in the kernel or being
-    restored right now, with the node addresses. ``dump``/``count`` pass
-    through; ``delete`` drops protected entries (counted in ``vetoed`` and
+    restored right now, with the node addresses. ``dump``/``count`` and
+    ``dump_selected`` (natively or through its fallback) pass through;
+    ``delete`` drops protected entries (counted in ``vetoed`` and
     reported as ``not_found``); a ``flush`` whose filter selects one live,
     served frontend raises ``ConntrackError`` (the plugin retries the scope
     later with a dump + delete, which this guard checks entry by entry).
@@ -126,6 +128,14 @@ class LiveRulesGuard:
 
     def dump(self, flt: DumpFilter | None = None) -> Iterator[ConntrackEntry]:
         return self._table.dump(flt)
+
+    def dump_selected(self, sel: Selection) -> SelectedDump:
+        """Pass-through (``selection.dump_selected``: natively when the table has it, else via ``dump``).
+
+        Like ``dump``, nothing to vet: what is selected still reaches the
+        kernel only through :meth:`delete`, which checks every entry.
+        """
+        return dump_selected(self._table, sel)
 
     def _indexes(self) -> list[StaleIndex]:
         out = []

@@ -22,6 +22,7 @@ loss on every subscription without dropping anything in particular.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from refproxy.conntrack.types import (
     EVENT_DESTROY,
@@ -36,6 +37,9 @@ from refproxy.conntrack.types import (
 )
 from refproxy.errors import ConntrackError
 from refproxy.model import IPFamily
+
+if TYPE_CHECKING:  # imported where used: keeps this module's import block as it was (merges stay clean)
+    from refproxy.conntrack.selection import SelectedDump, Selection
 
 __all__ = ["MemoryConntrackTable"]
 
@@ -159,6 +163,28 @@ class MemoryConntrackTable:
             if flt is None or flt.matches(e):
                 self.dumped_entries += 1
                 yield e
+
+    def dump_selected(self, sel: Selection) -> SelectedDump:
+        """The ``SelectingTable`` capability (``selection.py``), as the netlink table does it.
+
+        One request; ``dump_failure`` is asked with the filter the netlink
+        table sends to the kernel (``sel.dump_filter``); every entry of the
+        family and protocol counts in ``dumped_entries`` (they all cross
+        into userspace there), the ones ``sel`` does not select in
+        ``skipped``.
+        """
+        from refproxy.conntrack.selection import SelectedDump
+
+        flt = sel.dump_filter
+
+        def run(out: SelectedDump) -> Iterator[ConntrackEntry]:
+            for e in self.dump(flt):
+                if sel.matches(e):
+                    yield e
+                else:
+                    out.skipped += 1
+
+        return SelectedDump(run)
 
     def delete(self, entries: Iterable[ConntrackEntry]) -> DeleteResult:
         deleted = not_found = pending = batches = 0

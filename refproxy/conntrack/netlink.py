@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from refproxy.conntrack import nlmsg as nl
 from refproxy.conntrack.nsenter import entered
 from refproxy.conntrack.probe import KernelSupport, kernel_support
+from refproxy.conntrack.selection import SelectedDump, Selection
 from refproxy.conntrack.types import ConntrackEntry, DeleteResult, DumpFilter, InsertResult, TupleFilter
 from refproxy.errors import ConntrackError, ConntrackUnsupported
 from refproxy.model import IPFamily
@@ -73,7 +74,11 @@ class NetlinkConntrackTable:
        tuple, protocol or zone is sent only if a probe in a throwaway
        namespace proved this kernel honours the filter (Linux >= 6.11),
        otherwise ``ConntrackUnsupported`` -- never a blind flush.
-    4. Interrupted dumps (NLM_F_DUMP_INTR) restart, at most ``DUMP_RETRIES``
+    4. ``dump_selected`` (the optional ``SelectingTable`` capability,
+       ``selection.py``) decides from each message's raw orig dst/dport and
+       reply src/sport bytes whether to decode it at all; messages of an
+       unusual layout are decoded and matched, never skipped unseen.
+    5. Interrupted dumps (NLM_F_DUMP_INTR) restart, at most ``DUMP_RETRIES``
        times, but only before any entry was yielded; EINTR is retried by
        Python itself (PEP 475).
     """
@@ -201,10 +206,28 @@ class NetlinkConntrackTable:
             zone=flt.zone if support.dump_zone else None,
         )
 
-    def _dump(self, payload: bytes, check, flt) -> Iterator[ConntrackEntry]:
+    def dump_selected(self, sel: Selection) -> SelectedDump:
+        """Stream the entries ``sel`` selects, deciding from the raw bytes (``SelectingTable``).
+
+        One dump, filtered in the kernel by ``sel.proto`` where the probe
+        allows (else the protocol is checked in userspace too); each message
+        is judged on its orig dst/dport (and, for an entry to a key, reply
+        src/sport) bytes before anything is decoded, and only selected
+        entries are built (``nlmsg.Decoder.chunk_selected``). Same retries,
+        errors and socket handling as :meth:`dump`.
+        """
+        flt = sel.dump_filter
+        payload = nl.filter_attrs(self.family, self._kernel_part(flt))
+        raw = nl.RawSelection(self.family, sel)
+        return SelectedDump(lambda out: self._dump(payload, None, flt, (raw, out)))
+
+    def _dump(self, payload: bytes, check, flt, selected: tuple[nl.RawSelection, SelectedDump] | None = None
+              ) -> Iterator[ConntrackEntry]:
         decoder = nl.Decoder(self.family)
         yielded = 0
         for _attempt in range(DUMP_RETRIES + 1):
+            if selected is not None:
+                selected[1].skipped = 0  # a restarted dump reads every entry again
             sock = self._idle.pop() if self._idle else self._open()
             clean = False
             try:
@@ -221,7 +244,11 @@ class NetlinkConntrackTable:
                         n = sock.recv_into(view)
                     except OSError as err:
                         raise ConntrackError(f"dumping conntrack ({_what(flt)}): {err}", errno=err.errno) from err
-                    done, intr, code = chunk(buf, n, seq, out)
+                    if selected is None:
+                        done, intr, code = chunk(buf, n, seq, out)
+                    else:
+                        done, intr, code, skipped = decoder.chunk_selected(buf, n, seq, out, selected[0])
+                        selected[1].skipped += skipped
                     interrupted = interrupted or intr
                     if code:
                         raise ConntrackError(f"dumping conntrack ({_what(flt)}): {os.strerror(code)}", errno=code)

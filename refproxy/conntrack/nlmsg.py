@@ -42,6 +42,7 @@ __all__ = [
     "message",
     "EntryPacker",
     "Decoder",
+    "RawSelection",
     "ack_errno",
     "PORT_PROTOS",
     "KERNEL_PORT_FILTER_PROTOS",
@@ -431,6 +432,15 @@ class Decoder:
         self._proto_hdr = _NLA.pack(28, CTA_TUPLE_PROTO | NLA_F_NESTED)
         self._fast_end = 20 + 2 * tup_len
         self._names: dict[bytes, str] = {}
+        # The raw pre-filter of chunk_selected: orig tuple headers, dst and
+        # dport, proto; then, for an entry to a key, the reply src and sport.
+        # nlmsghdr (little-endian ints; the rest are bytes, so one format
+        # reads both), family, then the orig tuple from offset 20.
+        self._sel_orig = struct.Struct(f"<IHHI4xB3x8s{4 + alen}x4s{alen}s4s4xB3x8x4s2s")
+        self._sel_reply = struct.Struct(f">8s4x{alen}s4x{alen}x4s8x4s2s")
+        self._dst_hdr = _NLA.pack(4 + alen, CTA_IP_V4_DST if family is IPFamily.IPv4 else CTA_IP_V6_DST)
+        self._sport_hdr = _NLA.pack(6, CTA_PROTO_SRC_PORT)
+        self._dport_hdr = _NLA.pack(6, CTA_PROTO_DST_PORT)
 
     def _name(self, b: bytes) -> str:
         s = self._names.get(b)
@@ -546,6 +556,92 @@ class Decoder:
             m += (mlen + 3) & ~3
         return False, interrupted, 0
 
+    def chunk_selected(self, buf, n: int, seq: int, out: list, raw: RawSelection) -> tuple[bool, bool, int, int]:
+        """:meth:`chunk` for a selected dump: only entries ``raw`` selects are decoded into ``out``.
+
+        Returns ``(done, interrupted, errno, skipped)``; ``skipped`` counts
+        the entries of this family and ``raw``'s protocol that were read and
+        not selected. The decision is taken from the raw bytes only when the
+        message has the kernel's usual layout, checked attribute header by
+        attribute header (orig tuple and IP nest lengths, the dst, protocol
+        nest and dport headers; for the reply side its tuple, source-port
+        and protocol-nest headers): the original destination and port, then,
+        for an entry to a key, the reply source and port. Anything else --
+        a short or truncated message, a per-direction zone, a protocol
+        without ports, an unknown attribute order -- is decoded in full and
+        matched with ``Selection.matches``, so a candidate is never skipped
+        because its bytes looked unusual. A selected entry is matched again
+        after decoding (a few per dump; belt and braces).
+        """
+        hdr = _NLMSGHDR.unpack_from
+        orig = self._sel_orig.unpack_from
+        reply = self._sel_reply.unpack_from
+        oh_ok, rh_ok, ph_ok = self._orig_hdr, self._reply_hdr, self._proto_hdr
+        dh_ok, sh_ok, dph_ok = self._dst_hdr, self._sport_hdr, self._dport_hdr
+        need = self._fast_end
+        rtuple = 20 + self._tup_len
+        af = self.af
+        new_type = msg_type(IPCTNL_MSG_CT_NEW)
+        fast = raw.fast
+        proto_ok = raw.proto
+        dsts = raw.dsts
+        keys = raw.keys
+        matches = raw.selection.matches
+        entry = self.entry
+        append = out.append
+        skipped = 0
+        interrupted = False
+        m = 0
+        big = self._sel_orig.size
+        while m + 16 <= n:
+            if m + big <= n:
+                mlen, mtype, mflags, mseq, fam, oh, dh, dst, oph, proto, dph, dport = orig(buf, m)
+            else:  # too short for an entry of the usual layout: the header alone
+                mlen, mtype, mflags, mseq, _ = hdr(buf, m)
+                fam = buf[m + 16] if m + 17 <= n else -1
+                oh = None
+            if mlen < 16 or m + mlen > n:
+                break  # malformed, or cut off: nothing after it can be trusted
+            if mseq == seq:
+                if mflags & NLM_F_DUMP_INTR:
+                    interrupted = True
+                if mtype == new_type:
+                    if fam == af:
+                        if fast and mlen >= need:
+                            if oh == oh_ok and dh == dh_ok and oph == ph_ok and dph == dph_ok:
+                                if proto != proto_ok:
+                                    m += (mlen + 3) & ~3
+                                    continue  # another protocol: neither selected nor skipped
+                                if dst not in dsts:
+                                    skipped += 1
+                                    m += (mlen + 3) & ~3
+                                    continue
+                                ex = keys.get((dst, dport))
+                                if ex is None:
+                                    skipped += 1
+                                    m += (mlen + 3) & ~3
+                                    continue
+                                if ex:
+                                    rh, rsrc, rph, sh, rsport = reply(buf, m + rtuple)
+                                    if rh == rh_ok and rph == ph_ok and sh == sh_ok and (rsrc, rsport) in ex:
+                                        skipped += 1
+                                        m += (mlen + 3) & ~3
+                                        continue
+                        e = entry(buf, m, mlen)
+                        if e is not None:
+                            if matches(e):
+                                append(e)
+                            elif e.proto == proto_ok:
+                                skipped += 1
+                elif mtype == NLMSG_DONE:
+                    return True, interrupted, 0, skipped
+                elif mtype == NLMSG_ERROR:
+                    code = ack_errno(buf, m)
+                    if code:
+                        return True, interrupted, code, skipped
+            m += (mlen + 3) & ~3
+        return False, interrupted, 0, skipped
+
     def _generic(self, buf, o: int, end: int) -> ConntrackEntry:
         orig = reply = None
         mark = zone = cid = 0
@@ -587,6 +683,47 @@ class Decoder:
         if proto not in PORT_PROTOS:
             sport = dport = 0  # ICMP ids/types are not ports
         return src, dst, sport, dport, proto
+
+
+class RawSelection:
+    """A :class:`~refproxy.conntrack.selection.Selection` in wire bytes, for one family.
+
+    ``dsts``: the key addresses as ``inet_pton`` bytes (a first, cheap test);
+    ``keys``: ``(dst bytes, dport big-endian)`` -> the excluded reply sources
+    as ``(src bytes, sport big-endian)``. Keys and exclusions whose address
+    is not of ``family`` are left out: no entry of this family can carry
+    them, so ``Selection.matches`` could not select or exclude by them
+    either. ``fast`` is false for a protocol without ports (its tuples are
+    laid out otherwise): every entry is then decoded and matched.
+    """
+
+    __slots__ = ("selection", "proto", "fast", "dsts", "keys")
+
+    def __init__(self, family: IPFamily, sel) -> None:
+        af = family.af
+
+        def pton(ip: str) -> bytes | None:
+            try:
+                return socket.inet_pton(af, ip)
+            except (OSError, ValueError):
+                return None
+
+        keys: dict[tuple[bytes, bytes], frozenset[tuple[bytes, bytes]]] = {}
+        for (dst, dport), excluded in sel.keys.items():
+            d = pton(dst)
+            if d is None:
+                continue
+            ex = set()
+            for src, sport in excluded:
+                a = pton(src)
+                if a is not None:
+                    ex.add((a, BE16[sport]))
+            keys[(d, BE16[dport])] = frozenset(ex)
+        self.selection = sel
+        self.proto: int = sel.proto
+        self.fast = sel.proto in PORT_PROTOS
+        self.keys = keys
+        self.dsts = frozenset(d for d, _ in keys)
 
 
 def _walk(buf, o: int, end: int):

@@ -220,6 +220,10 @@ class ConntrackTable(TypingProtocol):
        does) removes only that instance of the flow. A new flow that reused
        its original tuple between the dump and the delete, DNATed elsewhere,
        stays; the delete counts ``not_found``.
+
+    Optional capability (not a member here, so third-party tables stay
+    conforming): ``dump_selected`` of ``selection.SelectingTable``, read
+    through ``selection.dump_selected``; both shipped tables have it.
     """
 
     family: IPFamily

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from refproxy.conntrack.selection import SelectingTable, Selection
 from refproxy.conntrack.types import (
     IPPROTO_TCP,
     IPPROTO_UDP,
@@ -25,7 +26,7 @@ from refproxy.conntrack.types import (
 from refproxy.errors import ConntrackUnsupported
 from refproxy.model import IPFamily
 
-__all__ = ["ConntrackTableContract", "CONTRACT_ENTRIES", "DUMP_CASES"]
+__all__ = ["ConntrackTableContract", "CONTRACT_ENTRIES", "DUMP_CASES", "SELECT_CASES"]
 
 V4, V6 = IPFamily.IPv4, IPFamily.IPv6
 SVC_A, SVC_B, SVC_C = "198.18.0.10", "198.18.0.11", "198.18.0.12"
@@ -77,6 +78,22 @@ DUMP_CASES: list[tuple[str, DumpFilter | None, frozenset[str]]] = [
     ("zone-5", DumpFilter(zone=5), frozenset({"a_z5"})),
     ("zone-0", DumpFilter(zone=0), _V4_NAMES - {"a_z5"}),
     ("no-match", DumpFilter(proto=IPPROTO_UDP, orig=TupleFilter(dst="198.18.0.99")), frozenset()),
+]
+
+
+# (id, selection, expected entry names) for ``dump_selected``; by hand, as above.
+SELECT_CASES: list[tuple[str, Selection, frozenset[str]]] = [
+    ("key", Selection(IPPROTO_UDP, [(SVC_A, 53)]), frozenset({"a1", "a2", "a_z5"})),
+    ("key-minus-serving", Selection(IPPROTO_UDP, {(SVC_A, 53): [(EP_1, 5353)]}), frozenset({"a2"})),
+    ("serving-port-must-match", Selection(IPPROTO_UDP, {(SVC_A, 53): [(EP_1, 9999)]}),
+     frozenset({"a1", "a2", "a_z5"})),
+    ("nonat-entry-is-selected", Selection(IPPROTO_UDP, {(SVC_B, 53): [(EP_1, 5353)]}), frozenset({"b_nonat"})),
+    ("several-keys", Selection(IPPROTO_UDP, {(SVC_A, 54): (), (SVC_C, 123): [(EP_2, 123)], (SVC_B, 53): ()}),
+     frozenset({"a_other_port", "b_nonat"})),
+    ("tcp", Selection(IPPROTO_TCP, [(SVC_A, 53)]), frozenset({"a_tcp"})),
+    ("no-key-matches", Selection(IPPROTO_UDP, [("198.18.0.99", 53), (SVC_A, 55)]), frozenset()),
+    ("other-family-key", Selection(IPPROTO_UDP, [("2001:2::10", 53)]), frozenset()),
+    ("empty", Selection(IPPROTO_UDP, ()), frozenset()),
 ]
 
 
@@ -189,6 +206,29 @@ class ConntrackTableContract:
         r = t.delete(t.dump(flt))
         assert (r.deleted, r.not_found, r.failed) == (4, 0, ())  # a1 a2 a_z5 a_other_port
         assert _names(t.dump()) == set(_V4_NAMES) - {"a1", "a2", "a_z5", "a_other_port"}
+
+    def test_dump_selected_cases(self):
+        """The optional selecting capability: exactly ``Selection.matches``, the rest of the protocol skipped."""
+        t = self.full_table()
+        if not isinstance(t, SelectingTable):
+            return  # optional; ``dump_selected`` falls back to ``dump`` (tested with the fallback itself)
+        for case_id, sel, expected in SELECT_CASES:
+            before = t.requests
+            d = t.dump_selected(sel)
+            got = _names(d)
+            assert got == set(expected), f"{case_id}: got {sorted(got)}, want {sorted(expected)}"
+            same_proto = sum(1 for n in _V4_NAMES if CONTRACT_ENTRIES[n].proto == sel.proto)
+            assert d.skipped == same_proto - len(got), f"{case_id}: skipped {d.skipped}"
+            assert t.requests - before == 1, f"{case_id}: a selected dump is one request"
+            assert all(e.id != 0 for e in t.dump_selected(sel)), f"{case_id}: selected entries carry their id"
+
+    def test_delete_fed_by_a_selected_dump(self):
+        if not isinstance(self.full_table(), SelectingTable):
+            return
+        t = self.make_table(CONTRACT_ENTRIES.values(), batch_size=2)
+        r = t.delete(t.dump_selected(Selection(IPPROTO_UDP, {(SVC_A, 53): [(EP_2, 5353)]})))
+        assert (r.deleted, r.not_found, r.failed) == (2, 0, ())  # a1 a_z5
+        assert _names(t.dump()) == set(_V4_NAMES) - {"a1", "a_z5"}
 
     def test_flush_by_mark(self):
         t = self.full_table()

@@ -170,3 +170,34 @@ def test_ipv6_address_filters_are_exact_despite_the_kernel(ns):
         else:
             t.flush(DumpFilter(proto=IPPROTO_UDP, orig=TupleFilter(dst="2001:2::10")))
         assert set(t.dump()) == set(b) | (set() if support.dump_addr else set(a))
+
+
+@pytest.mark.parametrize("family", [V4, V6], ids=["v4", "v6"])
+def test_selected_dump_equals_matching_every_decoded_entry(ns, family):
+    """The raw pre-filter on the kernel's own bytes: zones, TCP, padding, both families in one namespace."""
+    from refproxy.conntrack.selection import SelectingTable, Selection
+    from refproxy.conntrack.types import IPPROTO_TCP
+
+    v6 = family is V6
+    svc, old, live = ("2001:2::10", "2001:2::40:1", "2001:2::40:2") if v6 else ("198.18.0.10", "198.18.64.1",
+                                                                              "198.18.64.2")
+    clients = ClientPool(family)
+    mine = list(flows_to((svc, 53), [(old, 5353), (live, 5353)], 40, clients))
+    mine += [e._replace(zone=7) for e in flows_to((svc, 53), [(old, 5353)], 5, clients)]
+    mine += [e._replace(proto=IPPROTO_TCP) for e in flows_to((svc, 53), [(old, 5353)], 5, clients)]
+    mine += list(padding(300, clients))
+    insert(ns.name, mine, family=family)
+    other = V4 if v6 else V6
+    insert(ns.name, list(padding(50, ClientPool(other))), family=other)
+    sel = Selection(IPPROTO_UDP, {(svc, 53): [(live, 5353)], (svc, 54): ()})
+    with NetlinkConntrackTable(family, ns.name) as t:
+        assert isinstance(t, SelectingTable)
+        every = list(t.dump(DumpFilter(proto=IPPROTO_UDP)))
+        want = [e for e in every if sel.matches(e)]
+        before = t.requests
+        d = t.dump_selected(sel)
+        got = list(d)
+        assert t.requests - before == 1
+        assert got == want and len(got) == 25 and {e.zone for e in got} == {0, 7}
+        assert d.skipped == len(every) - len(want)
+        assert [e.id for e in got] == [e.id for e in want]

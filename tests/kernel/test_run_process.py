@@ -105,6 +105,12 @@ def test_run_in_nftables_mode_programs_the_table_replaces_iptables_rules_and_cle
         ran = 'refproxy_cleanup_runs_total{plugin="full",result="ok"}'
         assert _wait(lambda: ran in _get(ns, "http://127.0.0.1:10249/metrics"), timeout=60), "the cleanup never ran"
         assert "nftables" in _get(ns, "http://127.0.0.1:10249/proxyMode")
+        metrics = _get(ns, "http://127.0.0.1:10249/metrics")
+        # Upstream's nftables-mode failure family, not the iptables one; the backend in use.
+        assert 'kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family="IPv4"} 0.0' in metrics
+        assert "iptables_restore_failures" not in metrics
+        assert 'refproxy_nftables_backend{backend="libnftables",ip_family="IPv4"} 1.0' in metrics \
+            or 'refproxy_nftables_backend{ip_family="IPv4",backend="libnftables"} 1.0' in metrics
         (manifests / "udp-echo.yaml").unlink()
         assert _wait(lambda: "udp-echo" not in ns.run(["nft", "list", "table", "ip", "kube-proxy"]).stdout)
         os.killpg(proc.pid, signal.SIGTERM)
