@@ -190,6 +190,11 @@ class Metrics:
             "cleanup_requests_coalesced_total",
             "Cleanup requests replaced by a newer one before they ran (cleanup slower than syncs)",
             namespace=PREFIX, registry=r)
+        self.cleanup_index_fallbacks = Counter(
+            "cleanup_index_fallbacks_total",
+            "Runs in which a plugin's flow index was untrusted (event loss, restart) and it walked the table "
+            "instead (report details index_fallback)",
+            ["plugin"], namespace=PREFIX, registry=r)
         self.skipped_objects = Counter(
             "skipped_objects_total", "Services/EndpointSlices (or parts) skipped as invalid",
             ["kind"], namespace=PREFIX, registry=r)

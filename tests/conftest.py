@@ -3,11 +3,13 @@ and every namespace a test creates is deleted at teardown, even on failure."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from refproxy.testing.netns import NetNS, missing_requirements
 
-TEST_PREFIX = "rpt"
+TEST_PREFIX = os.environ.get("REFPROXY_TEST_NETNS_PREFIX", "rpt")  # override: engineers sharing a host
 
 
 def pytest_collection_modifyitems(config, items):

@@ -410,6 +410,9 @@ def _run_plugin(method: str, netns: str, sc: Scenario, options: dict[str, str], 
     c0, t0 = time.process_time(), time.perf_counter()
     report = plugin.cleanup(request, table)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    from refproxy.cleanup.api import close_plugin
+
+    close_plugin(plugin)  # e.g. indexed's event socket (the worker does this on shutdown)
     return RunResult(method, wall, cpu, _vm_hwm_mb(), base, table.requests - requests0, report.examined, report.deleted,
                      report.pending, "; ".join(report.errors)[:200])
 

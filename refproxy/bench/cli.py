@@ -1,7 +1,7 @@
 """``refproxy bench``: benchmarks that print their figures as tables.
 
 Contract: dispatch only. ``bench rules`` lives in ``rules.py``, ``bench
-cleanup`` in ``cleanup.py``; each exposes ``add_arguments`` and ``main``.
+cleanup`` in ``cleanup.py``, ``bench events`` in ``events.py``; each exposes ``add_arguments`` and ``main``.
 Benchmarks report numbers; they never assert timings.
 """
 
@@ -13,6 +13,7 @@ import importlib
 BENCHES = {
     "rules": ("refproxy.bench.rules", "render+apply time and restore size for N services (root)"),
     "cleanup": ("refproxy.bench.cleanup", "conntrack cleanup cost per plugin vs conntrack -D (root)"),
+    "events": ("refproxy.bench.events", "CPU of indexed's conntrack event path per new UDP flow/s (root)"),
 }
 
 

@@ -27,9 +27,24 @@ read them through the helper, never with ``plugin.attr``):
   kube-proxy's ``syncProxyRules`` runs its reconciler; its time then counts
   in the sync duration and delays the next sync. Meant for baselines that
   reproduce kube-proxy's cost (``reconcile``); every other plugin should
-  leave it unset. They are deliberately not members of the
-  :class:`CleanupPlugin` protocol: a ``runtime_checkable`` protocol (and
-  mypy) would then require every plugin to declare them.
+  leave it unset.
+- ``close() -> None`` (default: nothing, called through :func:`close_plugin`):
+  the worker calls it once when it stops, so a plugin holding resources
+  beyond a run (``indexed``'s event subscription and its reader thread)
+  releases them; the worker logs an exception it raises.
+
+They are deliberately not members of the :class:`CleanupPlugin` protocol: a
+``runtime_checkable`` protocol (and mypy) would then require every plugin to
+declare them.
+
+Optional table capability (``ConntrackEvents``): ``table.subscribe(EventFilter,
+EventSink)`` delivers ctnetlink NEW/DESTROY events filtered in the kernel and
+returns an ``EventSubscription`` (``sync``, ``update``, ``close``); every
+loss is reported (``EventSink.on_lost``). The netlink and in-memory tables
+have it, the worker's guard passes it through; a table without it raises
+``ConntrackUnsupported``. A plugin that sets ``details["index_fallback"]``
+to a true value in its report has the run counted in
+``refproxy_cleanup_index_fallbacks_total``.
 """
 
 from __future__ import annotations
@@ -42,12 +57,19 @@ from typing import Protocol as TypingProtocol
 from refproxy.cleanup.stale import DEFAULT_PROTOCOLS, Frontend, StaleIndex, affected_frontends
 from refproxy.conntrack.selection import SelectedDump, SelectingTable, Selection, dump_selected
 from refproxy.conntrack.types import (
+    EVENT_DESTROY,
+    EVENT_NEW,
     IPPROTO_SCTP,
     IPPROTO_UDP,
     ConntrackEntry,
+    ConntrackEvent,
+    ConntrackEvents,
     ConntrackTable,
     DeleteResult,
     DumpFilter,
+    EventFilter,
+    EventSink,
+    EventSubscription,
     TupleFilter,
 )
 from refproxy.durations import parse_duration
@@ -64,6 +86,7 @@ __all__ = [
     "OptionReader",
     "check_options",
     "runs_in_sync",
+    "close_plugin",
     # re-exported: the stale predicate, the table a plugin is handed, and the
     # empty options default (so plugins import refproxy only through this module)
     "EMPTY_MAPPING",
@@ -81,11 +104,19 @@ __all__ = [
     "DeleteResult",
     "DumpFilter",
     "TupleFilter",
+    "EVENT_NEW",
+    "EVENT_DESTROY",
+    "ConntrackEvent",
+    "ConntrackEvents",
+    "EventFilter",
+    "EventSink",
+    "EventSubscription",
     "IPPROTO_UDP",
     "IPPROTO_SCTP",
     "ConntrackError",
     "ConntrackUnsupported",
     "PluginError",
+    "IPFamily",
 ]
 
 API_VERSION = 1
@@ -212,6 +243,13 @@ def runs_in_sync(plugin: object) -> bool:
             f"cleanup plugin {getattr(plugin, 'name', plugin)!r}: runs_in_sync must be True or False, got {value!r}"
         )
     return value
+
+
+def close_plugin(plugin: object) -> None:
+    """Call the optional ``close`` of ``plugin`` (module doc); absent is fine. Its errors propagate."""
+    close = getattr(plugin, "close", None)
+    if close is not None:
+        close()
 
 
 def check_options(name: str, specs: Iterable[OptionSpec], options: Mapping[str, str]) -> None:

@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 
-from refproxy.cleanup.api import CleanupPlugin, CleanupReport, CleanupRequest, runs_in_sync
+from refproxy.cleanup.api import CleanupPlugin, CleanupReport, CleanupRequest, close_plugin, runs_in_sync
 from refproxy.cleanup.stale import Frontend, StaleIndex
 from refproxy.conntrack.selection import SelectedDump, Selection, dump_selected
 from refproxy.conntrack.types import (
@@ -59,7 +59,7 @@ from refproxy.conntrack.types import (
     DeleteResult,
     DumpFilter,
 )
-from refproxy.errors import ConntrackError
+from refproxy.errors import ConntrackError, ConntrackUnsupported
 from refproxy.log import kv
 from refproxy.metrics import Metrics
 from refproxy.model import Snapshot
@@ -187,6 +187,16 @@ class LiveRulesGuard:
                         raise ConntrackError(f"flush of {f} refused: the live rules serve it again")
         return self._table.flush(flt)
 
+    def subscribe(self, flt, sink):  # -> EventSubscription
+        """The optional event capability passes through (events delete nothing: no check needed).
+
+        Raises ``ConntrackUnsupported`` when the wrapped table has no events.
+        """
+        sub = getattr(self._table, "subscribe", None)
+        if sub is None:
+            raise ConntrackUnsupported(f"{type(self._table).__name__} delivers no conntrack events")
+        return sub(flt, sink)
+
 
 class CleanupWorker:
     """One thread running one cleanup plugin on the newest applied snapshot.
@@ -269,6 +279,10 @@ class CleanupWorker:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        try:
+            close_plugin(self.plugin)  # the optional ``close`` (api.close_plugin): e.g. an event socket
+        except Exception as err:  # a plugin bug must not break the shutdown
+            log.warning("cleanup plugin close failed plugin=%s error=%r", self.plugin.name, err)
 
     def idle(self) -> bool:
         """True when nothing is pending or running (for tests and the lab)."""
@@ -339,6 +353,8 @@ class CleanupWorker:
         m.cleanup_pending.labels(name).set(report.pending)
         if report.errors:
             m.cleanup_errors.labels(name).inc(len(report.errors))
+        if report.details.get("index_fallback"):
+            m.cleanup_index_fallbacks.labels(name).inc()
         kv(log, logging.INFO if (report.deleted or report.errors) else logging.DEBUG, "Cleaned conntrack",
            plugin=name, examined=report.examined, deleted=report.deleted, pending=report.pending,
            requests=report.requests, seconds=f"{report.wall_seconds:.4f}", errors=len(report.errors))

@@ -8,6 +8,15 @@ per flush) and can inject failures so retry paths are testable. No I/O.
 Ids are modelled as the kernel's: every entry created (``add``, ``insert``)
 gets a fresh ``id``, so a recreated tuple is a new instance, and a delete
 carrying an id that no longer matches removes nothing (``not_found``).
+
+Events (the optional ``ConntrackEvents`` capability): ``subscribe`` delivers
+NEW on every entry created (``add``, ``insert``; replacing an entry is a
+DESTROY then a NEW) and DESTROY on ``delete``, ``flush`` and ``expire``,
+synchronously, filtered by ``EventFilter.matches``. ``event_loss``
+(optional) is asked for every event a subscription would get; ``True`` drops
+it and reports ``on_lost("ENOBUFS (injected)")`` -- what the kernel does when
+a socket's buffer overflows: loss is never silent. ``lose_events`` reports a
+loss on every subscription without dropping anything in particular.
 """
 
 from __future__ import annotations
@@ -15,7 +24,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from refproxy.conntrack.types import ConntrackEntry, DeleteResult, DumpFilter, InsertResult
+from refproxy.conntrack.types import (
+    EVENT_DESTROY,
+    EVENT_NEW,
+    ConntrackEntry,
+    ConntrackEvent,
+    DeleteResult,
+    DumpFilter,
+    EventFilter,
+    EventSink,
+    InsertResult,
+)
 from refproxy.errors import ConntrackError
 from refproxy.model import IPFamily
 
@@ -48,7 +67,10 @@ class MemoryConntrackTable:
         delete_failure: FailureHook | None = None,
         dump_failure: Callable[[DumpFilter | None], int | None] | None = None,
         supports_filtered_flush: bool = True,
+        event_loss: Callable[[ConntrackEvent], bool] | None = None,
     ) -> None:
+        self.event_loss = event_loss
+        self._subs: list[_Subscription] = []
         self.family = family
         self.batch_size = batch_size
         self.delete_failure = delete_failure
@@ -69,9 +91,44 @@ class MemoryConntrackTable:
         The stored entry gets a fresh id (``entry.id`` is ignored, as the
         kernel ignores it on creation) and is returned.
         """
+        old = self._entries.get(entry.orig_key)
+        if old is not None:
+            self._emit(EVENT_DESTROY, old)
         stored = self._entries[entry.orig_key] = entry._replace(id=self._next_id)
         self._next_id += 1
+        self._emit(EVENT_NEW, stored)
         return stored
+
+    def expire(self, entry: ConntrackEntry) -> bool:
+        """Remove ``entry`` as its timeout would (a DESTROY event, no request); ``False`` if absent."""
+        present = self._entries.pop(entry.orig_key, None)
+        if present is None:
+            return False
+        self._emit(EVENT_DESTROY, present)
+        return True
+
+    def lose_events(self, reason: str = "ENOBUFS (injected)") -> None:
+        """Tell every subscription that events were lost."""
+        for sub in list(self._subs):
+            sub.sink.on_lost(reason)
+
+    def _emit(self, kind: int, e: ConntrackEntry) -> None:
+        if not self._subs or e.family is not self.family:
+            return
+        for sub in list(self._subs):
+            if not sub.filter.matches(e):
+                continue
+            if self.event_loss is not None and self.event_loss((kind, e)):
+                sub.sink.on_lost("ENOBUFS (injected)")
+                continue
+            sub.sink.on_events([(kind, e)])
+
+    # -- ConntrackEvents -----------------------------------------------------
+    def subscribe(self, flt: EventFilter, sink: EventSink) -> _Subscription:
+        """Deliver matching NEW/DESTROY events to ``sink`` (module doc) until closed."""
+        sub = _Subscription(self, flt, sink)
+        self._subs.append(sub)
+        return sub
 
     def entries(self) -> list[ConntrackEntry]:
         """Every entry, of every family, in insertion order."""
@@ -147,6 +204,7 @@ class MemoryConntrackTable:
                 not_found += 1  # gone, or its tuple now belongs to a new flow (the kernel's ENOENT)
             else:
                 del self._entries[key]
+                self._emit(EVENT_DESTROY, present)
                 deleted += 1
         return DeleteResult(deleted=deleted, not_found=not_found, failed=tuple(failed), requests=batches)
 
@@ -179,6 +237,26 @@ class MemoryConntrackTable:
         self._requests += 1
         victims = [k for k, e in self._entries.items() if e.family is self.family and flt.matches(e)]
         for k in victims:
-            del self._entries[k]
+            self._emit(EVENT_DESTROY, self._entries.pop(k))
         return len(victims)
 
+
+class _Subscription:
+    """A subscription to a :class:`MemoryConntrackTable` (events are delivered synchronously)."""
+
+    precision = "exact"
+
+    def __init__(self, table: MemoryConntrackTable, flt: EventFilter, sink: EventSink) -> None:
+        self.table = table
+        self.filter = flt
+        self.sink = sink
+
+    def sync(self) -> None:
+        """Nothing is ever queued here: every event was delivered when it happened."""
+
+    def update(self, flt: EventFilter) -> None:
+        self.filter = flt
+
+    def close(self) -> None:
+        if self in self.table._subs:
+            self.table._subs.remove(self)

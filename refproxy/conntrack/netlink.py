@@ -428,6 +428,13 @@ class NetlinkConntrackTable:
             exc = ConntrackUnsupported if code in (E.EOPNOTSUPP, E.EINVAL) and "flush" in what else ConntrackError
             raise exc(f"{what}: {os.strerror(code)}", errno=code)
 
+    # -- ConntrackEvents (optional capability; docs/design.md) -------------
+    def subscribe(self, flt, sink):  # -> events.EventReader
+        """NEW/DESTROY events of this family matching ``flt`` (kernel BPF filter), drained as events.py says."""
+        from refproxy.conntrack.events import EventReader  # only a subscriber pays for the import
+
+        return EventReader(self._open(), self.family, flt, sink)
+
 
 def _tune(s: socket.socket) -> None:
     for opt, force, size in ((socket.SO_RCVBUF, nl.SO_RCVBUFFORCE, RCVBUF), (socket.SO_SNDBUF, nl.SO_SNDBUFFORCE, SNDBUF)):

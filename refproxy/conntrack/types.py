@@ -41,6 +41,13 @@ __all__ = [
     "DeleteResult",
     "InsertResult",
     "ConntrackTable",
+    "EVENT_NEW",
+    "EVENT_DESTROY",
+    "ConntrackEvent",
+    "EventFilter",
+    "EventSink",
+    "EventSubscription",
+    "ConntrackEvents",
 ]
 
 IPPROTO_TCP = 6
@@ -250,3 +257,82 @@ class ConntrackTable(TypingProtocol):
         filter a flush that way (callers fall back to dump + delete).
         """
         ...
+
+
+# -- events (optional capability) --------------------------------------------
+
+EVENT_NEW = 1
+"""A ctnetlink NEW event: the entry was confirmed (its reply tuple shows the DNAT)."""
+EVENT_DESTROY = 2
+"""A ctnetlink DESTROY event: the entry left the table (expired, deleted, flushed)."""
+
+ConntrackEvent = tuple[int, ConntrackEntry]
+"""``(EVENT_NEW | EVENT_DESTROY, entry)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Which events a subscription delivers: the reference semantics of its kernel filter.
+
+    An event passes when the entry's protocol is in ``protocols`` and its
+    *original* destination is one of ``dsts`` (``(ip, port)``) or its orig
+    dport is one of ``ports`` (any destination: NodePorts). A kernel filter
+    may pass more (a coarser program when the exact one is too long), never
+    less; consumers re-check what they keep.
+    """
+
+    protocols: frozenset[int]
+    dsts: frozenset[tuple[str, int]] = frozenset()
+    ports: frozenset[int] = frozenset()
+
+    def matches(self, e: ConntrackEntry) -> bool:
+        if e.proto not in self.protocols:
+            return False
+        return e.orig_dport in self.ports or (e.orig_dst, e.orig_dport) in self.dsts
+
+
+class EventSink(TypingProtocol):
+    """Receives a subscription's events, possibly from another thread."""
+
+    def on_events(self, events: list[ConntrackEvent]) -> None:
+        """Events in the order the kernel sent them."""
+        ...
+
+    def on_lost(self, reason: str) -> None:
+        """Events were lost (ENOBUFS, a restart): whatever was learnt from them is incomplete."""
+        ...
+
+
+class EventSubscription(TypingProtocol):
+    """A live subscription (docs/design.md, "The cleanup plugin contract").
+
+    ``sync()`` returns once every event the kernel queued before the call has
+    reached the sink (or a loss was reported): after it, the sink has seen
+    every entry confirmed or destroyed before the call. ``update(flt)``
+    replaces the filter atomically (no event of the old or the new filter's
+    common part is lost or duplicated by the switch). ``close`` stops
+    delivery (idempotent).
+    """
+
+    precision: str
+    """How exact the kernel filter is: ``exact``, ``ports`` or ``protocol`` (``bpf.build_filter``)."""
+
+    def sync(self) -> None: ...
+
+    def update(self, flt: EventFilter) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class ConntrackEvents(TypingProtocol):
+    """Optional table capability: NEW/DESTROY events of one family, filtered.
+
+    Guarantees: events matching ``flt`` reach ``sink.on_events`` in kernel
+    order from the moment ``subscribe`` returns; any loss is reported through
+    ``sink.on_lost`` (never silent). The netlink table reads on a daemon
+    thread (and in ``sync``); the in-memory one calls the sink synchronously.
+    A table without events raises ``ConntrackUnsupported``.
+    """
+
+    def subscribe(self, flt: EventFilter, sink: EventSink) -> EventSubscription: ...

@@ -16,6 +16,7 @@ CTA_FILTERs come back inverted, so the table matches addresses in userspace.
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 
@@ -46,7 +47,7 @@ from refproxy.testing.netns import NetNS
 pytestmark = pytest.mark.kernel
 
 V6 = IPFamily.IPv6
-PREFIX = "rp6"
+PREFIX = os.environ.get("REFPROXY_TEST_NETNS_PREFIX", "rp6")
 PLUGINS = sorted(discover())
 PINNED_PORT, OTHER_PORT = 40053, 40099
 

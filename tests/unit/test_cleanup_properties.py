@@ -19,6 +19,7 @@ from refproxy.conntrack.memory import MemoryConntrackTable
 from refproxy.testing.contract import run_scenario
 from refproxy.testing.scenarios import NODES, flows_under, gen_snapshot, junk_flows, mutate
 from refproxy_plugins.full import FullCleanup
+from refproxy_plugins.indexed import IndexedCleanup
 from refproxy_plugins.targeted import TargetedCleanup
 from refproxy_plugins.thresholded import ThresholdedCleanup
 
@@ -57,6 +58,7 @@ PLUGINS = [
     pytest.param(FullCleanup, {}, id="full"),
     pytest.param(TargetedCleanup, {}, id="targeted"),
     pytest.param(ThresholdedCleanup, {"max-entries": "3"}, id="thresholded"),
+    pytest.param(IndexedCleanup, {}, id="indexed"),
 ]
 
 
@@ -68,7 +70,7 @@ def test_contract_scenarios(factory, options, data):
     run_scenario(factory, DrawChooser(data), options=options, quiet_runs=40)
 
 
-@pytest.mark.parametrize("factory", [FullCleanup, TargetedCleanup], ids=["full", "targeted"])
+@pytest.mark.parametrize("factory", [FullCleanup, TargetedCleanup, IndexedCleanup], ids=["full", "targeted", "indexed"])
 @pytest.mark.parametrize("with_previous", [False, True], ids=["start-up", "after-change"])
 @SETTINGS
 @given(data=st.data())

@@ -70,7 +70,7 @@ def test_one_plugin_by_name(capsys):
 
 def test_unknown_name_fails_listing_the_installed(capsys):
     assert refproxy_main(["plugins", "nope"]) == 1
-    assert "unknown cleanup plugin 'nope'; installed: full, reconcile, targeted, thresholded" in capsys.readouterr().err
+    assert "unknown cleanup plugin 'nope'; installed: full, indexed, reconcile, targeted, thresholded" in capsys.readouterr().err
 
 
 def test_broken_plugins_are_shown_with_their_error():
@@ -92,7 +92,7 @@ def test_the_fixed_set_is_what_is_listed(only_these_plugins, capsys):
     only_these_plugins.append(EntryPoint("extra", "refproxy_plugins.full:FullCleanup", ENTRY_POINT_GROUP))
     assert refproxy_main(["plugins", "--json"]) == 0
     data = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
-    assert sorted(data) == ["extra", "full", "reconcile", "targeted", "thresholded"]
+    assert sorted(data) == ["extra", "full", "indexed", "reconcile", "targeted", "thresholded"]
     assert "entry point name and the plugin's name 'full' differ" in data["extra"]["load_error"]
     del only_these_plugins[:]
     assert refproxy_main(["plugins"]) == 0

@@ -80,7 +80,7 @@ def test_the_registry_finds_the_installed_template(installed):
     assert cp.returncode == 0, cp.stderr[-3000:]
     got = json.loads(cp.stdout)
     assert "per-frontend" in got["names"] and "per-frontend" not in got["failures"]
-    assert got["names"][:4] == ["full", "reconcile", "targeted", "thresholded"]  # built-ins first, then third parties
+    assert got["names"][:5] == ["full", "indexed", "reconcile", "targeted", "thresholded"]  # built-ins first, then third parties
     assert got["plugin"] == "PerFrontendCleanup" and got["builtin"] is False
     assert Path(got["module"]).is_relative_to(site)  # the installed copy, not the checkout's source
     assert Path(got["refproxy"]).is_relative_to(ROOT)  # against this checkout
