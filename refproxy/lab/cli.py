@@ -158,7 +158,10 @@ def main(args: argparse.Namespace) -> int:
                                       f"conntrack entries, sync period {scenario.sync_period:g}s")
     print(f"report: {json_path}" + (f"  chart: {plot_path}" if plot_path else "")
           + f"  ({time.monotonic() - t_start:.0f}s)")
-    expected = all(verdict(r, 2 * scenario.sync_period) in ("ok", "black hole (control)") for r in rows)
+    # The exit status is correctness (no flow black-holed for good, no live
+    # entry deleted, nothing stale left, the proxy ran); a slow recovery is a
+    # measured figure the verdict column shows, not a failure.
+    expected = all(verdict(r) in ("ok", "black hole (control)") for r in rows)
     return 0 if expected else 1
 
 

@@ -295,9 +295,13 @@ class Platform(TypingProtocol):
         """Stop everything and delete everything ``setup`` created. Idempotent."""
         ...
 
-    # Optional member (read with getattr; a platform without it runs one node):
+    # Optional members (read with getattr):
     # ``placement() -> Mapping[str, str]``, every backend (pod) of the run -> its
-    # node, called before teardown; analysis uses it to judge Local policies.
+    # node, called before teardown; analysis uses it to judge Local policies
+    # (a platform without it runs one node).
+    # ``stale_now() -> int``, stale entries on every node's table right now,
+    # without ending anything; the engine polls it to let a slow cleanup
+    # finish (see ``settle_seconds``).
 
 
 Progress = Callable[[str], None]
@@ -305,6 +309,35 @@ Progress = Callable[[str], None]
 
 def _quiet(_: str) -> None:
     pass
+
+
+def settle_seconds(scenario: Scenario) -> float:
+    """How long, at most, the engine keeps the clients running after the
+    observation while stale entries remain: a cleanup slower than the
+    scenario's pace (kube-proxy's in-sync profile on a big table) then shows
+    as a slow recovery with its real duration instead of a run cut short.
+    The control (no cleanup) never settles; a plugin with nothing stale left
+    costs one poll."""
+    return max(15.0, 6 * scenario.sync_period)
+
+
+def _settle(platform: Platform, scenario: Scenario, plugin: str, progress: Progress, clock, sleep) -> None:
+    from refproxy.config import NO_CLEANUP
+
+    stale_now = getattr(platform, "stale_now", None)
+    if stale_now is None or plugin == NO_CLEANUP:
+        return
+    deadline = clock() + settle_seconds(scenario)
+    left = stale_now()
+    if left:
+        progress(f"[{plugin}] {left} stale entries left: waiting up to {settle_seconds(scenario):.0f}s for the cleanup")
+    while left and clock() < deadline:  # bounded by the deadline
+        _wait_until(platform, min(deadline, clock() + 1.0), clock, sleep)
+        left = stale_now()
+    if not left:
+        # one more beat so every fixed-port client gets a request answered
+        _wait_until(platform, clock() + max(1.0, 5 * max((c.interval for c in scenario.clients), default=0.1)),
+                    clock, sleep)
 
 
 def phase_count(scenario: Scenario) -> int:
@@ -353,6 +386,7 @@ def run_scenario(
                 phase_done(f"step {i + 1}/{len(scenario.steps)} {step.action.value}")
             progress(f"[{plugin}] observing {scenario.observe:.0f}s")
             _wait_until(platform, max(clock(), t0 + scenario.warmup) + scenario.observe, clock, sleep)
+            _settle(platform, scenario, plugin, progress, clock, sleep)
             phase_done("observed")
         except ProxyExited as gone:
             error = f"refproxy {gone}"

@@ -568,16 +568,23 @@ class NetnsPlatform:
         return ConntrackState.combine({n: self._node_conntrack(n) for n in self._scenario.nodes})
 
     def _node_conntrack(self, node: str) -> ConntrackState:
-        from refproxy.conntrack.netlink import NetlinkConntrackTable
-
         indexes = [(t, self._index(snap, ever, node)) for t, snap, ever in self._truth]
         lines: list[str] = []
         with contextlib.suppress(OSError):
             with open(self._log("conntrack-events", node), encoding="ascii", errors="replace") as f:
                 lines = f.readlines()
         destroyed, collateral, examples = judge_deletions(lines, indexes)
-        final = indexes[-1][1]
-        stale = 0
+        stale, total, found = self._node_stale(node, indexes[-1][1])
+        examples.extend(found[: max(0, 10 - len(examples))])
+        return ConntrackState(stale_left=stale, collateral=collateral, destroyed=destroyed, entries=total,
+                              examples=tuple(examples))
+
+    def _node_stale(self, node: str, final: StaleIndex) -> tuple[int, int, list[str]]:
+        """Stale UDP entries on ``node``'s table for the ``final`` truth, the
+        table's size, and up to ten stale entries as text."""
+        from refproxy.conntrack.netlink import NetlinkConntrackTable
+
+        stale, examples = 0, list[str]()
         with NetlinkConntrackTable(IPFamily.IPv4, netns=self._topo.node_ns(node).name) as table:
             total = table.count()
             seen = set()
@@ -591,8 +598,13 @@ class NetnsPlatform:
                             stale += 1
                             if len(examples) < 10:
                                 examples.append(f"stale: {e}")
-        return ConntrackState(stale_left=stale, collateral=collateral, destroyed=destroyed, entries=total,
-                              examples=tuple(examples))
+        return stale, total, examples
+
+    def stale_now(self) -> int:
+        """Stale entries on every node's table right now (the engine's settle
+        poll); nothing is stopped, unlike :meth:`conntrack_state`."""
+        return sum(self._node_stale(n, self._index(self._truth[-1][1], self._truth[-1][2], n))[0]
+                   for n in self._scenario.nodes)
 
     def resources(self) -> ResourceFigures:
         """Every node's refproxy: CPU seconds and peak RSS from /proc, plus its /metrics (combined over nodes)."""

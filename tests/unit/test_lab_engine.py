@@ -123,3 +123,48 @@ def test_every_phase_is_reported_once_in_order():
     assert len(done) == phase_count(sc)
     assert done[0] == "set up" and done[-1] == "measured"
     assert done[2] == f"step 1/{len(sc.steps)} {sc.steps[0].action.value}"
+
+
+class SlowCleanup(FakePlatform):
+    """Stale entries go away only ``after`` seconds past the observation (None: never)."""
+
+    def __init__(self, clock, after):
+        super().__init__(clock)
+        self.after, self.polls, self.gone_at = after, [], None
+
+    def stale_now(self):
+        self.polls.append(self.clock())
+        if self.after is not None and self.gone_at is None:
+            self.gone_at = self.clock() + self.after
+        return 0 if self.gone_at is not None and self.clock() >= self.gone_at else 5
+
+
+def _observed_end(sc):
+    return 1000 + sc.warmup + sc.steps[-1].at + sc.observe
+
+
+@pytest.mark.parametrize("after", [0.0, 6.0])
+def test_the_engine_lets_a_slow_cleanup_finish_then_stops(after):
+    from refproxy.lab.engine import settle_seconds
+
+    sc = load_scenario("default")
+    clock = FakeClock()
+    p = SlowCleanup(clock, after)
+    run_scenario(p, sc, "reconcile", clock=clock, sleep=clock.sleep)
+    assert p.polls, "stale entries are polled after the observation"
+    last = p.polls[-1]
+    assert last >= p.gone_at  # stopped polling only once nothing was stale
+    assert last < _observed_end(sc) + after + 2 and last < p.polls[0] + settle_seconds(sc)
+
+
+def test_settling_is_bounded_and_skipped_for_the_control():
+    from refproxy.lab.engine import settle_seconds
+
+    sc = load_scenario("default")
+    clock = FakeClock()
+    never = SlowCleanup(clock, None)
+    run_scenario(never, sc, "reconcile", clock=clock, sleep=clock.sleep)
+    assert never.polls[-1] - never.polls[0] <= settle_seconds(sc) + 1.0
+    control = SlowCleanup(FakeClock(), None)
+    run_scenario(control, sc, "none", clock=control.clock, sleep=control.clock.sleep)
+    assert control.polls == []

@@ -224,3 +224,10 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "lab.png"
     plot_runs([result("none", None), result("full", 0.3)], str(path), "t")  # runs without timelines draw too
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_exit_status_judges_correctness_not_speed():
+    # the lab's exit status uses verdict without a bound: a slow recovery is a figure, not a failure
+    assert verdict(summarize(result("reconcile", 9.0))) == "ok"
+    assert verdict(summarize(result("reconcile", 9.0)), 4.0) == "slow recovery > 4s"
+    assert verdict(summarize(result("reconcile", 9.0, stale=3))) == "3 stale left"
