@@ -227,7 +227,21 @@ def test_plot_writes_a_png(tmp_path):
 
 
 def test_exit_status_judges_correctness_not_speed():
-    # the lab's exit status uses verdict without a bound: a slow recovery is a figure, not a failure
-    assert verdict(summarize(result("reconcile", 9.0))) == "ok"
-    assert verdict(summarize(result("reconcile", 9.0)), 4.0) == "slow recovery > 4s"
-    assert verdict(summarize(result("reconcile", 9.0, stale=3))) == "3 stale left"
+    from refproxy.lab.report import passed
+
+    assert passed(summarize(result("full", 9.0)))  # slow: a figure in the table, not a failure
+    assert verdict(summarize(result("full", 9.0)), 4.0) == "slow recovery > 4s"
+    assert not passed(summarize(result("full", None)))  # never recovered
+    assert not passed(summarize(result("full", 0.3, stale=3)))
+    assert passed(summarize(result("none", None))) and not passed(summarize(result("none", 0.3)))
+
+
+def test_the_kube_proxy_reference_may_be_slow_but_never_wrong():
+    from refproxy.lab.report import passed
+
+    assert verdict(summarize(result("reconcile", None))) == "black hole (as kube-proxy)"
+    assert verdict(summarize(result("reconcile", 9.0)), 4.0) == "slow recovery > 4s (as kube-proxy)"
+    assert passed(summarize(result("reconcile", None)))
+    for bad in (result("reconcile", None, stale=2), result("reconcile", 0.3, collateral=1),
+                result("reconcile", 0.3, error="refproxy exited 1")):
+        assert not passed(summarize(bad)), verdict(summarize(bad))
