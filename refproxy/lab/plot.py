@@ -107,9 +107,10 @@ def _timeline_axis(ax, r: RunResult, row: dict[str, Any], t0: float, end: float)
             spans = [(lo - t0, max(hi - lo, 0.02)) for lo, hi, s in pieces if s == state]
             if spans:
                 ax.broken_barh(spans, (y - 0.35, 0.7), color=COLORS[state], linewidth=0)
-        if any(s.recovered is False for s in f.steps):
+        missed = [str(s.step + 1) for s in f.steps if s.recovered is False]
+        if missed:
             last = f.timeline[-1][1] - t0 if f.timeline else end - t0
-            ax.annotate("never recovered", (last, y), xytext=(4, 0), textcoords="offset points",
+            ax.annotate(f"never recovered after step {', '.join(missed)}", (last, y), xytext=(4, 0), textcoords="offset points",
                         va="center", fontsize=7, color=COLORS[BLACK_HOLED], fontweight="bold")
     for st in r.steps:
         ax.axvline(st.t_start - t0, color="#34495e", linestyle="--", linewidth=0.8)

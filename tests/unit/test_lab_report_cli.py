@@ -204,7 +204,7 @@ def test_chart_draws_a_timeline_per_plugin_and_a_cost_panel():
     fig = build_figure([timeline_result("none", recovered=False), timeline_result("full", recovered=True)], "t")
     texts = _texts(fig)
     assert len(fig.axes) == 2 + 3  # one timeline per run, three cost axes
-    assert texts.count("never recovered") == 1  # only the control's flow
+    assert texts.count("never recovered after step 1") == 1  # only the control's flow
     assert any(t.startswith("none: never recovered") for t in texts)
     assert any(t.startswith("full: worst black hole") for t in texts)
     for title in ("cleanup wall time", "refproxy CPU", "refproxy peak RSS"):
