@@ -249,7 +249,11 @@ def test_run_suite_checks_every_mode_before_the_first_run(fake_tools):
     assert kd.default_plugins(c) == ("reconcile",)
     assert kd.default_plugins(_cluster(config=(("conntrack.cleanupMode", "{mode}"),))) == (
         "reconcile", "targeted", "off")
-    assert kd.default_plugins(kd.KindCluster()) == ("none", "full", "reconcile", "targeted", "thresholded")
+    from refproxy.cleanup.registry import discover
+
+    installed = tuple(discover().names)
+    assert {"full", "indexed", "reconcile", "targeted", "thresholded"} <= set(installed)
+    assert kd.default_plugins(kd.KindCluster()) == ("none", *installed)
 
 
 def test_resources_read_kube_proxy_metrics_inside_each_node(fake_tools):
